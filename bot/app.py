@@ -1,0 +1,117 @@
+"""The composition root: builds config, store, core service, Matrix side and both
+listeners, starts them in order and stops them in reverse. Nothing else opens the
+database or reads the config file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .api import LookupApi
+from .appservice import AppserviceShell
+from .config import Config, ConfigError, is_loopback
+from .matrix import MatrixBot, run_outbox
+from .metrics import Metrics
+from .service import RouteService, new_salt
+from .store import Store
+
+log = logging.getLogger("route_sidecar")
+SWEEP_SECONDS = 1.0
+FORGET_SECONDS = 600.0
+
+
+@dataclass
+class Sidecar:
+    config: Config
+    store: Store
+    service: RouteService
+    bot: MatrixBot
+    runners: list[web.AppRunner] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.bot.close()
+        await self.store.close()
+        log.info("stopped")
+
+
+async def start_sidecar(config: Config) -> Sidecar:
+    if not is_loopback(config.api.listen.host):
+        log.warning("lookup API listens on a public address host=%s: keep its tokens secret",
+                    config.api.listen.host)
+    store = await Store.open(config.database_path)
+    async with store.atomic() as tx:
+        salt = await tx.meta("salt")
+        if salt is None:
+            salt = new_salt()
+            await tx.set_meta("salt", salt)
+        instance = await tx.meta("instance")
+        if instance is None:
+            instance = new_salt()[:12]
+            await tx.set_meta("instance", instance)
+    metrics = Metrics()
+    service = RouteService(config, store, bytes.fromhex(salt), metrics)
+    await service.load()
+    bot = MatrixBot(config, store, metrics, instance)
+    await bot.start()
+    sidecar = Sidecar(config, store, service, bot)
+    for app, listen in (
+        (LookupApi(config, service, metrics).make_app(), config.api.listen),
+        (AppserviceShell(config, service, bot, metrics).make_app(), config.appservice.listen),
+    ):
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        sidecar.runners.append(runner)
+        try:
+            await web.TCPSite(runner, listen.host, listen.port).start()
+        except OSError as error:
+            await sidecar.stop()
+            where = f"{listen.host}:{listen.port}"
+            raise ConfigError("", f"cannot listen on {where}: {error.strerror or error}") from None
+        log.info("listening host=%s port=%d", listen.host, listen.port)
+    stop = sidecar.stopping
+    sidecar.tasks += [
+        asyncio.create_task(bot.ensure_registered(stop)),
+        asyncio.create_task(run_outbox(bot, service.outbox_changed, stop)),
+        asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
+        asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_messages, stop)),
+    ]
+    log.info("started bot=%s live_intents=%d", config.bot_user_id, len(service.live))
+    return sidecar
+
+
+async def _every(seconds: float, job, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        if stop.is_set():
+            return
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic job failed job=%s", getattr(job, "__name__", job))
+
+
+async def run(config: Config) -> None:
+    sidecar = await start_sidecar(config)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    log.info("stopping")
+    await sidecar.stop()

@@ -1,0 +1,130 @@
+"""The appservice listener that the homeserver pushes to.
+
+Not mautrix's `AppService` handler: that one keeps transaction ids in memory only and
+acknowledges before its handlers run (a crash would lose the command). Here a
+transaction is handled event by event, each change committed, its id stored, and only
+then acknowledged; a retried transaction id is acknowledged without reprocessing, also
+after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .events import Invite, Redaction, RoomMessage, parse_event
+from .matrix import MatrixBot
+from .metrics import Metrics
+from .service import RouteService, utcnow
+
+log = logging.getLogger("route_sidecar.appservice")
+MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+
+
+def _matrix_error(status: int, errcode: str, error: str) -> web.Response:
+    return web.json_response({"errcode": errcode, "error": error}, status=status)
+
+
+class AppserviceShell:
+    def __init__(
+        self, config: Config, service: RouteService, bot: MatrixBot, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.bot = bot
+        self.metrics = metrics
+        self._hs_token = config.appservice.hs_token.encode()
+        self._order = asyncio.Lock()  # transactions are applied one at a time, in order
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_TRANSACTION_BYTES)
+        for prefix in ("/_matrix/app/v1", ""):  # "" is the legacy unprefixed path
+            app.router.add_put(prefix + "/transactions/{txn_id}", self._guard(self.transaction))
+            app.router.add_get(prefix + "/users/{user_id}", self._guard(self.query_user))
+            app.router.add_get(prefix + "/rooms/{alias}", self._guard(self.query_alias))
+        app.router.add_post("/_matrix/app/v1/ping", self._guard(self.ping))
+        return app
+
+    def _guard(
+        self, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """hs_token check, constant time: missing → 401, wrong → 403 (Matrix AS spec)."""
+
+        async def guarded(request: web.Request) -> web.Response:
+            header = request.headers.get("Authorization", "")
+            token = header[7:] if header.startswith("Bearer ") else None
+            if token is None:
+                token = request.query.get("access_token")  # deprecated query form
+            if not token:
+                return _matrix_error(401, "M_UNAUTHORIZED", "Missing hs_token")
+            if not hmac.compare_digest(token.encode(), self._hs_token):
+                return _matrix_error(403, "M_FORBIDDEN", "Wrong hs_token")
+            return await handler(request)
+
+        return guarded
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def query_user(self, request: web.Request) -> web.Response:
+        if request.match_info["user_id"] == self.config.bot_user_id:
+            return web.json_response({})
+        return _matrix_error(404, "M_NOT_FOUND", "No such user")
+
+    async def query_alias(self, request: web.Request) -> web.Response:
+        return _matrix_error(404, "M_NOT_FOUND", "No such room alias")
+
+    async def transaction(self, request: web.Request) -> web.Response:
+        txn_id = request.match_info["txn_id"]
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _matrix_error(400, "M_NOT_JSON", "Body is not JSON")
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list):
+            return _matrix_error(400, "M_BAD_JSON", "`events` must be a list")
+        async with self._order:
+            async with self.service.store.atomic() as tx:
+                duplicate = await tx.has_transaction(txn_id)
+            if duplicate:
+                self.metrics.duplicates.labels("transaction").inc()
+                self.metrics.transactions.labels("duplicate").inc()
+                log.info("transaction duplicate txn=%s", txn_id)
+                return web.json_response({})
+            try:
+                for raw in events:
+                    await self.handle_event(raw)
+            except Exception:
+                # Nothing is acknowledged: the homeserver retries, and events already
+                # handled are recognised by their event id.
+                log.exception("transaction failed txn=%s", txn_id)
+                self.metrics.transactions.labels("error").inc()
+                return _matrix_error(500, "M_UNKNOWN", "Transaction failed; retry")
+            async with self.service.store.atomic() as tx:
+                await tx.record_transaction(txn_id, utcnow())
+        self.metrics.transactions.labels("ok").inc()
+        log.debug("transaction handled txn=%s events=%d", txn_id, len(events))
+        return web.json_response({})
+
+    async def handle_event(self, raw: Any) -> None:
+        event = parse_event(raw)
+        match event:
+            case RoomMessage():
+                await self.service.on_message(event)
+            case Redaction():
+                await self.service.on_redaction(event)
+            case Invite() if event.invitee == self.config.bot_user_id:
+                if self.service.accepts_invite(event):
+                    await self.bot.join(event.room_id)
+                else:
+                    log.info("invite refused room=%s sender=%s", event.room_id, event.sender)
+                    await self.bot.decline(event.room_id, "Not invited by a permitted user")
+            case _:
+                return

@@ -1,0 +1,103 @@
+"""Matrix events pushed by the homeserver → the few typed values the side-car acts on.
+
+Pure and total: any JSON (wrong types, missing fields, huge strings) gives a value or
+None, never an exception. Uses mautrix's id types rather than a parallel set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mautrix.types import EventID, RoomID, UserID
+
+MAX_BODY_CHARS = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessage:
+    room_id: RoomID
+    event_id: EventID
+    sender: UserID
+    body: str
+    msgtype: str | None
+    thread_root: EventID | None  # the thread the message is in, if any
+    is_edit: bool
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    room_id: RoomID
+    sender: UserID
+    invitee: UserID
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    room_id: RoomID
+    redacted_event_id: EventID
+    sender: UserID
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedMessage:
+    room_id: RoomID
+    event_id: EventID
+    sender: UserID
+
+
+RoomEvent = RoomMessage | Invite | Redaction | EncryptedMessage
+
+
+def _str(mapping: Mapping[str, Any], key: str) -> str | None:
+    value = mapping.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def parse_event(raw: Any) -> RoomEvent | None:
+    """The event as a typed value, or None when the side-car has nothing to do with it."""
+    if not isinstance(raw, Mapping):
+        return None
+    event_type = _str(raw, "type")
+    room_id = _str(raw, "room_id")
+    sender = _str(raw, "sender")
+    event_id = _str(raw, "event_id")
+    content = raw.get("content")
+    if not (event_type and room_id and sender and event_id and isinstance(content, Mapping)):
+        return None
+    if event_type == "m.room.member":
+        invitee = _str(raw, "state_key")
+        if invitee and content.get("membership") == "invite":
+            return Invite(RoomID(room_id), UserID(sender), UserID(invitee))
+        return None
+    if event_type == "m.room.redaction":
+        redacts = _str(raw, "redacts") or _str(content, "redacts")
+        return Redaction(RoomID(room_id), EventID(redacts), UserID(sender)) if redacts else None
+    if event_type == "m.room.encrypted":
+        return EncryptedMessage(RoomID(room_id), EventID(event_id), UserID(sender))
+    if event_type != "m.room.message":
+        return None
+    body = content.get("body")
+    if not isinstance(body, str):
+        return None
+    ts = raw.get("origin_server_ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 2**53:
+        return None
+    relates = content.get("m.relates_to")
+    relates = relates if isinstance(relates, Mapping) else {}
+    is_edit = relates.get("rel_type") == "m.replace" or "m.new_content" in content
+    thread_root = _str(relates, "event_id") if relates.get("rel_type") == "m.thread" else None
+    msgtype = content.get("msgtype")
+    return RoomMessage(
+        room_id=RoomID(room_id),
+        event_id=EventID(event_id),
+        sender=UserID(sender),
+        body=body[:MAX_BODY_CHARS],
+        msgtype=msgtype if isinstance(msgtype, str) else None,
+        thread_root=EventID(thread_root) if thread_root else None,
+        is_edit=is_edit,
+        sent_at=datetime.fromtimestamp(ts / 1000, UTC),
+    )

@@ -1,0 +1,260 @@
+"""The intent state machine: create, supersede, cancel, expire, bind turns, end.
+
+Pure: every function takes the current time as an argument and returns a new `Intent`;
+nothing here reads the clock, the database or the network. SPEC.md "Intents" lives here.
+
+    pending ──claim binds a turn──▶ active ──last turn idle / duration over──▶ done
+       │                              │
+       ├──TTL passes, never claimed──▶ expired
+       └──superseded / auto / redacted / DELETE ──▶ cancelled  (also from active)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from .commands import Scope, ScopeKind
+from .turns import Placement, TurnKey
+
+
+class IntentState(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DONE = "done"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_live(self) -> bool:
+        return self in (IntentState.PENDING, IntentState.ACTIVE)
+
+
+class EndReason(StrEnum):
+    DONE = "done"
+    EXPIRED = "expired"
+    SUPERSEDED = "superseded"
+    CLEARED = "cleared"
+    REDACTED = "redacted"
+    API = "cancelled via the API"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    intent_ttl: timedelta = timedelta(minutes=15)
+    turn_idle: timedelta = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundTurn:
+    key: TurnKey | None  # None: a request-scoped claim, consumed by its single call
+    bound_at: datetime
+    last_claim_at: datetime
+    claims: int = 1
+
+    def is_open(self, now: datetime, timing: Timing) -> bool:
+        return self.key is not None and now < self.ends_at(timing)
+
+    def ends_at(self, timing: Timing) -> datetime:
+        return self.bound_at if self.key is None else self.last_claim_at + timing.turn_idle
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    id: str
+    room_id: str
+    target: str
+    model: str
+    scope: Scope
+    sender: str
+    command_event_id: str
+    command_thread_id: str | None
+    command_at: datetime  # when the command reached the room (homeserver time)
+    created_at: datetime  # when the side-car recorded it
+    state: IntentState = IntentState.PENDING
+    bound_turns: tuple[BoundTurn, ...] = ()
+    # Pre-bound (multi-line form, `again`): the question's hash; the first turn must match
+    # it or be the command message itself.
+    question_hash: str | None = None
+    ended_at: datetime | None = None
+    end_reason: EndReason | None = None
+
+    @property
+    def is_prebound(self) -> bool:
+        return self.question_hash is not None
+
+    @property
+    def until(self) -> datetime | None:
+        """End of a `--for` intent."""
+        if self.scope.kind is ScopeKind.DURATION and self.scope.duration is not None:
+            return self.created_at + self.scope.duration
+        return None
+
+    @property
+    def turn_capacity(self) -> int | None:
+        """How many distinct turns it may bind; None: unlimited until `until`."""
+        return None if self.scope.kind is ScopeKind.DURATION else self.scope.turns
+
+
+def new_intent(
+    *,
+    intent_id: str,
+    room_id: str,
+    target: str,
+    model: str,
+    scope: Scope,
+    sender: str,
+    command_event_id: str,
+    command_thread_id: str | None,
+    command_at: datetime,
+    now: datetime,
+    question_hash: str | None = None,
+) -> Intent:
+    return Intent(
+        id=intent_id,
+        room_id=room_id,
+        target=target,
+        model=model,
+        scope=scope,
+        sender=sender,
+        command_event_id=command_event_id,
+        command_thread_id=command_thread_id,
+        command_at=command_at,
+        created_at=now,
+        question_hash=question_hash,
+    )
+
+
+def expires_at(intent: Intent, timing: Timing) -> datetime | None:
+    """When the intent ends if nothing else happens; None once it has ended."""
+    if not intent.state.is_live:
+        return None
+    if intent.until is not None:
+        open_ends = [t.ends_at(timing) for t in intent.bound_turns if t.key is not None]
+        return max([intent.until, *open_ends])
+    if not intent.bound_turns:
+        return intent.created_at + timing.intent_ttl
+    last_end = max(t.ends_at(timing) for t in intent.bound_turns)
+    if len(intent.bound_turns) >= (intent.turn_capacity or 0):
+        return last_end
+    # `--turns N` with turns left: waits for the next turn as a new intent would.
+    last_activity = max(t.last_claim_at for t in intent.bound_turns)
+    return max(last_end, last_activity + timing.intent_ttl)
+
+
+def advance(intent: Intent, now: datetime, timing: Timing) -> Intent:
+    """Apply the passing of time: a live intent whose time is over becomes done or expired."""
+    end = expires_at(intent, timing)
+    if end is None or now < end:
+        return intent
+    if intent.bound_turns:
+        return replace(
+            intent, state=IntentState.DONE, ended_at=end, end_reason=EndReason.DONE
+        )
+    return replace(
+        intent, state=IntentState.EXPIRED, ended_at=end, end_reason=EndReason.EXPIRED
+    )
+
+
+def cancel(intent: Intent, now: datetime, reason: EndReason) -> Intent:
+    """Supersede, clear, redact or DELETE: a live intent becomes cancelled; others stay."""
+    if not intent.state.is_live:
+        return intent
+    return replace(intent, state=IntentState.CANCELLED, ended_at=now, end_reason=reason)
+
+
+def cancel_on_redaction(intent: Intent, now: datetime) -> Intent:
+    """Redacting the command cancels its intent only while it is still pending."""
+    if intent.state is not IntentState.PENDING:
+        return intent
+    return cancel(intent, now, EndReason.REDACTED)
+
+
+UNPLACED = Placement(arrived_at=None, is_command=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTurn:
+    """The turn of one LLM call, as far as the side-car can place it."""
+
+    key: TurnKey | None
+    placement: Placement = UNPLACED
+
+
+class ClaimResult(StrEnum):
+    """Why a claim got (or did not get) an override; also the metrics label."""
+
+    BOUND = "bound"  # a new turn bound to the intent: override
+    CONTINUED = "continued"  # a later call of a bound turn: override
+    NO_INTENT = "no_intent"
+    OTHER_TURN = "other_turn"  # the intent is bound to (or waits for) another turn
+    EARLIER_TURN = "earlier_turn"  # the turn's message came before the command
+    COMMAND_TURN = "command_turn"  # the agent answering a /route message itself
+    ENDED_TURN = "ended_turn"  # a bound turn that went idle
+
+    @property
+    def override(self) -> bool:
+        return self in (ClaimResult.BOUND, ClaimResult.CONTINUED)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    intent: Intent
+    result: ClaimResult
+    turn_position: int | None = None  # index of the bound turn that the claim belongs to
+
+    @property
+    def override(self) -> bool:
+        return self.result.override
+
+
+def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> Claimed:
+    """The routing decision for one LLM call against the room's live intent."""
+    intent = advance(intent, now, timing)
+    if not intent.state.is_live:
+        return Claimed(intent, ClaimResult.NO_INTENT)
+    if turn.key is not None:
+        for position, bound in enumerate(intent.bound_turns):
+            if bound.key == turn.key:
+                if not bound.is_open(now, timing):
+                    return Claimed(intent, ClaimResult.ENDED_TURN, position)
+                continued = replace(bound, last_claim_at=now, claims=bound.claims + 1)
+                turns = list(intent.bound_turns)
+                turns[position] = continued
+                return Claimed(
+                    replace(intent, bound_turns=tuple(turns)), ClaimResult.CONTINUED, position
+                )
+    refusal = _refuse_new_turn(intent, turn, now)
+    if refusal is not None:
+        return Claimed(intent, refusal)
+    bound = BoundTurn(key=turn.key, bound_at=now, last_claim_at=now)
+    bound_intent = replace(
+        intent, state=IntentState.ACTIVE, bound_turns=(*intent.bound_turns, bound)
+    )
+    # A request-scoped claim is consumed by its single call: advance ends a full intent.
+    return Claimed(
+        advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns)
+    )
+
+
+def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimResult | None:
+    """Why a turn not yet bound may not bind the intent, or None when it may."""
+    if turn.placement.is_command:
+        return ClaimResult.COMMAND_TURN
+    capacity = intent.turn_capacity
+    if capacity is not None and len(intent.bound_turns) >= capacity:
+        return ClaimResult.OTHER_TURN
+    if intent.until is not None and now >= intent.until:
+        return ClaimResult.OTHER_TURN
+    if intent.is_prebound and not intent.bound_turns:
+        if turn.key is not None and (
+            turn.key.turn_id == intent.command_event_id
+            or turn.key.message_hash == intent.question_hash
+        ):
+            return None
+        return ClaimResult.OTHER_TURN
+    arrived_at = turn.placement.arrived_at
+    if arrived_at is not None and arrived_at <= intent.command_at:
+        return ClaimResult.EARLIER_TURN
+    return None

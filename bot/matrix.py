@@ -1,0 +1,160 @@
+"""The Matrix client side of the bot, through mautrix's IntentAPI: registering the bot
+user, joining or declining invites, and delivering the outbox (replies, edits,
+reactions) in order. Every send carries a transaction id derived from the outbox row,
+so a send repeated after a crash is deduplicated by the homeserver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import ClientSession
+from mautrix.appservice import AppServiceAPI, IntentAPI
+from mautrix.appservice.state_store import ASStateStore
+from mautrix.client.state_store import MemoryStateStore
+from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
+from mautrix.types import EventType, RoomID, UserID
+
+from .config import Config
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger("route_sidecar.matrix")
+MAX_ATTEMPTS = 8
+
+
+class _MemoryASStateStore(MemoryStateStore, ASStateStore):
+    """mautrix's AppService writes mx-state.json unless given a store; memory is enough:
+    the bot only needs power levels, which it fetches again after a restart."""
+
+    def __init__(self) -> None:
+        MemoryStateStore.__init__(self)
+        ASStateStore.__init__(self)
+
+
+class MatrixBot:
+    def __init__(self, config: Config, store: Store, metrics: Metrics, instance: str) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.instance = instance  # per-database id: keeps transaction ids unique
+        self.session: ClientSession | None = None
+        self.api: AppServiceAPI | None = None
+        self.registered = asyncio.Event()
+
+    async def start(self) -> None:
+        self.session = ClientSession()
+        self.api = AppServiceAPI(
+            base_url=self.config.homeserver.address,
+            bot_mxid=UserID(self.config.bot_user_id),
+            token=self.config.appservice.as_token,
+            log=logging.getLogger("route_sidecar.mautrix"),  # type: ignore[arg-type]
+            state_store=_MemoryASStateStore(),
+            client_session=self.session,
+            default_retry_count=1,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    @property
+    def intent(self) -> IntentAPI:
+        assert self.api is not None, "MatrixBot.start() first"
+        return self.api.bot_intent()
+
+    async def ensure_registered(self, stop: asyncio.Event) -> None:
+        """Register the bot user (and its display name), retrying while the homeserver is
+        unreachable; the lookup API serves meanwhile."""
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await self.intent.ensure_registered()
+                with contextlib.suppress(MatrixRequestError):
+                    await self.intent.set_displayname(self.config.appservice.bot_displayname)
+                self.registered.set()
+                log.info("bot registered user=%s", self.config.bot_user_id)
+                return
+            except Exception as error:  # any failure: retry later
+                log.warning("bot registration failed, retrying in %.0fs error=%s", delay,
+                            type(error).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 60)
+
+    async def join(self, room_id: RoomID) -> None:
+        try:
+            await self.intent.join_room_by_id(room_id)
+            log.info("room joined room=%s", room_id)
+        except MatrixRequestError as error:
+            log.warning("room join failed room=%s error=%s", room_id, error.errcode)
+
+    async def decline(self, room_id: RoomID, reason: str) -> None:
+        try:
+            await self.intent.leave_room(room_id, reason=reason)
+            log.info("invite declined room=%s", room_id)
+        except MatrixRequestError as error:
+            log.warning("invite decline failed room=%s error=%s", room_id, error.errcode)
+
+    # ---- the outbox -------------------------------------------------------------------
+
+    async def deliver_outbox(self) -> int:
+        """Send every queued room event, oldest first. Returns how many were sent."""
+        async with self.store.atomic() as tx:
+            pending = await tx.unsent_effects()
+        sent = 0
+        for row in pending:
+            content: dict[str, Any] = json.loads(row["content"])
+            if row["edits"]:
+                async with self.store.atomic() as tx:
+                    target = await tx.effect_event_id(row["edits"])
+                if target is None:
+                    continue  # the event it edits is not sent yet (or failed): later
+                content["m.relates_to"]["event_id"] = target
+            txn_id = f"rs-{self.instance}-{row['id']}"
+            try:
+                event_id = await self.intent.send_message_event(
+                    RoomID(row["room_id"]), EventType.find(row["event_type"]), content,
+                    txn_id=txn_id,
+                )
+            except MatrixStandardRequestError as error:
+                permanent = error.http_status < 500 and error.http_status != 429
+                give_up = permanent or row["attempts"] + 1 >= MAX_ATTEMPTS
+                await self._attempt_failed(row, give_up, error.errcode)
+                continue
+            except Exception as error:  # network or homeserver trouble
+                await self._attempt_failed(row, row["attempts"] + 1 >= MAX_ATTEMPTS,
+                                           type(error).__name__)
+                continue
+            async with self.store.atomic() as tx:
+                await tx.mark_effect_sent(row["id"], event_id)
+            self.metrics.room_effects.labels("sent").inc()
+            log.info("room event sent room=%s key=%s event=%s", row["room_id"],
+                     row["key"].split(":")[0], event_id)
+            sent += 1
+        return sent
+
+    async def _attempt_failed(self, row: Any, give_up: bool, error: str) -> None:
+        async with self.store.atomic() as tx:
+            await tx.mark_effect_attempt(row["id"], give_up)
+        self.metrics.room_effects.labels("failed" if give_up else "retry").inc()
+        log.warning("room event %s room=%s key=%s error=%s",
+                    "abandoned" if give_up else "send failed", row["room_id"],
+                    row["key"].split(":")[0], error)
+
+
+async def run_outbox(bot: MatrixBot, wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Deliver the outbox whenever the service queues something, and every few seconds
+    (retries, and what a crash left unsent)."""
+    await bot.registered.wait()
+    while not stop.is_set():
+        wake.clear()
+        try:
+            await bot.deliver_outbox()
+        except Exception:
+            log.exception("outbox delivery failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), 2.0)

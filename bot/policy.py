@@ -1,0 +1,133 @@
+"""Who may do what: permission levels, target resolution, caps, the rate limit, which
+messages the bot listens to at all. Pure: config values and facts in, a decision out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .commands import RouteTo, Scope, ScopeKind, format_duration
+from .config import Config, Target
+
+RATE_WINDOW = timedelta(hours=1)
+
+
+def user_level(user_id: str, permissions: Mapping[str, int]) -> int | None:
+    """Exact user id, then server name, then `*`; None: the user is not permitted at all."""
+    if user_id in permissions:
+        return permissions[user_id]
+    server = user_id.partition(":")[2]
+    if server and server in permissions:
+        return permissions[server]
+    return permissions.get("*")
+
+
+def may_invite(user_id: str, config: Config) -> bool:
+    return user_level(user_id, config.permissions) is not None
+
+
+def room_allowed(room_id: str, config: Config) -> bool:
+    return not config.rooms or room_id in config.rooms
+
+
+def find_target(name: str, targets: Mapping[str, Target]) -> Target | None:
+    lowered = name.lower()
+    for target in targets.values():
+        if target.name == lowered or lowered in target.aliases:
+            return target
+    return None
+
+
+def usable_targets(user_id: str, config: Config) -> list[Target]:
+    level = user_level(user_id, config.permissions)
+    if level is None:
+        return []
+    return [t for t in config.targets.values() if level >= t.level]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A route command checked against the config: the target name and the model id."""
+
+    target: str
+    model: str
+    scope: Scope
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+
+
+def resolve_route(
+    command: RouteTo, sender: str, config: Config, prefix: str
+) -> Resolved | Refused:
+    """Check target, permission level and caps for a route command."""
+    level = user_level(sender, config.permissions)
+    if level is None:
+        return Refused("You are not allowed to route this room's agent. Ask the admin.")
+    scope = command.scope
+    if scope.kind is ScopeKind.TURNS and scope.turns > config.routing.max_turns:
+        return Refused(
+            f"`--turns` is capped at {config.routing.max_turns} here. "
+            f"Try `{prefix} {command.target} --turns {config.routing.max_turns}`."
+        )
+    if scope.kind is ScopeKind.DURATION and scope.duration is not None:
+        cap = config.routing.max_duration
+        if scope.duration > cap:
+            return Refused(
+                f"`--for` is capped at {format_duration(cap)} here. "
+                f"Try `{prefix} {command.target} --for {format_duration(cap)}`."
+            )
+    raw_model = command.raw_model
+    if raw_model is not None:
+        raw = config.routing.raw_models
+        if not raw.allowed:
+            return Refused(
+                f"Raw model ids are not allowed here. Type `{prefix} targets` "
+                "for the targets you may use."
+            )
+        if not any(p.fullmatch(raw_model) for p in raw.patterns):
+            return Refused(
+                f"Model `{raw_model}` is not on this room's allow-list. Type `{prefix} targets`."
+            )
+        if level < raw.level:
+            return Refused(
+                f"Raw model ids need permission level {raw.level}; yours is {level}."
+            )
+        return Resolved(target=command.target, model=raw_model, scope=scope)
+    target = find_target(command.target, config.targets)
+    if target is None:
+        valid = ", ".join(f"`{t.name}`" for t in usable_targets(sender, config)) or "none"
+        return Refused(
+            f"Unknown target `{command.target}`. Targets you may use: {valid}. "
+            f"Example: `{prefix} {next(iter(config.targets))}`."
+        )
+    if level < target.level:
+        valid = ", ".join(f"`{t.name}`" for t in usable_targets(sender, config)) or "none"
+        return Refused(
+            f"Target `{target.name}` needs permission level {target.level}; yours is {level}. "
+            f"Targets you may use: {valid}."
+        )
+    return Resolved(target=target.name, model=target.model, scope=scope)
+
+
+def rate_limited(recent_routes: int, config: Config) -> bool:
+    """`recent_routes`: intents this user created in the last RATE_WINDOW."""
+    return config.routes_per_hour > 0 and recent_routes >= config.routes_per_hour
+
+
+def is_stale(sent_at: datetime, now: datetime, config: Config) -> bool:
+    """A command older than the intent TTL when it arrives (after downtime) is ignored."""
+    return now - sent_at > config.routing.intent_ttl
+
+
+def listens_to(sender: str, msgtype: str | None, is_edit: bool, config: Config) -> bool:
+    """Messages the bot reads at all: not its own, not an agent's, no notices, no edits."""
+    return not (
+        sender == config.bot_user_id
+        or sender in config.agents
+        or msgtype == "m.notice"
+        or is_edit
+    )

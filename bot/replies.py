@@ -1,0 +1,238 @@
+"""What the bot says in the room: texts in a tiny markup (`code`, **bold**) rendered to an
+HTML body with a plain fallback, and the Matrix event contents that carry them. Pure."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .commands import format_duration
+from .config import Target
+from .intents import Intent, IntentState, Timing, expires_at
+
+_CODE = re.compile(r"`([^`\n]+)`")
+_BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
+REACTION_CLAIMED = "✅"
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    plain: str
+    html: str
+
+
+def render(markup: str) -> Text:
+    """`code` → <code>, **bold** → <b>, newlines → <br>; the plain body drops the stars."""
+    escaped = html.escape(markup, quote=False)
+    body = _CODE.sub(r"<code>\1</code>", escaped)
+    body = _BOLD.sub(r"<b>\1</b>", body)
+    plain = _BOLD.sub(r"\1", markup)
+    return Text(plain=plain, html=body.replace("\n", "<br>"))
+
+
+def notice_content(
+    text: Text, reply_to: str | None = None, thread_root: str | None = None
+) -> dict[str, Any]:
+    """An m.notice in reply to `reply_to`, inside `thread_root`'s thread when given."""
+    content: dict[str, Any] = {
+        "msgtype": "m.notice",
+        "body": text.plain,
+        "format": "org.matrix.custom.html",
+        "formatted_body": text.html,
+        "m.mentions": {},
+    }
+    if thread_root is not None:
+        content["m.relates_to"] = {
+            "rel_type": "m.thread",
+            "event_id": thread_root,
+            "is_falling_back": False,
+            "m.in_reply_to": {"event_id": reply_to or thread_root},
+        }
+    elif reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
+
+
+def edit_content(text: Text, edited_event_id: str | None) -> dict[str, Any]:
+    """An edit of an earlier notice; the sender fills in the edited event id."""
+    new = {
+        "msgtype": "m.notice",
+        "body": text.plain,
+        "format": "org.matrix.custom.html",
+        "formatted_body": text.html,
+        "m.mentions": {},
+    }
+    return {
+        "msgtype": "m.notice",
+        "body": f"* {text.plain}",
+        "format": "org.matrix.custom.html",
+        "formatted_body": f"* {text.html}",
+        "m.new_content": new,
+        "m.mentions": {},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": edited_event_id},
+    }
+
+
+def reaction_content(event_id: str, key: str = REACTION_CLAIMED) -> dict[str, Any]:
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%H:%M:%S UTC")
+
+
+def describe_scope(intent: Intent) -> str:
+    return intent.scope.describe()
+
+
+def confirmation(intent: Intent, superseded: Intent | None, timing: Timing, prefix: str) -> Text:
+    if intent.is_prebound:
+        what = f"Routing the answer to this question to **{intent.target}** (`{intent.model}`)."
+    else:
+        what = (
+            f"Routing {describe_scope(intent)} of the agent in this room to "
+            f"**{intent.target}** (`{intent.model}`)."
+        )
+    lines = [what]
+    if superseded is not None:
+        lines.append(f"This replaces the earlier route to {superseded.target}.")
+    ends = expires_at(intent, timing)
+    if ends is not None and not intent.is_prebound and intent.until is None:
+        lines.append(
+            f"If no turn uses it by {_when(ends)}, it expires. "
+            f"`{prefix} auto` cancels it."
+        )
+    else:
+        lines.append(f"`{prefix} auto` cancels it.")
+    lines.append("I will confirm here which model really answered.")
+    return render("\n".join(lines))
+
+
+def expired(intent: Intent, timing: Timing) -> Text:
+    tail = (
+        f" expired unused: no turn of the agent claimed it within "
+        f"{format_duration(timing.intent_ttl)}. Nothing was routed."
+    )
+    return Text(
+        plain=f"Route to {intent.target}{tail}",
+        html=f"<del>Route to {html.escape(intent.target)}</del>{html.escape(tail)}",
+    )
+
+
+def cleared(previous: Intent | None, prefix: str) -> Text:
+    if previous is None:
+        return render(f"Automatic routing: nothing was set. `{prefix} help` lists the commands.")
+    return render(
+        f"Automatic routing again. The route to **{previous.target}** "
+        f"({previous.state.value} until now) is cancelled."
+    )
+
+
+def status(intent: Intent | None, now: datetime, timing: Timing, prefix: str) -> Text:
+    if intent is None:
+        return render(
+            f"Automatic routing: no route is set in this room. "
+            f"`{prefix} <target>` sets one; `{prefix} targets` lists them."
+        )
+    ends = expires_at(intent, timing)
+    state = {
+        IntentState.PENDING: "waiting for the agent's next turn",
+        IntentState.ACTIVE: f"in use ({len(intent.bound_turns)} turn(s) so far)",
+    }.get(intent.state, intent.state.value)
+    lines = [
+        f"Route to **{intent.target}** (`{intent.model}`), {describe_scope(intent)}, "
+        f"set by {intent.sender}.",
+        f"State: {state}.",
+    ]
+    if ends is not None:
+        lines.append(f"Ends at {_when(ends)} at the latest. `{prefix} auto` cancels it.")
+    return render("\n".join(lines))
+
+
+def targets_list(targets: Sequence[Target], prefix: str, raw_allowed: bool) -> Text:
+    if not targets:
+        return render("No target is open to you here. Ask the admin for a permission level.")
+    lines = ["Targets you may use:"]
+    for target in targets:
+        aliases = f" (also {', '.join(f'`{a}`' for a in target.aliases)})" if target.aliases else ""
+        description = f": {target.description}" if target.description else ""
+        lines.append(f"• `{target.name}`{aliases} → `{target.model}`{description}")
+    if raw_allowed:
+        lines.append(f"Raw model ids from the allow-list: `{prefix} model:<id>`.")
+    lines.append(f"Example: `{prefix} {targets[0].name}`.")
+    return render("\n".join(lines))
+
+
+def help_text(prefix: str, prefixes: Sequence[str]) -> Text:
+    other = [p for p in prefixes if p != prefix]
+    also = f" (`{other[0]}` works the same)" if other else ""
+    return render(
+        "\n".join(
+            [
+                f"**Route the agent's LLM calls from this room**{also}:",
+                f"`{prefix} <target>`: the agent's next turn uses that target",
+                f"`{prefix} <target>` + new line + question: that question is answered there",
+                f"`{prefix} <target> --turns N`: the next N turns",
+                f"`{prefix} <target> --for 30m`: every turn for a while (s, m, h)",
+                f"`{prefix} auto`: back to automatic routing (also `off`, `cancel`)",
+                f"`{prefix} status`: what is set now",
+                f"`{prefix} targets`: the targets you may use",
+                f"`{prefix} help`: this text",
+                "In Element, `/route` opens an \"Unknown command\" dialog (choose "
+                "\"Send as message\"); `!route` always works.",
+            ]
+        )
+    )
+
+
+def refusal(reason: str) -> Text:
+    return render(f"⛔ {reason}")
+
+
+def command_error(message: str) -> Text:
+    return render(f"⛔ {message}")
+
+
+def rate_limited(limit: int) -> Text:
+    return render(
+        f"⛔ You have set {limit} routes in the last hour, the limit here. "
+        "Try again later, or ask the admin to raise `limits.routes_per_hour`."
+    )
+
+
+def not_available(what: str, prefix: str) -> Text:
+    return render(
+        f"`{prefix} {what}` is not available in this version. "
+        f"`{prefix} help` lists the commands."
+    )
+
+
+def receipt(intent: Intent, served_models: Sequence[str], statuses: Sequence[str],
+            latency_ms: int | None) -> Text:
+    """One line per turn: what the dispatcher really served, never what was asked."""
+    calls = len(served_models)
+    distinct = sorted(set(served_models))
+    errors = sum(1 for s in statuses if s != "ok")
+    timing = f", {latency_ms / 1000:.1f} s" if latency_ms is not None else ""
+    served = ", ".join(f"`{m}`" for m in distinct)
+    if errors == calls:
+        return render(
+            f"⚠ The routed turn failed on **{intent.target}**: {calls} call(s), "
+            f"all errors ({served}){timing}."
+        )
+    if distinct == [intent.model]:
+        lines = f"Answered by **{intent.target}** ({served}): {calls} call(s){timing}."
+    else:
+        lines = (
+            f"⚠ Asked for **{intent.target}** (`{intent.model}`) but the dispatcher served "
+            f"{served}: {calls} call(s){timing}."
+        )
+    if errors:
+        lines += f" {errors} call(s) failed."
+    return render(lines)
+
+

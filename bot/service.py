@@ -1,0 +1,451 @@
+"""The side-car's use cases: a room message arrives, a claim is asked, an outcome is
+reported, time passes. Each one reads state, asks the pure core (commands, policy,
+intents, turns) what happens, and writes the new state and the room events it owes
+(the outbox) in one database transaction. It holds no routing rule of its own.
+
+Live intents are also kept in memory (`self.live`, one per room), written through to
+SQLite and rebuilt at start, so a claim for a room with nothing set never waits for
+the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from . import commands as cmd
+from . import intents as core
+from . import policy, replies
+from .config import Config
+from .events import Invite, Redaction, RoomMessage
+from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
+from .metrics import Metrics
+from .store import Store, Tx
+from .turns import (
+    SeenMessage,
+    Turn,
+    is_command_turn,
+    message_hash,
+    place_turn,
+    resolve_room,
+)
+from .turns import turn_key as derive_turn_key
+
+log = logging.getLogger("route_sidecar.service")
+SEEN_RETENTION = timedelta(hours=24)
+METADATA_VALUE_MAX = 512
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimAnswer:
+    override: bool
+    result: ClaimResult
+    room_id: str | None
+    turn_id: str | None
+    intent: Intent | None = None
+    expires_at: datetime | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
+        data: dict[str, str] = {}
+        if self.room_id:
+            data["matrix_room_id"] = self.room_id
+        if self.turn_id:
+            data["route_turn_id"] = self.turn_id
+        if self.override and self.intent is not None:
+            data.update(
+                matrix_sender=self.intent.sender,
+                route_target=self.intent.target,
+                route_intent_id=self.intent.id,
+                route_origin="/route",
+            )
+        return {k: v[:METADATA_VALUE_MAX] for k, v in data.items()}
+
+
+class RouteService:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        salt: bytes,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.salt = salt
+        self.metrics = metrics
+        self.clock = clock
+        self.timing = Timing(config.routing.intent_ttl, config.routing.turn_idle)
+        self.prefix = config.routing.prefixes[0]
+        self.live: dict[str, Intent] = {}
+        self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
+        self.outbox_changed = asyncio.Event()
+
+    async def load(self) -> None:
+        async with self.store.atomic() as tx:
+            for intent in await tx.live_intents():
+                self.live[intent.room_id] = intent
+        self.metrics.active_intents.set(len(self.live))
+        log.info("live intents loaded count=%d", len(self.live))
+
+    # ---- room events -------------------------------------------------------------
+
+    def accepts_invite(self, invite: Invite) -> bool:
+        return policy.may_invite(invite.sender, self.config) and policy.room_allowed(
+            invite.room_id, self.config
+        )
+
+    async def on_message(self, message: RoomMessage) -> None:
+        config = self.config
+        if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
+            return
+        now = self.clock()
+        parsed = cmd.parse_command(message.body, config.routing.prefixes)
+        _, question = cmd.split_first_line(message.body)
+        single_line_command = parsed is not None and question is None
+        seen = SeenMessage(
+            room_id=message.room_id,
+            event_id=message.event_id,
+            thread_id=message.thread_root,
+            sent_at=message.sent_at,
+            # A multi-line command stands for its question: that is what the agent sees.
+            message_hash=message_hash(self.salt, question if parsed is not None and question
+                                      else message.body),
+            is_command=single_line_command,
+        )
+        if parsed is None:
+            async with self.store.atomic() as tx:
+                await tx.add_seen(seen)
+            return
+        if not policy.room_allowed(message.room_id, config):
+            log.info("command ignored room=%s event=%s reason=room-not-allowed",
+                     message.room_id, message.event_id)
+            return
+        if policy.is_stale(message.sent_at, now, config):
+            log.info("command ignored room=%s event=%s reason=stale", message.room_id,
+                     message.event_id)
+            self.metrics.commands.labels(_command_name(parsed), "stale").inc()
+            async with self.store.atomic() as tx:
+                await tx.add_seen(seen)
+            return
+        async with self._lock, self.store.atomic() as tx:
+            if await tx.command_handled(message.event_id):
+                self.metrics.duplicates.labels("event").inc()
+                log.info("command duplicate room=%s event=%s", message.room_id, message.event_id)
+                return
+            await tx.add_seen(seen)
+            text, intent, result = await self._run_command(tx, parsed, message, now)
+            await tx.record_command(
+                message.event_id, message.room_id, message.sender,
+                intent.id if intent else None, now,
+            )
+            await tx.add_effect(
+                f"reply:{message.event_id}", message.room_id, "m.room.message",
+                replies.notice_content(text, message.event_id, message.thread_root), now,
+            )
+        self.metrics.commands.labels(_command_name(parsed), result).inc()
+        self.metrics.active_intents.set(len(self.live))
+        log.info(
+            "command handled room=%s event=%s intent=%s command=%s result=%s",
+            message.room_id, message.event_id, intent.id if intent else "-",
+            _command_name(parsed), result,
+        )
+        self.outbox_changed.set()
+
+    async def _run_command(
+        self, tx: Tx, parsed: cmd.Command | cmd.CommandError, message: RoomMessage, now: datetime
+    ) -> tuple[replies.Text, Intent | None, str]:
+        """The reply, the intent created (if any) and a result label for one command."""
+        config, prefix = self.config, self.prefix
+        current = self._current(message.room_id, now)
+        match parsed:
+            case cmd.CommandError(message=error):
+                return replies.command_error(error), None, "malformed"
+            case cmd.ShowHelp():
+                return replies.help_text(prefix, config.routing.prefixes), None, "ok"
+            case cmd.ListTargets():
+                targets = policy.usable_targets(message.sender, config)
+                return (
+                    replies.targets_list(targets, prefix, config.routing.raw_models.allowed),
+                    None,
+                    "ok",
+                )
+            case cmd.ShowStatus():
+                return replies.status(current, now, self.timing, prefix), None, "ok"
+            case cmd.ShowHistory():
+                return replies.not_available("history", prefix), None, "unavailable"
+            case cmd.ClearIntent():
+                if current is not None:
+                    await self._end(tx, current, EndReason.CLEARED, now)
+                return replies.cleared(current, prefix), None, "ok"
+            case cmd.RouteTo(again=True):
+                return replies.not_available("<target> again", prefix), None, "unavailable"
+            case cmd.RouteTo() as route:
+                return await self._route(tx, route, message, current, now)
+        raise AssertionError(parsed)
+
+    async def _route(
+        self, tx: Tx, route: cmd.RouteTo, message: RoomMessage, current: Intent | None,
+        now: datetime,
+    ) -> tuple[replies.Text, Intent | None, str]:
+        resolved = policy.resolve_route(route, message.sender, self.config, self.prefix)
+        if isinstance(resolved, policy.Refused):
+            return replies.refusal(resolved.reason), None, "refused"
+        recent = await tx.routes_since(message.sender, now - policy.RATE_WINDOW)
+        if policy.rate_limited(recent, self.config):
+            return replies.rate_limited(self.config.routes_per_hour), None, "rate_limited"
+        intent = core.new_intent(
+            intent_id=uuid.uuid4().hex,
+            room_id=message.room_id,
+            target=resolved.target,
+            model=resolved.model,
+            scope=resolved.scope,
+            sender=message.sender,
+            command_event_id=message.event_id,
+            command_thread_id=message.thread_root,
+            command_at=message.sent_at,
+            now=now,
+            question_hash=message_hash(self.salt, route.question) if route.question else None,
+        )
+        if current is not None:
+            await self._end(tx, current, EndReason.SUPERSEDED, now)
+        await tx.save_intent(intent)
+        self.live[intent.room_id] = intent
+        text = replies.confirmation(intent, current, self.timing, self.prefix)
+        return text, intent, "routed"
+
+    async def on_redaction(self, redaction: Redaction) -> None:
+        now = self.clock()
+        async with self._lock, self.store.atomic() as tx:
+            intent = await tx.intent_by_command(redaction.redacted_event_id)
+            if intent is None or intent.room_id != redaction.room_id:
+                return
+            intent = self._current(intent.room_id, now) if intent.state.is_live else intent
+            if intent is None or intent.command_event_id != redaction.redacted_event_id:
+                return
+            ended = core.cancel_on_redaction(intent, now)
+            if ended is not intent:
+                await self._record_end(tx, ended, now)
+                log.info("intent cancelled room=%s intent=%s reason=redacted",
+                         intent.room_id, intent.id)
+        self.outbox_changed.set()
+
+    # ---- claims and outcomes -------------------------------------------------------
+
+    async def claim(self, turn: Turn) -> ClaimAnswer:
+        """The routing decision for one LLM call; binds a pending intent to its turn."""
+        key = derive_turn_key(turn, self.salt)
+        room_id = turn.room_id
+        if room_id is None and key is not None and key.message_hash is not None:
+            if not self.live:
+                return ClaimAnswer(False, ClaimResult.NO_INTENT, None, turn.turn_id)
+            async with self.store.atomic() as tx:
+                room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
+        if room_id is None or room_id not in self.live:
+            return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+        async with self._lock:
+            now = self.clock()
+            intent = self.live.get(room_id)
+            if intent is None:
+                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            async with self.store.atomic() as tx:
+                seen = await tx.seen_for_turn(room_id, key) if key is not None else []
+                placement = place_turn(key, seen)
+                if is_command_turn(turn.last_user_message, self.config.routing.prefixes):
+                    placement = replace(placement, is_command=True)
+                claimed = core.claim(intent, core.ClaimedTurn(key, placement), now, self.timing)
+                if claimed.intent != intent:
+                    await self._record_change(tx, intent, claimed.intent, now)
+                if claimed.result is ClaimResult.BOUND and claimed.turn_position == 0:
+                    await tx.add_effect(
+                        f"react:{intent.id}", room_id, "m.reaction",
+                        replies.reaction_content(intent.command_event_id), now,
+                    )
+        if claimed.result is ClaimResult.BOUND:
+            log.info("turn bound room=%s intent=%s turn=%s position=%s", room_id, intent.id,
+                     key, claimed.turn_position)
+            self.outbox_changed.set()
+        live_after = claimed.intent if claimed.intent.state.is_live else None
+        return ClaimAnswer(
+            override=claimed.override,
+            result=claimed.result,
+            room_id=room_id,
+            turn_id=turn.turn_id,
+            intent=claimed.intent if claimed.override else None,
+            expires_at=core.expires_at(live_after, self.timing) if live_after else None,
+        )
+
+    async def record_outcome(
+        self, intent_id: str, model: str, status: str, latency_ms: int | None,
+        detail: str | None, turn_id: str | None,
+    ) -> bool:
+        """Store what the dispatcher served and post or update the turn's receipt.
+        False: no such intent."""
+        now = self.clock()
+        async with self._lock, self.store.atomic() as tx:
+            intent = await tx.intent(intent_id)
+            if intent is None:
+                return False
+            position = _outcome_turn(intent, turn_id)
+            await tx.add_outcome(
+                intent_id=intent.id, position=position, room_id=intent.room_id, model=model,
+                status=status, latency_ms=latency_ms, detail=detail, now=now,
+            )
+            rows = await tx.turn_outcomes(intent.id, position)
+            latencies = [r["latency_ms"] for r in rows if r["latency_ms"] is not None]
+            text = replies.receipt(
+                intent, [r["model"] for r in rows], [r["status"] for r in rows],
+                sum(latencies) if latencies else None,
+            )
+            await self._post_receipt(tx, intent, position, len(rows), text, now)
+        self.metrics.outcomes.labels(status).inc()
+        log.info("outcome recorded room=%s intent=%s position=%s status=%s",
+                 intent.room_id, intent.id, position, status)
+        self.outbox_changed.set()
+        return True
+
+    async def _post_receipt(
+        self, tx: Tx, intent: Intent, position: int | None, count: int,
+        text: replies.Text, now: datetime,
+    ) -> None:
+        key = f"receipt:{intent.id}:{position}"
+        thread_root, reply_to = _receipt_place(intent, position)
+        content = replies.notice_content(text, reply_to, thread_root)
+        if not await tx.effect_exists(key):
+            await tx.add_effect(key, intent.room_id, "m.room.message", content, now)
+        elif not await tx.replace_unsent_effect(key, content):
+            await tx.add_effect(
+                f"{key}:edit:{count}", intent.room_id, "m.room.message",
+                replies.edit_content(text, None), now, edits=key,
+            )
+
+    async def room_intent(self, room_id: str) -> Intent | None:
+        async with self._lock:
+            return self._current(room_id, self.clock())
+
+    async def cancel_room_intent(self, room_id: str) -> Intent | None:
+        now = self.clock()
+        async with self._lock:
+            current = self._current(room_id, now)
+            if current is None:
+                return None
+            async with self.store.atomic() as tx:
+                await self._end(tx, current, EndReason.API, now)
+        log.info("intent cancelled room=%s intent=%s reason=api", room_id, current.id)
+        self.outbox_changed.set()
+        return current
+
+    # ---- time ---------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Apply the passing of time to every live intent (expiry edits the confirmation)."""
+        now = self.clock()
+        async with self._lock:
+            changed = [
+                (intent, advanced)
+                for intent in list(self.live.values())
+                if (advanced := core.advance(intent, now, self.timing)) != intent
+            ]
+            if changed:
+                async with self.store.atomic() as tx:
+                    for before, after in changed:
+                        await self._record_change(tx, before, after, now)
+                        log.info("intent ended room=%s intent=%s state=%s", after.room_id,
+                                 after.id, after.state)
+                self.outbox_changed.set()
+        self.metrics.active_intents.set(len(self.live))
+
+    async def forget_old_messages(self) -> None:
+        async with self.store.atomic() as tx:
+            await tx.forget_seen_before(self.clock() - SEEN_RETENTION)
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _current(self, room_id: str, now: datetime) -> Intent | None:
+        """The room's live intent as of `now` (time applied, not yet written)."""
+        intent = self.live.get(room_id)
+        if intent is None:
+            return None
+        advanced = core.advance(intent, now, self.timing)
+        return advanced if advanced.state.is_live else None
+
+    async def _end(self, tx: Tx, intent: Intent, reason: EndReason, now: datetime) -> None:
+        await self._record_end(tx, core.cancel(intent, now, reason), now)
+
+    async def _record_end(self, tx: Tx, ended: Intent, now: datetime) -> None:
+        await self._record_change(tx, self.live.get(ended.room_id, ended), ended, now)
+
+    async def _record_change(self, tx: Tx, before: Intent, after: Intent, now: datetime) -> None:
+        """Write an intent's new state, keep the memory index true, and queue the edit of
+        the confirmation that the room must see when an intent ends unused or early."""
+        await tx.save_intent(after)
+        if after.state.is_live:
+            self.live[after.room_id] = after
+        elif self.live.get(after.room_id, after).id == after.id:
+            self.live.pop(after.room_id, None)
+        if before.state.is_live and not after.state.is_live:
+            text = _end_notice(after, self.timing)
+            if text is not None:
+                await tx.add_effect(
+                    f"ended:{after.id}", after.room_id, "m.room.message",
+                    replies.edit_content(text, None), now,
+                    edits=f"reply:{after.command_event_id}",
+                )
+
+
+def _end_notice(intent: Intent, timing: Timing) -> replies.Text | None:
+    if intent.state is IntentState.EXPIRED:
+        return replies.expired(intent, timing)
+    if intent.state is IntentState.CANCELLED and intent.end_reason is not EndReason.CLEARED:
+        reason = {
+            EndReason.SUPERSEDED: "replaced by a newer route",
+            EndReason.REDACTED: "the command was deleted",
+            EndReason.API: "cancelled through the API",
+        }.get(intent.end_reason, "cancelled")  # type: ignore[arg-type]
+        return replies.render(f"Route to **{intent.target}**: {reason}.")
+    return None
+
+
+def _outcome_turn(intent: Intent, turn_id: str | None) -> int | None:
+    """Which bound turn an outcome belongs to: the one with that turn id, else the one
+    claimed last."""
+    if not intent.bound_turns:
+        return None
+    if turn_id:
+        for position, bound in enumerate(intent.bound_turns):
+            if bound.key is not None and bound.key.turn_id == turn_id:
+                return position
+    return max(range(len(intent.bound_turns)),
+               key=lambda i: intent.bound_turns[i].last_claim_at)
+
+
+def _receipt_place(intent: Intent, position: int | None) -> tuple[str | None, str]:
+    """(thread root, event replied to) for a turn's receipt: in the turn's thread when
+    the turn id is a thread root event, else in reply to the command."""
+    if position is not None:
+        key = intent.bound_turns[position].key
+        if key is not None and key.turn_id and key.turn_id.startswith("$"):
+            return key.turn_id, key.turn_id
+    return intent.command_thread_id, intent.command_event_id
+
+
+def _command_name(parsed: cmd.Command | cmd.CommandError) -> str:
+    return {
+        cmd.ShowStatus: "status", cmd.ShowHelp: "help", cmd.ListTargets: "targets",
+        cmd.ShowHistory: "history", cmd.ClearIntent: "auto", cmd.RouteTo: "route",
+        cmd.CommandError: "malformed",
+    }[type(parsed)]
+
+
+def new_salt() -> str:
+    return secrets.token_hex(16)

@@ -1,0 +1,447 @@
+"""SQLite storage through aiosqlite: migrations, and the reads and writes of the core's
+values. Holds no rule: it turns `Intent`s and friends into rows and back.
+
+One connection, one lock: every access goes through `Store.atomic()`, which runs its
+body in one database transaction (BEGIN IMMEDIATE … COMMIT, ROLLBACK on error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .commands import Scope, ScopeKind
+from .intents import BoundTurn, EndReason, Intent, IntentState
+from .turns import SeenMessage, TurnKey
+
+log = logging.getLogger("route_sidecar.store")
+_MIGRATION_NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
+
+
+def to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The numbered `.sql` files shipped as `bot.migrations`, in order, without gaps."""
+    folder = resources.files("bot.migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    for expected, migration in enumerate(found, start=1):
+        if migration.version != expected:
+            raise RuntimeError(f"migrations: expected version {expected}, found {migration.name}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration into statements for one-at-a-time execution (aiosqlite's
+    executescript commits on its own, so it cannot share the version bump's transaction)."""
+    statements, current = [], []
+    for line in sql.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--") and not current:
+            continue
+        current.append(line)
+        if stripped.endswith(";") and _complete(current):
+            statement = "\n".join(current).strip()
+            statements.append(statement)
+            current = []
+    tail = "\n".join(current).strip()
+    if tail and not all(line.strip().startswith("--") for line in current):
+        statements.append(tail)
+    return statements
+
+
+def _complete(lines: list[str]) -> bool:
+    text = "\n".join(lines)
+    # A trigger body holds semicolons before its END;
+    return "BEGIN" not in text.upper() or text.upper().rstrip().endswith("END;")
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        store = cls(db, path)
+        await store.migrate(load_migrations())
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            pass
+        return store
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def migrate(self, migrations: list[Migration]) -> int:
+        """Apply every migration newer than the stored version, each in a transaction
+        together with its version bump. Returns the version now applied."""
+        async with self._lock:
+            await self._db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            async with self._db.execute("SELECT MAX(version) FROM schema_version") as cur:
+                row = await cur.fetchone()
+            current = row[0] or 0
+            latest = migrations[-1].version if migrations else 0
+            if current > latest:
+                raise RuntimeError(
+                    f"database schema version {current} is newer than this program ({latest})"
+                )
+            for migration in migrations:
+                if migration.version <= current:
+                    continue
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in split_statements(migration.sql):
+                        await self._db.execute(statement)
+                    await self._db.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (migration.version,)
+                    )
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                log.info("migration applied version=%d name=%s", migration.version, migration.name)
+                current = migration.version
+            return current
+
+    @asynccontextmanager
+    async def atomic(self) -> AsyncIterator[Tx]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(self._db)
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def ping(self) -> bool:
+        try:
+            async with self._lock, self._db.execute("SELECT 1") as cur:
+                return (await cur.fetchone()) is not None
+        except Exception:
+            return False
+
+
+class Tx:
+    """The queries, inside one database transaction."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        async with self.db.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.db.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def schema_version(self) -> int:
+        row = await self._one("SELECT MAX(version) FROM schema_version")
+        return int(row[0] or 0) if row else 0
+
+    # meta
+
+    async def meta(self, key: str) -> str | None:
+        row = await self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # transactions
+
+    async def has_transaction(self, txn_id: str) -> bool:
+        return await self._one("SELECT 1 FROM transactions WHERE txn_id = ?", (txn_id,)) is not None
+
+    async def record_transaction(self, txn_id: str, now: datetime) -> None:
+        await self.db.execute(
+            "INSERT INTO transactions (txn_id, received_at) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (txn_id, to_ms(now)),
+        )
+
+    # commands
+
+    async def command_handled(self, event_id: str) -> bool:
+        return await self._one("SELECT 1 FROM commands WHERE event_id = ?", (event_id,)) is not None
+
+    async def record_command(
+        self, event_id: str, room_id: str, sender: str, intent_id: str | None, now: datetime
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO commands (event_id, room_id, sender, intent_id, handled_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (event_id, room_id, sender, intent_id, to_ms(now)),
+        )
+
+    # intents
+
+    async def save_intent(self, intent: Intent) -> None:
+        scope = intent.scope
+        await self.db.execute(
+            """INSERT INTO intents (id, room_id, target, model, scope_kind, scope_turns,
+                   scope_seconds, sender, command_event_id, command_thread_id, command_at,
+                   created_at, state, question_hash, ended_at, end_reason)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+                   ended_at = excluded.ended_at, end_reason = excluded.end_reason""",
+            (
+                intent.id, intent.room_id, intent.target, intent.model, scope.kind.value,
+                scope.turns,
+                int(scope.duration.total_seconds()) if scope.duration is not None else None,
+                intent.sender, intent.command_event_id, intent.command_thread_id,
+                to_ms(intent.command_at), to_ms(intent.created_at), intent.state.value,
+                intent.question_hash,
+                to_ms(intent.ended_at) if intent.ended_at is not None else None,
+                intent.end_reason.value if intent.end_reason is not None else None,
+            ),
+        )
+        for position, turn in enumerate(intent.bound_turns):
+            key = turn.key
+            await self.db.execute(
+                """INSERT INTO bound_turns (intent_id, position, turn_id, message_hash,
+                       request_scoped, bound_at, last_claim_at, claims)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (intent_id, position) DO UPDATE SET
+                       last_claim_at = excluded.last_claim_at, claims = excluded.claims""",
+                (
+                    intent.id, position, key.turn_id if key else None,
+                    key.message_hash if key else None, int(key is None),
+                    to_ms(turn.bound_at), to_ms(turn.last_claim_at), turn.claims,
+                ),
+            )
+
+    async def live_intents(self) -> list[Intent]:
+        rows = await self._all(
+            "SELECT * FROM intents WHERE state IN ('pending', 'active') ORDER BY created_at"
+        )
+        return [await self._intent(row) for row in rows]
+
+    async def intent(self, intent_id: str) -> Intent | None:
+        row = await self._one("SELECT * FROM intents WHERE id = ?", (intent_id,))
+        return await self._intent(row) if row else None
+
+    async def intent_by_command(self, event_id: str) -> Intent | None:
+        row = await self._one("SELECT * FROM intents WHERE command_event_id = ?", (event_id,))
+        return await self._intent(row) if row else None
+
+    async def routes_since(self, sender: str, since: datetime) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) FROM intents WHERE sender = ? AND created_at > ?",
+            (sender, to_ms(since)),
+        )
+        return int(row[0]) if row else 0
+
+    async def _intent(self, row: aiosqlite.Row) -> Intent:
+        turns = await self._all(
+            "SELECT * FROM bound_turns WHERE intent_id = ? ORDER BY position", (row["id"],)
+        )
+        kind = ScopeKind(row["scope_kind"])
+        seconds = row["scope_seconds"]
+        scope = Scope(
+            kind, row["scope_turns"], timedelta(seconds=seconds) if seconds is not None else None
+        )
+        return Intent(
+            id=row["id"],
+            room_id=row["room_id"],
+            target=row["target"],
+            model=row["model"],
+            scope=scope,
+            sender=row["sender"],
+            command_event_id=row["command_event_id"],
+            command_thread_id=row["command_thread_id"],
+            command_at=_from_ms(row["command_at"]),
+            created_at=_from_ms(row["created_at"]),
+            state=IntentState(row["state"]),
+            bound_turns=tuple(
+                BoundTurn(
+                    key=None
+                    if t["request_scoped"]
+                    else TurnKey(turn_id=t["turn_id"], message_hash=t["message_hash"]),
+                    bound_at=_from_ms(t["bound_at"]),
+                    last_claim_at=_from_ms(t["last_claim_at"]),
+                    claims=t["claims"],
+                )
+                for t in turns
+            ),
+            question_hash=row["question_hash"],
+            ended_at=from_ms(row["ended_at"]),
+            end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
+        )
+
+    # seen messages
+
+    async def add_seen(self, message: SeenMessage) -> None:
+        await self.db.execute(
+            """INSERT INTO seen_messages (event_id, room_id, thread_id, sent_at, message_hash,
+                   is_command) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            (
+                message.event_id, message.room_id, message.thread_id, to_ms(message.sent_at),
+                message.message_hash, int(message.is_command),
+            ),
+        )
+
+    async def seen_for_turn(self, room_id: str, key: TurnKey) -> list[SeenMessage]:
+        rows = await self._all(
+            """SELECT * FROM seen_messages WHERE room_id = ? AND
+                   (message_hash = ? OR event_id = ? OR thread_id = ?)
+               ORDER BY sent_at DESC LIMIT 200""",
+            (room_id, key.message_hash, key.turn_id, key.turn_id),
+        )
+        return [_seen(row) for row in rows]
+
+    async def rooms_with_hash(self, message_hash: str) -> list[str]:
+        rows = await self._all(
+            "SELECT DISTINCT room_id FROM seen_messages WHERE message_hash = ? LIMIT 2",
+            (message_hash,),
+        )
+        return [row[0] for row in rows]
+
+    async def forget_seen_before(self, before: datetime) -> None:
+        await self.db.execute("DELETE FROM seen_messages WHERE sent_at < ?", (to_ms(before),))
+
+    # outcomes
+
+    async def add_outcome(
+        self,
+        *,
+        intent_id: str | None,
+        position: int | None,
+        room_id: str | None,
+        model: str,
+        status: str,
+        latency_ms: int | None,
+        detail: str | None,
+        now: datetime,
+    ) -> None:
+        await self.db.execute(
+            """INSERT INTO outcomes (intent_id, position, room_id, model, status, latency_ms,
+                   detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (intent_id, position, room_id, model, status, latency_ms, detail, to_ms(now)),
+        )
+
+    async def turn_outcomes(self, intent_id: str, position: int | None) -> list[aiosqlite.Row]:
+        return await self._all(
+            "SELECT * FROM outcomes WHERE intent_id = ? AND position IS ? ORDER BY id",
+            (intent_id, position),
+        )
+
+    # effects (the outbox)
+
+    async def add_effect(
+        self,
+        key: str,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        now: datetime,
+        edits: str | None = None,
+    ) -> bool:
+        """Queue a room event; False when an effect with this key is queued already."""
+        cur = await self.db.execute(
+            """INSERT INTO effects (key, room_id, event_type, content, edits, created_at)
+               VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING""",
+            (key, room_id, event_type, json.dumps(content), edits, to_ms(now)),
+        )
+        return cur.rowcount > 0
+
+    async def replace_unsent_effect(self, key: str, content: dict[str, Any]) -> bool:
+        cur = await self.db.execute(
+            "UPDATE effects SET content = ? WHERE key = ? AND event_id IS NULL",
+            (json.dumps(content), key),
+        )
+        return cur.rowcount > 0
+
+    async def unsent_effects(self, limit: int = 50) -> list[aiosqlite.Row]:
+        return await self._all(
+            "SELECT * FROM effects WHERE event_id IS NULL AND failed = 0 ORDER BY id LIMIT ?",
+            (limit,),
+        )
+
+    async def effect_event_id(self, key: str) -> str | None:
+        row = await self._one("SELECT event_id FROM effects WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    async def effect_exists(self, key: str) -> bool:
+        return await self._one("SELECT 1 FROM effects WHERE key = ?", (key,)) is not None
+
+    async def mark_effect_sent(self, effect_id: int, event_id: str) -> None:
+        await self.db.execute(
+            "UPDATE effects SET event_id = ?, attempts = attempts + 1 WHERE id = ?",
+            (event_id, effect_id),
+        )
+
+    async def mark_effect_attempt(self, effect_id: int, give_up: bool) -> None:
+        await self.db.execute(
+            "UPDATE effects SET attempts = attempts + 1, failed = ? WHERE id = ?",
+            (int(give_up), effect_id),
+        )
+
+    async def count(self, table: str) -> int:
+        if table not in {"intents", "commands", "effects", "transactions", "seen_messages",
+                         "outcomes", "bound_turns"}:
+            raise ValueError(table)
+        row = await self._one(f"SELECT COUNT(*) FROM {table}")
+        return int(row[0]) if row else 0
+
+
+def _seen(row: aiosqlite.Row) -> SeenMessage:
+    return SeenMessage(
+        room_id=row["room_id"],
+        event_id=row["event_id"],
+        thread_id=row["thread_id"],
+        sent_at=_from_ms(row["sent_at"]),
+        message_hash=row["message_hash"],
+        is_command=bool(row["is_command"]),
+    )

@@ -1,0 +1,200 @@
+"""Turns: which room, which turn and which user message an LLM call belongs to.
+
+Pure: request body → `Turn`; `Turn` → `TurnKey`; Matrix body → the same normal form as
+the agent's last user message, so the two can be compared by hash. `bot.client` imports
+`extract_turn` from here: the dispatcher side and the server use one implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .commands import is_single_line_command
+
+# Lines the Hermes gateway writes into the system prompt of every main-loop call.
+_ROOM_LINE = re.compile(r"\*\*Matrix Room ID:\*\*[ \t]*`?(![^\s`]+)`?")
+_THREAD_LINE = re.compile(r"\*\*Matrix Thread:\*\*[ \t]*`?(\$[^\s`]+)`?")
+# Hermes prefixes `[Display Name] ` in shared sessions and adds `[System note: ...]` /
+# `[Note: ...]` paragraphs before or after the user's text.
+_LEADING_BRACKETS = re.compile(r"^\s*\[[^\[\]]{0,2000}\]\s*")
+_TRAILING_BRACKETS = re.compile(r"\s*\[[^\[\]]{0,2000}\]\s*$")
+_SPACES = re.compile(r"\s+")
+SYSTEM_ROLES = ("system", "developer")
+MAX_ID_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What a claim says (or its request body shows) about the call's turn."""
+
+    room_id: str | None = None
+    turn_id: str | None = None
+    last_user_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnKey:
+    """`(turn_id, hash(last user message))` with whichever parts exist; never both None."""
+
+    turn_id: str | None
+    message_hash: str | None
+
+    def __str__(self) -> str:
+        return f"{self.turn_id or '-'}/{(self.message_hash or '-')[:12]}"
+
+
+def content_text(content: Any) -> str | None:
+    """Text of an OpenAI message content: a string, or the text parts of a list joined by
+    newlines. None when there is no text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(parts) if parts else None
+    return None
+
+
+def extract_turn(body: Any) -> Turn:
+    """Room id, turn id and last user message from an OpenAI chat-completions body.
+
+    Never raises: anything it cannot read is simply absent from the result.
+    """
+    messages = body.get("messages") if isinstance(body, Mapping) else None
+    if not isinstance(messages, list):
+        return Turn()
+    room_id = turn_id = last_user = None
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        role = message.get("role")
+        text = content_text(message.get("content"))
+        if text is None:
+            continue
+        if role in SYSTEM_ROLES:
+            room_id = room_id or _first_match(_ROOM_LINE, text)
+            turn_id = turn_id or _first_match(_THREAD_LINE, text)
+        elif role == "user":
+            last_user = text
+    return Turn(room_id=room_id, turn_id=turn_id, last_user_message=last_user)
+
+
+def merge_turn(given: Turn, extracted: Turn) -> Turn:
+    """Fields given explicitly win over those read from the request body."""
+    return Turn(
+        room_id=given.room_id or extracted.room_id,
+        turn_id=given.turn_id or extracted.turn_id,
+        last_user_message=(
+            given.last_user_message
+            if given.last_user_message is not None
+            else extracted.last_user_message
+        ),
+    )
+
+
+def _first_match(pattern: re.Pattern[str], text: str) -> str | None:
+    match = pattern.search(text)
+    if match and len(match.group(1)) <= MAX_ID_LENGTH:
+        return match.group(1)
+    return None
+
+
+def normalise_message(text: str) -> str:
+    """The comparable form of a user message, the same for a Matrix body and for the text
+    the agent gives the LLM: no reply quotes, no bracketed prefix or notes, folded spaces
+    and case."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
+    stripped = "\n".join(lines)
+    previous = None
+    while previous != stripped:
+        previous = stripped
+        stripped = _LEADING_BRACKETS.sub("", stripped, count=1)
+        stripped = _TRAILING_BRACKETS.sub("", stripped, count=1)
+    return _SPACES.sub(" ", stripped).strip().casefold()
+
+
+def message_hash(salt: bytes, text: str) -> str | None:
+    """Salted hash of the normalised text; None when nothing is left to compare."""
+    normal = normalise_message(text)
+    if not normal:
+        return None
+    return hashlib.sha256(salt + normal.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def turn_key(turn: Turn, salt: bytes) -> TurnKey | None:
+    """The turn key, or None when the claim can only be request-scoped."""
+    hashed = message_hash(salt, turn.last_user_message) if turn.last_user_message else None
+    if turn.turn_id is None and hashed is None:
+        return None
+    return TurnKey(turn_id=turn.turn_id, message_hash=hashed)
+
+
+@dataclass(frozen=True, slots=True)
+class SeenMessage:
+    """A room message the side-car saw: never its text, only a salted hash of it."""
+
+    room_id: str
+    event_id: str
+    thread_id: str | None
+    sent_at: datetime
+    message_hash: str | None
+    is_command: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a claimed turn stands among the room's messages."""
+
+    arrived_at: datetime | None  # when its user message reached the room; None: unknown
+    is_command: bool  # the turn's user message is a single-line /route command
+
+
+def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
+    """Find the user message a turn answers among the room messages seen.
+
+    `seen` holds the candidates: messages whose event id or thread is the turn id, and
+    messages whose hash is the turn's. The text hash decides first (inside a thread the
+    turn id is shared by every message), the turn id alone second.
+    """
+    if key is None:
+        return Placement(arrived_at=None, is_command=False)
+    by_hash = [m for m in seen if key.message_hash and m.message_hash == key.message_hash]
+    if key.turn_id:
+        in_turn = [m for m in by_hash if key.turn_id in (m.event_id, m.thread_id)]
+        by_hash = in_turn or by_hash
+    if by_hash:
+        latest = max(by_hash, key=lambda m: m.sent_at)
+        return Placement(arrived_at=latest.sent_at, is_command=latest.is_command)
+    if key.turn_id and not key.message_hash:
+        exact = [m for m in seen if m.event_id == key.turn_id]
+        if exact:
+            return Placement(arrived_at=exact[0].sent_at, is_command=exact[0].is_command)
+    return Placement(arrived_at=None, is_command=False)
+
+
+def resolve_room(candidate_rooms: Sequence[str]) -> str | None:
+    """A room found from message hashes counts only when it is the one room that matches."""
+    distinct = set(candidate_rooms)
+    return next(iter(distinct)) if len(distinct) == 1 else None
+
+
+def is_command_turn(last_user_message: str | None, prefixes: tuple[str, ...]) -> bool:
+    """The agent is answering a single-line `/route` message itself (`[Name] !route cloud`):
+    such a turn never binds or consumes an intent."""
+    if last_user_message is None:
+        return False
+    text, previous = last_user_message.strip(), None
+    while text != previous:
+        previous = text
+        text = _TRAILING_BRACKETS.sub("", _LEADING_BRACKETS.sub("", text, count=1), count=1)
+    return is_single_line_command(text.strip(), prefixes)

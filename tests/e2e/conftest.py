@@ -1,0 +1,104 @@
+"""Session fixtures: one real Synapse on loopback, one side-car process, four users."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from .harness import (
+    BOT,
+    LookupClient,
+    MatrixUser,
+    Sidecar,
+    base_config,
+    free_port,
+    local_synapse,
+    synapse_python,
+)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Sidecar]]:
+    python = synapse_python()
+    if python is None:
+        if os.environ.get("ROUTE_SIDECAR_REQUIRE_SYNAPSE"):
+            pytest.fail("Synapse is required (ROUTE_SIDECAR_REQUIRE_SYNAPSE) but not installed")
+        pytest.skip("Synapse venv not found (.venv-synapse): run `make test`, which installs it")
+    work = tmp_path_factory.mktemp("e2e")
+    hs_port = free_port()
+    config = base_config(
+        f"http://127.0.0.1:{hs_port}", free_port(), free_port(), work / "sidecar.db"
+    )
+    sidecar = Sidecar(work, config)
+    hs = local_synapse.start(
+        work / "synapse", synapse_python=python, port=hs_port, server_name="localhost",
+        registrations=[sidecar.registration],
+    )
+    sidecar.start()
+    try:
+        yield hs, sidecar
+    finally:
+        sidecar.stop()
+        local_synapse.stop(hs.data_dir)
+
+
+@pytest.fixture(scope="session")
+def sidecar(stack: tuple[object, Sidecar]) -> Sidecar:
+    return stack[1]
+
+
+@pytest.fixture(scope="session")
+def hs_url(stack: tuple[object, Sidecar]) -> str:
+    return stack[0].base_url  # type: ignore[attr-defined]
+
+
+def _user(hs_url: str, name: str) -> MatrixUser:
+    data = local_synapse.register_user(hs_url, name, f"pw-{name}-secret")
+    return MatrixUser(hs_url, data["user_id"], data["access_token"])
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def users(hs_url: str) -> AsyncIterator[dict[str, MatrixUser]]:
+    made = {name: _user(hs_url, name) for name in ("alice", "bob", "mallory", "agent")}
+    yield made
+    for user in made.values():
+        await user.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def lookup(sidecar: Sidecar) -> AsyncIterator[LookupClient]:
+    client = LookupClient(sidecar.api_url)
+    yield client
+    await client.close()
+
+
+async def open_room(users: dict[str, MatrixUser], creator: str = "alice",
+                    others: tuple[str, ...] = ("bob", "agent")) -> str:
+    """A fresh room with the bot and the others in it, as the creator would set it up."""
+    owner = users[creator]
+    room_id = await owner.create_room(invite=[BOT, *(users[o].user_id for o in others)])
+    for other in others:
+        await users[other].join(room_id)
+    await owner.wait_for(
+        room_id,
+        lambda e: e.get("type") == "m.room.member" and e.get("state_key") == BOT
+        and e["content"].get("membership") == "join",
+        what="the bot to join",
+    )
+    return room_id
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def room(users: dict[str, MatrixUser]) -> str:
+    return await open_room(users)
+
+
+def tail_log(sidecar: Sidecar) -> str:
+    return sidecar.log_tail()
+
+
+__all__ = ["Path", "open_room"]

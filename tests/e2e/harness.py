@@ -1,0 +1,308 @@
+"""What the end-to-end tests drive: a real Synapse (synapse-example/local_synapse.py), the
+side-car as its own process (`route-sidecar run`), and users who talk to the room over
+the client-server API the way Element does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "synapse-example"))
+
+import local_synapse  # noqa: E402
+
+SERVER = "localhost"
+BOT = f"@route:{SERVER}"
+API_TOKEN = "test-api-token-" + secrets.token_hex(8)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def synapse_python() -> str | None:
+    env = os.environ.get("SYNAPSE_PYTHON")
+    if env:
+        return env
+    default = REPO_ROOT / ".venv-synapse" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+def base_config(hs_url: str, as_port: int, api_port: int, db: Path) -> dict[str, Any]:
+    return {
+        "homeserver": {"address": hs_url, "domain": SERVER},
+        "appservice": {
+            "id": "route-sidecar",
+            "bot_localpart": "route",
+            "address": f"http://127.0.0.1:{as_port}",
+            "listen": {"host": "127.0.0.1", "port": as_port},
+            "as_token": "placeholder-placeholder",
+            "hs_token": "placeholder-placeholder",
+        },
+        "api": {"listen": {"host": "127.0.0.1", "port": api_port}, "tokens": [API_TOKEN]},
+        "database": f"sqlite:///{db}",
+        "targets": {
+            "cloud": {"model": "ollama-cloud/glm-5.1", "aliases": ["c"]},
+            "local": {"model": "glm-4.7-flash:q4_K_M"},
+            "big": {"model": "ollama-cloud/big-1t", "level": 50},
+        },
+        "routing": {"intent_ttl": "15m", "turn_idle": "5m"},
+        "permissions": {"@alice:localhost": 100, "@bob:localhost": 0, "@agent:localhost": 0},
+        "agents": ["@agent:localhost"],
+        "limits": {"routes_per_hour": 1000},
+        "logging": {"level": "DEBUG"},
+    }
+
+
+class Sidecar:
+    """The side-car as a separate process, as an admin runs it."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "config.yaml"
+        self.log_path = workdir / "sidecar.log"
+        self.registration = workdir / "registration.yaml"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.write_config(config)
+        subprocess.run(
+            [sys.executable, "-m", "bot", "generate-registration", "-c", str(self.config_path),
+             "-o", str(self.registration)],
+            check=True, cwd=REPO_ROOT, capture_output=True,
+        )
+        self.tokens = self.read_tokens()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        if self.config_path.exists():  # keep the generated tokens
+            tokens = self.read_tokens()
+            config = json.loads(json.dumps(config))
+            config["appservice"].update(tokens)
+        self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        self.config = config
+
+    def read_tokens(self) -> dict[str, str]:
+        from ruamel.yaml import YAML
+
+        raw = YAML(typ="safe").load(self.config_path.read_text(encoding="utf-8"))
+        return {k: raw["appservice"][k] for k in ("as_token", "hs_token")}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['api']['listen']['port']}"
+
+    @property
+    def as_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['appservice']['listen']['port']}"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.config["database"][len("sqlite:///"):])
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "run", "-c", str(self.config_path)],
+            cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"side-car exited: {self.log_tail()}")
+            try:
+                if httpx.get(self.api_url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"side-car did not start: {self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.process = None
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class MatrixUser:
+    """A person in Element: sends messages, replies in threads, redacts, reads the room."""
+
+    base_url: str
+    user_id: str
+    token: str
+    client: httpx.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+        )
+
+    async def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        response = await self.client.request(method, "/_matrix/client/v3" + path, json=body)
+        if response.status_code >= 400:
+            raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
+        return response.json()
+
+    async def create_room(self, invite: list[str], name: str = "route test") -> str:
+        body = {"preset": "private_chat", "name": name, "invite": invite}
+        return (await self.request("POST", "/createRoom", body))["room_id"]
+
+    async def join(self, room_id: str) -> None:
+        await self.request("POST", f"/join/{quote(room_id)}", {})
+
+    async def send(self, room_id: str, content: dict[str, Any],
+                   event_type: str = "m.room.message") -> str:
+        txn = uuid.uuid4().hex
+        path = f"/rooms/{quote(room_id)}/send/{event_type}/{txn}"
+        return (await self.request("PUT", path, content))["event_id"]
+
+    async def say(self, room_id: str, body: str, thread_root: str | None = None,
+                  msgtype: str = "m.text") -> str:
+        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
+        if thread_root is not None:
+            content["m.relates_to"] = {
+                "rel_type": "m.thread", "event_id": thread_root, "is_falling_back": True,
+                "m.in_reply_to": {"event_id": thread_root},
+            }
+        return await self.send(room_id, content)
+
+    async def redact(self, room_id: str, event_id: str) -> None:
+        path = f"/rooms/{quote(room_id)}/redact/{quote(event_id)}/{uuid.uuid4().hex}"
+        await self.request("PUT", path, {})
+
+    async def events(self, room_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        path = f"/rooms/{quote(room_id)}/messages?dir=b&limit={limit}"
+        return (await self.request("GET", path))["chunk"]
+
+    async def members(self, room_id: str) -> dict[str, str]:
+        state = await self.request("GET", f"/rooms/{quote(room_id)}/state")
+        return {
+            e["state_key"]: e["content"].get("membership")
+            for e in state if e["type"] == "m.room.member"
+        }
+
+    async def wait_for(
+        self, room_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0,
+        what: str = "event",
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in await self.events(room_id):
+                if predicate(event):
+                    return event
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} in {room_id}")
+
+    async def bot_replies(self, room_id: str, event_id: str) -> list[dict[str, Any]]:
+        return [e for e in await self.events(room_id) if is_bot_reply_to(e, event_id)]
+
+    async def wait_reply(self, room_id: str, event_id: str, timeout: float = 15.0
+                         ) -> dict[str, Any]:
+        return await self.wait_for(
+            room_id, lambda e: is_bot_reply_to(e, event_id), timeout, "the bot's reply"
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def is_bot_reply_to(event: dict[str, Any], event_id: str) -> bool:
+    if event.get("sender") != BOT or event.get("type") != "m.room.message":
+        return False
+    relates = event.get("content", {}).get("m.relates_to", {})
+    if relates.get("rel_type") == "m.replace":
+        return False
+    return relates.get("m.in_reply_to", {}).get("event_id") == event_id
+
+
+def edits_of(events: list[dict[str, Any]], event_id: str) -> list[dict[str, Any]]:
+    return [
+        e for e in events
+        if e.get("sender") == BOT
+        and e.get("content", {}).get("m.relates_to", {}).get("rel_type") == "m.replace"
+        and e["content"]["m.relates_to"].get("event_id") == event_id
+    ]
+
+
+def reactions_on(events: list[dict[str, Any]], event_id: str) -> list[str]:
+    return [
+        e["content"]["m.relates_to"]["key"]
+        for e in events
+        if e.get("type") == "m.reaction" and e.get("sender") == BOT
+        and e["content"].get("m.relates_to", {}).get("event_id") == event_id
+    ]
+
+
+class LookupClient:
+    """The dispatcher side, in plain HTTP."""
+
+    def __init__(self, base_url: str, token: str = API_TOKEN) -> None:
+        self.client = httpx.AsyncClient(
+            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+
+    async def claim(self, **body: Any) -> dict[str, Any]:
+        response = await self.client.post("/v1/claim", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def outcome(self, intent_id: str, **body: Any) -> httpx.Response:
+        return await self.client.post(f"/v1/intents/{intent_id}/outcome", json=body)
+
+    async def room_intent(self, room_id: str) -> dict[str, Any] | None:
+        response = await self.client.get(f"/v1/rooms/{quote(room_id, safe='')}/intent")
+        if response.status_code == 404:
+            return None
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def hermes_request(room_id: str, thread: str | None, user_text: str) -> dict[str, Any]:
+    """An OpenAI body as the Hermes gateway builds it: context lines in the system prompt."""
+    system = f"You are Hermes.\n\n**Matrix Room ID:** {room_id}\n"
+    if thread:
+        system += f"**Matrix Thread:** {thread}\n"
+    return {
+        "model": "glm-4.7-flash:q4_K_M",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user_text},
+        ],
+    }
