@@ -63,7 +63,7 @@ def _user(hs_url: str, name: str) -> MatrixUser:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def users(hs_url: str) -> AsyncIterator[dict[str, MatrixUser]]:
-    made = {name: _user(hs_url, name) for name in ("alice", "bob", "mallory", "agent")}
+    made = {name: _user(hs_url, name) for name in ("alice", "bob", "carol", "mallory", "agent")}
     yield made
     for user in made.values():
         await user.close()
@@ -77,7 +77,7 @@ async def lookup(sidecar: Sidecar) -> AsyncIterator[LookupClient]:
 
 
 async def open_room(users: dict[str, MatrixUser], creator: str = "alice",
-                    others: tuple[str, ...] = ("bob", "agent")) -> str:
+                    others: tuple[str, ...] = ("bob", "carol", "agent")) -> str:
     """A fresh room with the bot and the others in it, as the creator would set it up."""
     owner = users[creator]
     room_id = await owner.create_room(invite=[BOT, *(users[o].user_id for o in others)])

@@ -1,0 +1,201 @@
+"""SPEC "The appservice side" and the durability rules of "Intents": redelivered
+transactions, restarts and crashes, stale commands, expiry, the rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import time
+import uuid
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from .harness import LookupClient, MatrixUser, Sidecar, edits_of, hermes_request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+
+async def claim_for(lookup: LookupClient, room: str, event_id: str, text: str) -> dict:
+    return await lookup.claim(request=hermes_request(room, event_id, f"[alice] {text}"))
+
+
+def db_count(sidecar: Sidecar, sql: str, *params: object) -> int:
+    with sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True) as db:
+        return db.execute(sql, params).fetchone()[0]
+
+
+async def push_transaction(sidecar: Sidecar, txn_id: str, events: list[dict],
+                           token: str | None = None) -> httpx.Response:
+    """What Synapse does: PUT the transaction with the hs_token."""
+    token = sidecar.tokens["hs_token"] if token is None else token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient() as client:
+        return await client.put(
+            f"{sidecar.as_url}/_matrix/app/v1/transactions/{quote(txn_id)}",
+            json={"events": events}, headers=headers,
+        )
+
+
+async def fetch_event(user: MatrixUser, room: str, event_id: str) -> dict:
+    event = await user.request("GET", f"/rooms/{quote(room)}/event/{quote(event_id)}")
+    event.setdefault("room_id", room)
+    return event
+
+
+async def test_a_transaction_delivered_twice_creates_one_intent_and_one_reply(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    command = await alice.say(room, "!route cloud")
+    await alice.wait_reply(room, command)
+    intent_id = (await lookup.room_intent(room))["id"]
+    event = await fetch_event(alice, room, command)
+    txn = f"replay-{uuid.uuid4().hex}"
+    for txn_id in (txn, txn, f"{txn}-other"):  # the same transaction, then the same event
+        response = await push_transaction(sidecar, txn_id, [event])
+        assert response.status_code == 200 and response.json() == {}
+    await asyncio.sleep(1.0)
+    assert (await lookup.room_intent(room))["id"] == intent_id
+    assert db_count(sidecar, "SELECT COUNT(*) FROM intents WHERE command_event_id = ?",
+                    command) == 1
+    assert len(await alice.bot_replies(room, command)) == 1
+
+
+async def test_transactions_need_the_hs_token_and_a_refused_one_changes_nothing(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    command = await alice.say(room, "!route status")
+    await alice.wait_reply(room, command)
+    event = await fetch_event(alice, room, command)
+    event["event_id"] = f"$forged-{uuid.uuid4().hex}"
+    event["content"] = {"msgtype": "m.text", "body": "!route cloud"}
+    missing = await push_transaction(sidecar, "forged-1", [event], token="")
+    wrong = await push_transaction(sidecar, "forged-2", [event], token="not-the-hs-token")
+    assert missing.status_code == 401 and missing.json()["errcode"] == "M_UNAUTHORIZED"
+    assert wrong.status_code == 403 and wrong.json()["errcode"] == "M_FORBIDDEN"
+    assert await lookup.room_intent(room) is None
+    assert db_count(sidecar, "SELECT COUNT(*) FROM transactions WHERE txn_id LIKE 'forged-%'") == 0
+
+
+async def test_a_broken_transaction_body_is_refused_without_a_server_error(
+    sidecar: Sidecar,
+) -> None:
+    async with httpx.AsyncClient() as client:
+        url = f"{sidecar.as_url}/_matrix/app/v1/transactions/broken-1"
+        headers = {"Authorization": f"Bearer {sidecar.tokens['hs_token']}"}
+        not_json = await client.put(url, content=b"{nope", headers=headers)
+        no_events = await client.put(url, json={"events": "x"}, headers=headers)
+        odd_events = await client.put(url, json={"events": [1, None, {"type": 3}, []]},
+                                      headers=headers)
+    assert not_json.status_code == 400 and no_events.status_code == 400
+    assert odd_events.status_code == 200  # shapes it cannot use are skipped, not fatal
+
+
+async def test_restart_between_route_and_claim_still_applies_the_override_exactly_once(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    command = await alice.say(room, "!route cloud")
+    await alice.wait_reply(room, command)
+    sidecar.restart(signal.SIGKILL)  # a crash, not a clean stop
+    question = await alice.say(room, "after the crash")
+    assert (await claim_for(lookup, room, question, "after the crash"))["override"] is True
+    sidecar.restart(signal.SIGTERM)
+    # The bound turn keeps its override across the restart; no other turn ever gets it.
+    assert (await claim_for(lookup, room, question, "after the crash"))["override"] is True
+    other = await alice.say(room, "another turn")
+    assert (await claim_for(lookup, room, other, "another turn"))["override"] is False
+    sidecar.restart(signal.SIGKILL)
+    assert (await claim_for(lookup, room, other, "another turn"))["override"] is False
+
+
+async def test_a_command_sent_while_the_side_car_is_down_is_answered_when_it_returns(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    sidecar.stop(signal.SIGKILL)
+    try:
+        command = await alice.say(room, "!route cloud")
+    finally:
+        sidecar.start()
+    # Synapse retries the transaction (with back-off); the command is not lost.
+    reply = await alice.wait_reply(room, command, timeout=60)
+    assert "cloud" in reply["content"]["body"]
+    assert (await lookup.room_intent(room))["state"] == "pending"
+
+
+async def test_commands_older_than_the_intent_ttl_on_arrival_are_ignored(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    marker = await alice.say(room, "!route status")
+    await alice.wait_reply(room, marker)
+    old = await fetch_event(alice, room, marker)
+    old["event_id"] = f"$stale-{uuid.uuid4().hex}"
+    old["content"] = {"msgtype": "m.text", "body": "!route cloud"}
+    old["origin_server_ts"] = int((time.time() - 20 * 60) * 1000)  # TTL is 15 min
+    response = await push_transaction(sidecar, f"stale-{uuid.uuid4().hex}", [old])
+    assert response.status_code == 200
+    await asyncio.sleep(0.5)
+    assert await lookup.room_intent(room) is None
+    assert await alice.bot_replies(room, old["event_id"]) == []
+
+
+@pytest.fixture
+def short_timers(sidecar: Sidecar):  # type: ignore[no-untyped-def]
+    """The side-car restarted with short timers and a low rate limit, then restored."""
+    original = sidecar.config
+    changed = {**original, "routing": {"intent_ttl": "3s", "turn_idle": "2s"},
+               "limits": {"routes_per_hour": 2}}
+    sidecar.stop()
+    sidecar.write_config(changed)
+    sidecar.start()
+    yield sidecar
+    sidecar.stop()
+    sidecar.write_config(original)
+    sidecar.start()
+
+
+async def test_an_unused_intent_expires_and_its_confirmation_is_edited_to_say_so(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, short_timers: Sidecar
+) -> None:
+    bob = users["bob"]
+    command = await bob.say(room, "!route cloud")
+    reply = await bob.wait_reply(room, command)
+    edit = await bob.wait_for(room, lambda e: bool(edits_of([e], reply["event_id"])),
+                              timeout=10, what="the expiry edit")
+    assert "expired unused" in edit["content"]["m.new_content"]["body"]
+    assert await lookup.room_intent(room) is None
+    question = await bob.say(room, "too late")
+    assert (await claim_for(lookup, room, question, "too late"))["override"] is False
+
+
+async def test_a_bound_turn_ends_after_turn_idle_without_a_claim(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, short_timers: Sidecar
+) -> None:
+    carol = users["carol"]  # alice has used up the short config's rate limit
+    command = await carol.say(room, "!route cloud")
+    await carol.wait_reply(room, command)
+    question = await carol.say(room, "slow turn")
+    assert (await claim_for(lookup, room, question, "slow turn"))["override"] is True
+    await asyncio.sleep(2.5)
+    assert (await claim_for(lookup, room, question, "slow turn"))["override"] is False
+
+
+async def test_the_per_user_rate_limit_holds_across_a_restart(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, short_timers: Sidecar
+) -> None:
+    bob = users["bob"]
+    # The expiry test may have used one of bob's two routes this hour: fill up to the limit.
+    bodies = []
+    for _ in range(3):
+        command = await bob.say(room, "!route local")
+        bodies.append((await bob.wait_reply(room, command))["content"]["body"])
+    assert any("limit" in body for body in bodies)
+    short_timers.restart()
+    command = await bob.say(room, "!route local")
+    assert "limit" in (await bob.wait_reply(room, command))["content"]["body"]
