@@ -39,6 +39,8 @@ class Sidecar:
         self.stopping.set()
         for runner in reversed(self.runners):
             await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.service.flush()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -88,6 +88,7 @@ class RouteService:
         self.timing = Timing(config.routing.intent_ttl, config.routing.turn_idle)
         self.prefix = config.routing.prefixes[0]
         self.live: dict[str, Intent] = {}
+        self._unsaved: set[str] = set()  # rooms whose live intent has unwritten claim times
         self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
         self.outbox_changed = asyncio.Event()
 
@@ -124,7 +125,7 @@ class RouteService:
             is_command=single_line_command,
         )
         if parsed is None:
-            async with self.store.atomic() as tx:
+            async with self.store.atomic(durable=False) as tx:
                 await tx.add_seen(seen)
             return
         if not policy.room_allowed(message.room_id, config):
@@ -135,7 +136,7 @@ class RouteService:
             log.info("command ignored room=%s event=%s reason=stale", message.room_id,
                      message.event_id)
             self.metrics.commands.labels(_command_name(parsed), "stale").inc()
-            async with self.store.atomic() as tx:
+            async with self.store.atomic(durable=False) as tx:
                 await tx.add_seen(seen)
             return
         async with self._lock, self.store.atomic() as tx:
@@ -249,7 +250,7 @@ class RouteService:
         if room_id is None and key is not None and key.message_hash is not None:
             if not self.live:
                 return ClaimAnswer(False, ClaimResult.NO_INTENT, None, turn.turn_id)
-            async with self.store.atomic() as tx:
+            async with self.store.atomic(durable=False) as tx:
                 room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
         if room_id is None or room_id not in self.live:
             return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
@@ -258,6 +259,13 @@ class RouteService:
             intent = self.live.get(room_id)
             if intent is None:
                 return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            if core.continues_bound_turn(intent, key, now, self.timing):
+                # Only the turn's last-claim time changes: kept in memory, written by the
+                # next sweep (the binding itself is already durable).
+                claimed = core.claim(intent, core.ClaimedTurn(key), now, self.timing)
+                self.live[room_id] = claimed.intent
+                self._unsaved.add(room_id)
+                return self._answer(claimed, room_id, turn)
             async with self.store.atomic() as tx:
                 seen = await tx.seen_for_turn(room_id, key) if key is not None else []
                 placement = place_turn(key, seen)
@@ -275,6 +283,9 @@ class RouteService:
             log.info("turn bound room=%s intent=%s turn=%s position=%s", room_id, intent.id,
                      key, claimed.turn_position)
             self.outbox_changed.set()
+        return self._answer(claimed, room_id, turn)
+
+    def _answer(self, claimed: core.Claimed, room_id: str, turn: Turn) -> ClaimAnswer:
         live_after = claimed.intent if claimed.intent.state.is_live else None
         return ClaimAnswer(
             override=claimed.override,
@@ -351,6 +362,7 @@ class RouteService:
         """Apply the passing of time to every live intent (expiry edits the confirmation)."""
         now = self.clock()
         async with self._lock:
+            await self._save_claim_times()
             changed = [
                 (intent, advanced)
                 for intent in list(self.live.values())
@@ -365,8 +377,21 @@ class RouteService:
                 self.outbox_changed.set()
         self.metrics.active_intents.set(len(self.live))
 
+    async def flush(self) -> None:
+        """Write what is only in memory (at shutdown)."""
+        async with self._lock:
+            await self._save_claim_times()
+
+    async def _save_claim_times(self) -> None:
+        rooms = [room for room in self._unsaved if room in self.live]
+        self._unsaved.clear()
+        if rooms:
+            async with self.store.atomic(durable=False) as tx:
+                for room in rooms:
+                    await tx.save_intent(self.live[room])
+
     async def forget_old_messages(self) -> None:
-        async with self.store.atomic() as tx:
+        async with self.store.atomic(durable=False) as tx:
             await tx.forget_seen_before(self.clock() - SEEN_RETENTION)
 
     # ---- helpers ------------------------------------------------------------------

@@ -150,15 +150,24 @@ class Store:
             return current
 
     @asynccontextmanager
-    async def atomic(self) -> AsyncIterator[Tx]:
+    async def atomic(self, durable: bool = True) -> AsyncIterator[Tx]:
+        """One database transaction. `durable=False` (plain messages seen, claim times of
+        a turn already bound) skips the fsync: such a commit survives a crash of the
+        process but may be lost with the machine's power."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                await self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield Tx(self._db)
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Tx(self._db)
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    await self._db.execute("PRAGMA synchronous=FULL")
 
     async def ping(self) -> bool:
         try:

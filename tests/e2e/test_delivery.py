@@ -199,3 +199,24 @@ async def test_the_per_user_rate_limit_holds_across_a_restart(
     short_timers.restart()
     command = await bob.say(room, "!route local")
     assert "limit" in (await bob.wait_reply(room, command))["content"]["body"]
+
+
+async def test_neither_the_log_nor_the_database_holds_a_token_or_message_text(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice = users["alice"]
+    secret_text = "my secret question about payroll 93c1"
+    command = await alice.say(room, f"!route cloud\n{secret_text}")
+    await alice.wait_reply(room, command)
+    claim = await lookup.claim(request=hermes_request(room, command, f"[alice] {secret_text}"))
+    assert claim["override"] is True
+    await alice.say(room, secret_text + " (plain)")
+    await asyncio.sleep(0.5)
+    log = sidecar.log_path.read_text(errors="replace")
+    assert "command handled" in log and "turn bound" in log  # the log is really written
+    for secret in (sidecar.tokens["as_token"], sidecar.tokens["hs_token"],
+                   *sidecar.config["api"]["tokens"], "payroll"):
+        assert secret not in log
+    with sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True) as db:
+        dump = "\n".join(db.iterdump())
+    assert "CREATE TABLE intents" in dump and "payroll" not in dump
