@@ -209,6 +209,16 @@ class Claimed:
         return self.result.override
 
 
+def continues_bound_turn(
+    intent: Intent, key: TurnKey | None, now: datetime, timing: Timing
+) -> bool:
+    """A later call of a turn the intent is bound to: its placement among the room's
+    messages no longer matters (the shell may skip looking it up)."""
+    return key is not None and any(
+        bound.key == key and bound.is_open(now, timing) for bound in intent.bound_turns
+    )
+
+
 def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> Claimed:
     """The routing decision for one LLM call against the room's live intent."""
     intent = advance(intent, now, timing)
