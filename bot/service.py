@@ -14,7 +14,8 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -93,11 +94,27 @@ class RouteService:
         self.outbox_changed = asyncio.Event()
 
     async def load(self) -> None:
-        async with self.store.atomic() as tx:
-            for intent in await tx.live_intents():
-                self.live[intent.room_id] = intent
-        self.metrics.active_intents.set(len(self.live))
+        await self._reload_live()
         log.info("live intents loaded count=%d", len(self.live))
+
+    async def _reload_live(self) -> None:
+        async with self.store.atomic(durable=False) as tx:
+            intents = await tx.live_intents()
+        self.live = {intent.room_id: intent for intent in intents}
+        self._unsaved.clear()
+        self.metrics.active_intents.set(len(self.live))
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Tx]:
+        """A database transaction that may change live intents (caller holds the lock).
+        If it fails, the memory index is rebuilt from the database: the two never
+        disagree, whatever was written to `self.live` before the failure."""
+        try:
+            async with self.store.atomic() as tx:
+                yield tx
+        except BaseException:
+            await self._reload_live()
+            raise
 
     # ---- room events -------------------------------------------------------------
 
@@ -139,7 +156,7 @@ class RouteService:
             async with self.store.atomic(durable=False) as tx:
                 await tx.add_seen(seen)
             return
-        async with self._lock, self.store.atomic() as tx:
+        async with self._lock, self._writing() as tx:
             if await tx.command_handled(message.event_id):
                 self.metrics.duplicates.labels("event").inc()
                 log.info("command duplicate room=%s event=%s", message.room_id, message.event_id)
@@ -227,7 +244,7 @@ class RouteService:
 
     async def on_redaction(self, redaction: Redaction) -> None:
         now = self.clock()
-        async with self._lock, self.store.atomic() as tx:
+        async with self._lock, self._writing() as tx:
             intent = await tx.intent_by_command(redaction.redacted_event_id)
             if intent is None or intent.room_id != redaction.room_id:
                 return
@@ -266,7 +283,7 @@ class RouteService:
                 self.live[room_id] = claimed.intent
                 self._unsaved.add(room_id)
                 return self._answer(claimed, room_id, turn)
-            async with self.store.atomic() as tx:
+            async with self._writing() as tx:
                 seen = await tx.seen_for_turn(room_id, key) if key is not None else []
                 placement = place_turn(key, seen)
                 if is_command_turn(turn.last_user_message, self.config.routing.prefixes):
@@ -303,7 +320,7 @@ class RouteService:
         """Store what the dispatcher served and post or update the turn's receipt.
         False: no such intent."""
         now = self.clock()
-        async with self._lock, self.store.atomic() as tx:
+        async with self._lock, self._writing() as tx:
             intent = await tx.intent(intent_id)
             if intent is None:
                 return False
@@ -350,7 +367,7 @@ class RouteService:
             current = self._current(room_id, now)
             if current is None:
                 return None
-            async with self.store.atomic() as tx:
+            async with self._writing() as tx:
                 await self._end(tx, current, EndReason.API, now)
         log.info("intent cancelled room=%s intent=%s reason=api", room_id, current.id)
         self.outbox_changed.set()
@@ -369,7 +386,7 @@ class RouteService:
                 if (advanced := core.advance(intent, now, self.timing)) != intent
             ]
             if changed:
-                async with self.store.atomic() as tx:
+                async with self._writing() as tx:
                     for before, after in changed:
                         await self._record_change(tx, before, after, now)
                         log.info("intent ended room=%s intent=%s state=%s", after.room_id,
