@@ -89,7 +89,9 @@ def registration_for(config: Config) -> dict[str, Any]:
         "sender_localpart": localpart,
         "rate_limited": False,
         "namespaces": {
-            "users": [{"exclusive": True, "regex": f"@{re.escape(localpart)}:{domain}"}],
+            # Anchored: Synapse matches from the start only, and `$` keeps
+            # `@route:example.org.evil` out of the namespace.
+            "users": [{"exclusive": True, "regex": f"^@{re.escape(localpart)}:{domain}$"}],
             "aliases": [],
             "rooms": [],
         },

@@ -229,7 +229,8 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
             continue
         if word.startswith("--"):
             return CommandError(
-                f"Unknown option `{_quote(word)}`: use `--turns N` or `--for D` (30s, 10m, 2h)."
+                f"Unknown option `{_quote(word)}`: use `--turns N` or `--for D` (30s, 10m, 2h), "
+                f"for example `{p} {target} --for 30m`."
             )
         return CommandError(
             f"Unexpected `{_quote(word)}`. Put your question on the next line "
@@ -242,7 +243,9 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
             "on the next line."
         )
     if again and scope.kind is not ScopeKind.ONCE:
-        return CommandError("`again` re-asks one question: drop `--turns`/`--for`.")
+        return CommandError(
+            f"`again` re-asks one question: drop `--turns`/`--for` and type `{p} {target} again`."
+        )
     return RouteTo(target=target, scope=scope, question=question, again=again)
 
 
@@ -254,7 +257,10 @@ def _parse_scope(name: str, value: str | None, target: str, p: str) -> Scope | C
             )
         n = int(value[:7])
         if not 1 <= n <= MAX_TURNS_SYNTAX or len(value) > 7:
-            return CommandError(f"`--turns` must be between 1 and {MAX_TURNS_SYNTAX}.")
+            return CommandError(
+                f"`--turns` must be between 1 and {MAX_TURNS_SYNTAX}, "
+                f"for example `{p} {target} --turns 3`."
+            )
         return Scope.next_turns(n)
     duration = parse_duration(value or "")
     if duration is None:

@@ -35,7 +35,8 @@ class ConfigError(Exception):
     """One problem with the config, naming the key: `api.tokens: must be a list`."""
 
     def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
+        shown = key if key.isprintable() else repr(key)  # one line, whatever the file holds
+        super().__init__(f"{shown}: {problem}" if key else problem)
         self.key = key
         self.problem = problem
 
@@ -214,6 +215,11 @@ _KNOWN = {
     "agents": None,
     "limits": {"routes_per_hour"},
     "logging": {"level"},
+}
+_KNOWN_NESTED = {
+    "appservice.listen": {"host", "port"},
+    "api.listen": {"host", "port"},
+    "routing.raw_models": {"allowed", "patterns", "level"},
 }
 
 
@@ -423,6 +429,14 @@ class _Reader:
                 for key in value:
                     if key not in keys:
                         raise ConfigError(f"{section}.{key}", "is not a known key")
+        for where, keys in _KNOWN_NESTED.items():
+            section, _, name = where.partition(".")
+            value = self.raw.get(section)
+            nested = value.get(name) if isinstance(value, Mapping) else None
+            if isinstance(nested, Mapping):
+                for key in nested:
+                    if key not in keys:
+                        raise ConfigError(f"{where}.{key}", "is not a known key")
 
 
 def is_loopback(host: str) -> bool:

@@ -86,6 +86,10 @@ def parse_event(raw: Any) -> RoomEvent | None:
     ts = raw.get("origin_server_ts")
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 2**53:
         return None
+    try:
+        sent_at = datetime.fromtimestamp(ts / 1000, UTC)
+    except (OverflowError, ValueError, OSError):  # past year 9999: datetime cannot hold it
+        return None
     relates = content.get("m.relates_to")
     relates = relates if isinstance(relates, Mapping) else {}
     is_edit = relates.get("rel_type") == "m.replace" or "m.new_content" in content
@@ -99,5 +103,5 @@ def parse_event(raw: Any) -> RoomEvent | None:
         msgtype=msgtype if isinstance(msgtype, str) else None,
         thread_root=EventID(thread_root) if thread_root else None,
         is_edit=is_edit,
-        sent_at=datetime.fromtimestamp(ts / 1000, UTC),
+        sent_at=sent_at,
     )

@@ -224,17 +224,20 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
     intent = advance(intent, now, timing)
     if not intent.state.is_live:
         return Claimed(intent, ClaimResult.NO_INTENT)
-    if turn.key is not None:
-        for position, bound in enumerate(intent.bound_turns):
-            if bound.key == turn.key:
-                if not bound.is_open(now, timing):
-                    return Claimed(intent, ClaimResult.ENDED_TURN, position)
-                continued = replace(bound, last_claim_at=now, claims=bound.claims + 1)
-                turns = list(intent.bound_turns)
-                turns[position] = continued
-                return Claimed(
-                    replace(intent, bound_turns=tuple(turns)), ClaimResult.CONTINUED, position
-                )
+    position = _latest_bound(intent, turn.key)
+    if position is not None:
+        bound = intent.bound_turns[position]
+        if bound.is_open(now, timing):
+            continued = replace(bound, last_claim_at=now, claims=bound.claims + 1)
+            turns = list(intent.bound_turns)
+            turns[position] = continued
+            return Claimed(
+                replace(intent, bound_turns=tuple(turns)), ClaimResult.CONTINUED, position
+            )
+        arrived_at = turn.placement.arrived_at
+        if arrived_at is None or arrived_at <= bound.bound_at:
+            return Claimed(intent, ClaimResult.ENDED_TURN, position)
+        # Same key, but a newer message with the same text: a new turn, treated as such.
     refusal = _refuse_new_turn(intent, turn, now)
     if refusal is not None:
         return Claimed(intent, refusal)
@@ -246,6 +249,15 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
     return Claimed(
         advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns)
     )
+
+
+def _latest_bound(intent: Intent, key: TurnKey | None) -> int | None:
+    if key is None:
+        return None
+    for position in range(len(intent.bound_turns) - 1, -1, -1):
+        if intent.bound_turns[position].key == key:
+            return position
+    return None
 
 
 def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimResult | None:

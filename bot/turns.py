@@ -21,8 +21,10 @@ _ROOM_LINE = re.compile(r"\*\*Matrix Room ID:\*\*[ \t]*`?(![^\s`]+)`?")
 _THREAD_LINE = re.compile(r"\*\*Matrix Thread:\*\*[ \t]*`?(\$[^\s`]+)`?")
 # Hermes prefixes `[Display Name] ` in shared sessions and adds `[System note: ...]` /
 # `[Note: ...]` paragraphs before or after the user's text.
-_LEADING_BRACKETS = re.compile(r"^\s*\[[^\[\]]{0,2000}\]\s*")
-_TRAILING_BRACKETS = re.compile(r"\s*\[[^\[\]]{0,2000}\]\s*$")
+_LEADING_BRACKETS = re.compile(r"(?:\s*\[[^\[\]]{0,2000}\])*\s*")
+# The trailing ones, matched at the start of the reversed text: anchored, so linear time
+# (a search for `\s*[...]\s*$` is quadratic on long runs of spaces).
+_TRAILING_BRACKETS_REVERSED = re.compile(r"(?:\s*\][^\[\]]{0,2000}\[)*\s*")
 _SPACES = re.compile(r"\s+")
 SYSTEM_ROLES = ("system", "developer")
 MAX_ID_LENGTH = 255
@@ -114,13 +116,18 @@ def normalise_message(text: str) -> str:
     the agent gives the LLM: no reply quotes, no bracketed prefix or notes, folded spaces
     and case."""
     lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
-    stripped = "\n".join(lines)
-    previous = None
-    while previous != stripped:
-        previous = stripped
-        stripped = _LEADING_BRACKETS.sub("", stripped, count=1)
-        stripped = _TRAILING_BRACKETS.sub("", stripped, count=1)
+    stripped = _strip_bracketed_notes("\n".join(lines))
     return _SPACES.sub(" ", stripped).strip().casefold()
+
+
+def _strip_bracketed_notes(text: str) -> str:
+    """The text without the bracketed paragraphs (`[Name]`, `[System note: ...]`) that start
+    or end it."""
+    leading = _LEADING_BRACKETS.match(text)
+    text = text[leading.end() :] if leading else text
+    reversed_text = text[::-1]
+    trailing = _TRAILING_BRACKETS_REVERSED.match(reversed_text)
+    return (reversed_text[trailing.end() :] if trailing else reversed_text)[::-1]
 
 
 def message_hash(salt: bytes, text: str) -> str | None:
@@ -193,8 +200,5 @@ def is_command_turn(last_user_message: str | None, prefixes: tuple[str, ...]) ->
     such a turn never binds or consumes an intent."""
     if last_user_message is None:
         return False
-    text, previous = last_user_message.strip(), None
-    while text != previous:
-        previous = text
-        text = _TRAILING_BRACKETS.sub("", _LEADING_BRACKETS.sub("", text, count=1), count=1)
+    text = _strip_bracketed_notes(last_user_message)
     return is_single_line_command(text.strip(), prefixes)

@@ -1,0 +1,519 @@
+"""SPEC "The turn key": request body → room, turn id, last user message, turn key, placement."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.turns import (
+    Placement,
+    SeenMessage,
+    Turn,
+    TurnKey,
+    extract_turn,
+    is_command_turn,
+    merge_turn,
+    message_hash,
+    normalise_message,
+    place_turn,
+    resolve_room,
+    turn_key,
+)
+
+PREFIXES = ("/route", "!route")
+SALT = b"test-salt"
+ROOM = "!abc:example.org"
+HERMES_SYSTEM = (
+    "You are Hermes, a helpful agent.\n"
+    "## Current Session Context\n"
+    "**Source:** Matrix (group)\n"
+    f"**Matrix Room ID:** {ROOM}\n"
+    "**Matrix Thread:** $ev1\n"
+    "**User:** Alice\n"
+)
+T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)
+
+
+def body(*messages: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "glm-4.7-flash:q4_K_M", "messages": list(messages)}
+
+
+def system(text: str, role: str = "system") -> dict[str, Any]:
+    return {"role": role, "content": text}
+
+
+def user(content: Any) -> dict[str, Any]:
+    return {"role": "user", "content": content}
+
+
+# --- extract_turn ------------------------------------------------------------------------
+
+
+def test_reads_room_thread_and_string_user_content() -> None:
+    turn = extract_turn(body(system(HERMES_SYSTEM), user("Why did the deploy fail?")))
+    assert turn == Turn(room_id=ROOM, turn_id="$ev1", last_user_message="Why did the deploy fail?")
+
+
+def test_list_content_joins_text_parts_with_newlines_and_ignores_images() -> None:
+    content = [
+        {"type": "text", "text": "first part"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "second part"},
+    ]
+    turn = extract_turn(body(user(content)))
+    assert turn.last_user_message == "first part\nsecond part"
+
+
+def test_list_content_in_the_system_message_is_read_too() -> None:
+    content = [{"type": "text", "text": "preamble"}, {"type": "text", "text": HERMES_SYSTEM}]
+    turn = extract_turn(body(system(content), user("hi")))  # type: ignore[arg-type]
+    assert (turn.room_id, turn.turn_id) == (ROOM, "$ev1")
+
+
+def test_missing_system_message_leaves_room_and_turn_id_absent() -> None:
+    assert extract_turn(body(user("hello"))) == Turn(last_user_message="hello")
+
+
+def test_last_user_message_wins_over_earlier_ones() -> None:
+    turn = extract_turn(
+        body(
+            system(HERMES_SYSTEM),
+            user("first question"),
+            {"role": "assistant", "content": "an answer"},
+            user("second question"),
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "tool output"},
+        )
+    )
+    assert turn.last_user_message == "second question"
+
+
+def test_user_message_without_text_keeps_the_turns_last_text() -> None:
+    # An image-only user message (e.g. injected by a vision tool mid-turn) must not change
+    # the turn key of the calls that follow it.
+    image_only = [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]
+    turn = extract_turn(body(user("describe this"), user(image_only)))
+    assert turn.last_user_message == "describe this"
+
+
+def test_hermes_lines_absent_give_no_room_and_no_turn_id() -> None:
+    turn = extract_turn(body(system("You are a helpful agent."), user("hi")))
+    assert (turn.room_id, turn.turn_id) == (None, None)
+
+
+def test_dm_rooms_have_a_room_line_but_no_thread_line() -> None:
+    turn = extract_turn(body(system(f"**Matrix Room ID:** {ROOM}"), user("hi")))
+    assert (turn.room_id, turn.turn_id) == (ROOM, None)
+
+
+def test_hermes_lines_in_a_developer_message_are_read() -> None:
+    turn = extract_turn(body(system(HERMES_SYSTEM, role="developer"), user("hi")))
+    assert (turn.room_id, turn.turn_id) == (ROOM, "$ev1")
+
+
+def test_hermes_lines_in_backticks_are_read() -> None:
+    text = "**Matrix Room ID:** `!r00m:example.org`\n**Matrix Thread:** `$t:example.org`"
+    turn = extract_turn(body(system(text), user("hi")))
+    assert (turn.room_id, turn.turn_id) == ("!r00m:example.org", "$t:example.org")
+
+
+def test_hermes_lines_typed_by_a_user_are_not_trusted() -> None:
+    text = "**Matrix Room ID:** !other:example.org\n**Matrix Thread:** $forged"
+    turn = extract_turn(body(system("no session context"), user(text)))
+    assert (turn.room_id, turn.turn_id) == (None, None)
+
+
+def test_first_system_line_wins_over_later_ones() -> None:
+    turn = extract_turn(
+        body(system(HERMES_SYSTEM), system("**Matrix Room ID:** !late:example.org"), user("x"))
+    )
+    assert turn.room_id == ROOM
+
+
+def test_overlong_ids_are_ignored() -> None:
+    text = f"**Matrix Room ID:** !{'a' * 300}:example.org\n**Matrix Thread:** ${'b' * 300}"
+    turn = extract_turn(body(system(text), user("x")))
+    assert (turn.room_id, turn.turn_id) == (None, None)
+
+
+GARBAGE: list[Any] = [
+    None,
+    5,
+    "messages",
+    b"bytes",
+    [],
+    [{"role": "user", "content": "hi"}],
+    {},
+    {"messages": None},
+    {"messages": "hello"},
+    {"messages": {"role": "user", "content": "hi"}},
+    {"messages": [None, 1, "x", [], ["user", "hi"]]},
+    {"messages": [{"role": "user"}]},
+    {"messages": [{"role": "user", "content": 42}]},
+    {"messages": [{"role": "user", "content": {"text": "hi"}}]},
+    {"messages": [{"role": "user", "content": [None, 1, "text", {"type": "text", "text": 5}]}]},
+    {"messages": [{"role": ["user"], "content": "hi"}]},
+    {"messages": [{"role": {"a": 1}, "content": "hi"}]},
+    {"messages": [{"role": "system", "content": None}]},
+    {"messages": [{"role": "system", "content": [{"type": "text"}]}]},
+    {1: 2, (1, 2): "x"},
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=[repr(g)[:40] for g in GARBAGE])
+def test_garbage_bodies_never_raise_and_give_nothing(garbage: Any) -> None:
+    assert extract_turn(garbage) == Turn()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Message-shaped values reach the deeper branches that random JSON rarely does.
+message_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | json_values,
+        "content": st.text()
+        | st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "type": st.sampled_from(["text", "image_url"]) | json_values,
+                    "text": st.text() | json_values,
+                },
+            )
+            | json_values,
+            max_size=3,
+        )
+        | json_values,
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(json_values | st.fixed_dictionaries({"messages": st.lists(message_like | json_values)}))
+def test_extract_turn_never_raises_on_arbitrary_json(value: Any) -> None:
+    turn = extract_turn(value)
+    for field in (turn.room_id, turn.turn_id, turn.last_user_message):
+        assert field is None or isinstance(field, str)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.from_regex(r"![A-Za-z0-9]{1,30}:[a-z0-9.-]{1,30}", fullmatch=True),
+    st.from_regex(r"\$[A-Za-z0-9_-]{1,60}", fullmatch=True),
+    st.text(min_size=1),
+)
+def test_any_hermes_room_and_thread_are_read_back_exactly(
+    room_id: str, thread: str, question: str
+) -> None:
+    prompt = f"intro\n**Matrix Room ID:** {room_id}\n**Matrix Thread:** {thread}\nmore"
+    assert extract_turn(body(system(prompt), user(question))) == Turn(room_id, thread, question)
+
+
+# --- merge_turn --------------------------------------------------------------------------
+
+
+def test_given_fields_win_over_the_request_body() -> None:
+    given_turn = Turn(room_id="!given:x", turn_id="$given", last_user_message="given text")
+    extracted = Turn(room_id=ROOM, turn_id="$ev1", last_user_message="body text")
+    assert merge_turn(given_turn, extracted) == given_turn
+
+
+def test_missing_given_fields_come_from_the_request_body() -> None:
+    extracted = Turn(room_id=ROOM, turn_id="$ev1", last_user_message="body text")
+    assert merge_turn(Turn(), extracted) == extracted
+    assert merge_turn(Turn(turn_id="$mine"), extracted) == Turn(ROOM, "$mine", "body text")
+
+
+# --- normalise_message and message_hash --------------------------------------------------
+
+SAME_MESSAGE = [
+    ("Why did the deploy fail?", "[Alice] Why did the deploy fail?"),
+    (
+        "Why did the deploy fail?",
+        "[Alice] Why did the deploy fail?\n\n[System note: The user replied in a thread.]",
+    ),
+    (
+        "Why did the deploy fail?",
+        "[Note: model was just switched from glm-4.7-flash to glm-5.1. Adjust.]\n\n"
+        "[Alice Smith] Why did the deploy fail?",
+    ),
+    (
+        "> <@bob:example.org> the deploy is red\n\nWhy did the deploy fail?",
+        "[Alice] Why did the deploy fail?",
+    ),
+    ("Why  did the\ndeploy   FAIL?", "[Alice] why did the deploy fail?"),
+    ("  Why did the deploy fail?  ", "[Alice]   Why did the deploy fail?\t"),
+    ("Straße", "[Alice] STRASSE"),
+    (
+        "Why did the deploy fail?",
+        "[Note: switched]\n[Alice] Why did the deploy fail?\n[System note: a]\n[System note: b]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("matrix_body", "agent_text"), SAME_MESSAGE)
+def test_matrix_body_and_agent_text_hash_equal(matrix_body: str, agent_text: str) -> None:
+    assert normalise_message(matrix_body) == normalise_message(agent_text)
+    assert message_hash(SALT, matrix_body) == message_hash(SALT, agent_text)
+    assert message_hash(SALT, matrix_body) is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [
+        ("[Alice] Hello World", "hello world"),
+        ("Hello\n\n[System note: x]", "hello"),
+        ("> quoted\n> more\nanswer", "answer"),
+        ("  > indented quote\nanswer", "answer"),
+        ("a [b] c", "a [b] c"),
+        ("[unclosed hello", "[unclosed hello"),
+        ("hello [a [nested] b]", "hello [a [nested] b]"),
+        ("x -> y", "x -> y"),
+    ],
+)
+def test_normalise_message_removes_only_decoration(text: str, normal: str) -> None:
+    assert normalise_message(text) == normal
+
+
+def test_different_messages_hash_differently() -> None:
+    assert message_hash(SALT, "Why did the deploy fail?") != message_hash(SALT, "Why did it pass?")
+
+
+def test_message_hash_is_salted() -> None:
+    a = message_hash(b"salt-a", "Why did the deploy fail?")
+    b = message_hash(b"salt-b", "Why did the deploy fail?")
+    assert a is not None and b is not None
+    assert a != b
+    assert a == message_hash(b"salt-a", "why did the deploy FAIL?")
+    assert len(a) == 64 and int(a, 16) >= 0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\n", "[Alice] ", "[System note: x]", "> quote"])
+def test_message_hash_is_none_when_nothing_is_left(text: str) -> None:
+    assert message_hash(SALT, text) is None
+
+
+def test_message_hash_accepts_lone_surrogates() -> None:
+    assert message_hash(SALT, "bad \udc80 text") is not None
+
+
+names = st.text(alphabet=st.characters(blacklist_characters="[]\n\r"), min_size=1, max_size=20)
+plain_messages = st.text(min_size=1, max_size=80).filter(
+    lambda text: not any(line.lstrip().startswith(">") for line in text.splitlines())
+)
+
+
+notes = st.text(alphabet=st.characters(blacklist_characters="[]"), max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(plain_messages, names, notes)
+def test_hermes_decoration_never_changes_the_hash(message: str, name: str, note: str) -> None:
+    decorated = f"[{name}] {message}\n\n[System note: {note}]"
+    assert message_hash(SALT, decorated) == message_hash(SALT, message)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=80))
+def test_normalise_message_is_idempotent(text: str) -> None:
+    once = normalise_message(text)
+    assert normalise_message(once) == once
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" + " " * 1_000_000 + "b",
+        "[a]" * 300_000 + "x",
+        "x" + " [a]" * 300_000,
+        "[" * 1_000_000,
+        "]" * 1_000_000,
+        "[" + " " * 1_000_000,
+        "\n" * 500_000 + "x",
+    ],
+    ids=[
+        "spaces",
+        "leading-notes",
+        "trailing-notes",
+        "opening",
+        "closing",
+        "open-spaces",
+        "newlines",
+    ],
+)
+def test_normalising_a_hostile_megabyte_stays_fast(text: str) -> None:
+    start = time.perf_counter()
+    normalise_message(text)
+    is_command_turn(text, PREFIXES)
+    assert time.perf_counter() - start < 2.0
+
+
+# --- turn_key ----------------------------------------------------------------------------
+
+
+def test_turn_key_has_both_parts_when_both_exist() -> None:
+    key = turn_key(Turn(turn_id="$ev1", last_user_message="[Alice] hi"), SALT)
+    assert key == TurnKey(turn_id="$ev1", message_hash=message_hash(SALT, "hi"))
+
+
+def test_turn_key_from_the_turn_id_alone() -> None:
+    assert turn_key(Turn(turn_id="$ev1"), SALT) == TurnKey("$ev1", None)
+    assert turn_key(Turn(turn_id="$ev1", last_user_message="[Alice] "), SALT) == TurnKey(
+        "$ev1", None
+    )
+
+
+def test_turn_key_from_the_message_alone() -> None:
+    assert turn_key(Turn(last_user_message="hi"), SALT) == TurnKey(None, message_hash(SALT, "hi"))
+
+
+@pytest.mark.parametrize(
+    "turn", [Turn(), Turn(room_id=ROOM), Turn(last_user_message=""), Turn(last_user_message="  ")]
+)
+def test_turn_key_is_none_without_turn_id_or_message(turn: Turn) -> None:
+    assert turn_key(turn, SALT) is None
+
+
+def test_turn_key_prints_short() -> None:
+    assert str(TurnKey("$ev1", "ab" * 32)) == "$ev1/" + "ab" * 6
+    assert str(TurnKey(None, None)) == "-/-"
+
+
+# --- place_turn --------------------------------------------------------------------------
+
+
+def seen(
+    event_id: str, minutes: int, text: str, thread: str | None = None, is_command: bool = False
+) -> SeenMessage:
+    return SeenMessage(
+        room_id=ROOM,
+        event_id=event_id,
+        thread_id=thread,
+        sent_at=T0 + timedelta(minutes=minutes),
+        message_hash=message_hash(SALT, text),
+        is_command=is_command,
+    )
+
+
+THREAD = [
+    seen("$root", 0, "first question"),
+    seen("$m1", 1, "follow-up one", thread="$root"),
+    seen("$cmd", 2, "/route cloud", thread="$root", is_command=True),
+    seen("$m2", 3, "follow-up two", thread="$root"),
+]
+
+
+def test_inside_a_thread_the_hash_beats_the_shared_turn_id() -> None:
+    key = TurnKey("$root", message_hash(SALT, "[Alice] follow-up two"))
+    assert place_turn(key, THREAD) == Placement(
+        arrived_at=T0 + timedelta(minutes=3), is_command=False
+    )
+    key = TurnKey("$root", message_hash(SALT, "follow-up one"))
+    assert place_turn(key, THREAD).arrived_at == T0 + timedelta(minutes=1)
+
+
+def test_placement_says_when_the_turn_is_a_command_message() -> None:
+    key = TurnKey("$root", message_hash(SALT, "[Alice] /route cloud"))
+    assert place_turn(key, THREAD) == Placement(T0 + timedelta(minutes=2), is_command=True)
+
+
+def test_turn_id_alone_places_only_the_exact_event() -> None:
+    assert place_turn(TurnKey("$m1", None), THREAD).arrived_at == T0 + timedelta(minutes=1)
+    assert place_turn(TurnKey("$root", None), THREAD).arrived_at == T0
+    assert place_turn(TurnKey("$elsewhere", None), THREAD).arrived_at is None
+
+
+def test_turn_id_is_not_used_when_a_hash_is_given_but_unknown() -> None:
+    key = TurnKey("$m1", message_hash(SALT, "a message the side-car never saw"))
+    assert place_turn(key, THREAD) == Placement(arrived_at=None, is_command=False)
+
+
+def test_hash_in_the_turn_beats_a_later_identical_message_elsewhere() -> None:
+    messages = [seen("$a", 0, "same text", thread="$t"), seen("$b", 5, "same text")]
+    key = TurnKey("$t", message_hash(SALT, "same text"))
+    assert place_turn(key, messages).arrived_at == T0
+
+
+def test_identical_messages_outside_the_turn_place_at_the_latest() -> None:
+    messages = [seen("$a", 0, "same text"), seen("$b", 5, "same text")]
+    assert place_turn(TurnKey(None, message_hash(SALT, "same text")), messages).arrived_at == (
+        T0 + timedelta(minutes=5)
+    )
+    assert place_turn(TurnKey("$zzz", message_hash(SALT, "same text")), messages).arrived_at == (
+        T0 + timedelta(minutes=5)
+    )
+
+
+def test_unknown_turns_are_unplaced() -> None:
+    assert place_turn(None, THREAD) == Placement(arrived_at=None, is_command=False)
+    assert place_turn(TurnKey("$root", message_hash(SALT, "x")), []) == Placement(None, False)
+    assert place_turn(TurnKey(None, message_hash(SALT, "never seen")), THREAD).arrived_at is None
+
+
+# --- resolve_room ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rooms", "expected"),
+    [
+        ([], None),
+        (["!a:x"], "!a:x"),
+        (["!a:x", "!a:x", "!a:x"], "!a:x"),
+        (["!a:x", "!b:x"], None),
+        (["!a:x", "!b:x", "!a:x"], None),
+    ],
+)
+def test_room_resolves_only_when_exactly_one_room_matches(
+    rooms: list[str], expected: str | None
+) -> None:
+    assert resolve_room(rooms) == expected
+
+
+# --- is_command_turn ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[alice] !route cloud",
+        "[alice] /route cloud\n\n[System note: x]",
+        "/route cloud",
+        "!ROUTE status",
+        "[Note: model was just switched]\n\n[alice] /route",
+        "  [Alice Smith]   !route cloud --turns 3  ",
+    ],
+)
+def test_single_line_command_turn_is_recognised(text: str) -> None:
+    assert is_command_turn(text, PREFIXES)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "[alice] hello",
+        "[alice] /route cloud\nWhy did the deploy fail?",
+        "[alice] Why did the deploy fail?",
+        "[alice] what does /route cloud do?",
+        "[alice] /router",
+    ],
+)
+def test_other_turns_are_not_command_turns(text: str | None) -> None:
+    assert not is_command_turn(text, PREFIXES)
+
+
+def test_command_turn_follows_the_configured_prefixes() -> None:
+    assert is_command_turn("[alice] ?ai cloud", ("?ai",))
+    assert not is_command_turn("[alice] /route cloud", ("?ai",))
