@@ -25,7 +25,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "synapse-example"))
 
-import local_synapse  # noqa: E402
+import local_synapse  # noqa: E402, F401 (re-exported for the fixtures)
 
 SERVER = "localhost"
 BOT = f"@route:{SERVER}"
