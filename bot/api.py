@@ -7,7 +7,6 @@ rejected here never reaches the service, so it changes nothing.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auth import bearer_token, token_matches
 from .config import Config
 from .intents import Intent, Timing, expires_at
 from .metrics import Metrics
@@ -50,6 +50,16 @@ def bad_request(field: str, problem: str) -> ApiError:
 
 def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_unicode(body: Any) -> None:
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 store (SQLite) accepts."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("", "strings must be Unicode text, without lone surrogates") from None
+    except RecursionError:
+        raise bad_request("", "body is nested too deeply") from None
 
 
 # ---- typed requests ------------------------------------------------------------------
@@ -204,15 +214,15 @@ class LookupApi:
             if error.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
-            return error_response(error.status, code, error.reason)
+            response = error_response(error.status, code, error.reason)
+            if "Allow" in error.headers:  # a 405 must say which methods the path serves
+                response.headers["Allow"] = error.headers["Allow"]
+            return response
 
     def _authed(self, handler: Handler) -> Handler:
         async def authed(request: web.Request) -> web.StreamResponse:
-            header = request.headers.get("Authorization", "")
-            given = header[7:].encode() if header.startswith("Bearer ") else b""
-            # Compare against every token, always: the time taken says nothing.
-            matches = [hmac.compare_digest(given, token) for token in self._tokens]
-            if not given or not any(matches):
+            given = bearer_token(request.headers)
+            if given is None or not token_matches(given, self._tokens):
                 raise ApiError(401, "unauthorized", "missing or wrong bearer token")
             return await handler(request)
 
@@ -234,6 +244,7 @@ class LookupApi:
             raise ApiError(400, "bad_request", "body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "body must be a JSON object")
+        _check_unicode(body)
         return body
 
     async def claim(self, request: web.Request) -> web.Response:

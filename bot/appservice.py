@@ -10,7 +10,6 @@ after a restart.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .auth import bearer_token, token_matches
 from .config import Config
 from .events import Invite, Redaction, RoomMessage, parse_event
 from .matrix import MatrixBot
@@ -58,13 +58,12 @@ class AppserviceShell:
         """hs_token check, constant time: missing → 401, wrong → 403 (Matrix AS spec)."""
 
         async def guarded(request: web.Request) -> web.Response:
-            header = request.headers.get("Authorization", "")
-            token = header[7:] if header.startswith("Bearer ") else None
-            if token is None:
-                token = request.query.get("access_token")  # deprecated query form
+            token = bearer_token(request.headers)
+            if token is None and request.query.get("access_token"):  # deprecated query form
+                token = request.query["access_token"].encode("utf-8", "surrogateescape")
             if not token:
                 return _matrix_error(401, "M_UNAUTHORIZED", "Missing hs_token")
-            if not hmac.compare_digest(token.encode(), self._hs_token):
+            if not token_matches(token, [self._hs_token]):
                 return _matrix_error(403, "M_FORBIDDEN", "Wrong hs_token")
             return await handler(request)
 

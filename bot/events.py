@@ -14,6 +14,7 @@ from typing import Any
 from mautrix.types import EventID, RoomID, UserID
 
 MAX_BODY_CHARS = 65_536
+MAX_ID_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,16 @@ RoomEvent = RoomMessage | Invite | Redaction | EncryptedMessage
 
 
 def _str(mapping: Mapping[str, Any], key: str) -> str | None:
+    """A non-empty identifier string; one no UTF-8 store could hold (a lone surrogate
+    from a JSON escape) counts as absent."""
     value = mapping.get(key)
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def parse_event(raw: Any) -> RoomEvent | None:
@@ -99,7 +108,8 @@ def parse_event(raw: Any) -> RoomEvent | None:
         room_id=RoomID(room_id),
         event_id=EventID(event_id),
         sender=UserID(sender),
-        body=body[:MAX_BODY_CHARS],
+        # Lone surrogates (JSON escapes) become "?": the body is hashed and quoted.
+        body=body[:MAX_BODY_CHARS].encode("utf-8", "replace").decode("utf-8"),
         msgtype=msgtype if isinstance(msgtype, str) else None,
         thread_root=EventID(thread_root) if thread_root else None,
         is_edit=is_edit,

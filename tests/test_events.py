@@ -366,3 +366,18 @@ def test_parse_event_never_raises_on_real_events_with_odd_fields(
 ) -> None:
     result = parse_event({**event, **odd})
     assert result is None or isinstance(result, RoomMessage | Invite | Redaction | EncryptedMessage)
+
+
+def test_ids_and_bodies_that_no_utf8_store_can_hold_are_made_safe() -> None:
+    raw = {
+        "type": "m.room.message", "room_id": "!r:x", "sender": "@a:x", "event_id": "$e",
+        "origin_server_ts": 1, "content": {
+            "msgtype": "m.text", "body": "!route cloud \ud800",
+            "m.relates_to": {"rel_type": "m.thread", "event_id": "$root\ud800"},
+        },
+    }
+    event = parse_event(raw)
+    assert isinstance(event, RoomMessage)
+    assert event.thread_root is None  # an unusable id counts as absent
+    event.body.encode("utf-8")  # no lone surrogate left
+    assert parse_event({**raw, "event_id": "$\udfff"}) is None
