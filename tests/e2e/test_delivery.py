@@ -45,6 +45,17 @@ async def fetch_event(user: MatrixUser, room: str, event_id: str) -> dict:
     return event
 
 
+async def forged_command(user: MatrixUser, room: str, body: str, label: str) -> dict:
+    """A real event of the room (the bot answers it first), copied with a new event id and
+    a new body: what the test pushes itself, as Synapse would."""
+    marker = await user.say(room, "!route status")
+    await user.wait_reply(room, marker)
+    event = await fetch_event(user, room, marker)
+    event["event_id"] = f"${label}-{uuid.uuid4().hex}"
+    event["content"] = {"msgtype": "m.text", "body": body}
+    return event
+
+
 async def test_a_transaction_delivered_twice_creates_one_intent_and_one_reply(
     users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
 ) -> None:
@@ -67,12 +78,7 @@ async def test_a_transaction_delivered_twice_creates_one_intent_and_one_reply(
 async def test_transactions_need_the_hs_token_and_a_refused_one_changes_nothing(
     users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
 ) -> None:
-    alice = users["alice"]
-    command = await alice.say(room, "!route status")
-    await alice.wait_reply(room, command)
-    event = await fetch_event(alice, room, command)
-    event["event_id"] = f"$forged-{uuid.uuid4().hex}"
-    event["content"] = {"msgtype": "m.text", "body": "!route cloud"}
+    event = await forged_command(users["alice"], room, "!route cloud", "forged")
     missing = await push_transaction(sidecar, "forged-1", [event], token="")
     wrong = await push_transaction(sidecar, "forged-2", [event], token="not-the-hs-token")
     assert missing.status_code == 401 and missing.json()["errcode"] == "M_UNAUTHORIZED"
@@ -132,11 +138,7 @@ async def test_commands_older_than_the_intent_ttl_on_arrival_are_ignored(
     users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
 ) -> None:
     alice = users["alice"]
-    marker = await alice.say(room, "!route status")
-    await alice.wait_reply(room, marker)
-    old = await fetch_event(alice, room, marker)
-    old["event_id"] = f"$stale-{uuid.uuid4().hex}"
-    old["content"] = {"msgtype": "m.text", "body": "!route cloud"}
+    old = await forged_command(alice, room, "!route cloud", "stale")
     old["origin_server_ts"] = int((time.time() - 20 * 60) * 1000)  # TTL is 15 min
     response = await push_transaction(sidecar, f"stale-{uuid.uuid4().hex}", [old])
     assert response.status_code == 200
