@@ -85,16 +85,12 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%H:%M:%S UTC")
 
 
-def describe_scope(intent: Intent) -> str:
-    return intent.scope.describe()
-
-
 def confirmation(intent: Intent, superseded: Intent | None, timing: Timing, prefix: str) -> Text:
     if intent.is_prebound:
         what = f"Routing the answer to this question to **{intent.target}** (`{intent.model}`)."
     else:
         what = (
-            f"Routing {describe_scope(intent)} of the agent in this room to "
+            f"Routing {intent.scope.describe()} of the agent in this room to "
             f"**{intent.target}** (`{intent.model}`)."
         )
     lines = [what]
@@ -144,7 +140,7 @@ def status(intent: Intent | None, now: datetime, timing: Timing, prefix: str) ->
         IntentState.ACTIVE: f"in use ({len(intent.bound_turns)} turn(s) so far)",
     }.get(intent.state, intent.state.value)
     lines = [
-        f"Route to **{intent.target}** (`{intent.model}`), {describe_scope(intent)}, "
+        f"Route to **{intent.target}** (`{intent.model}`), {intent.scope.describe()}, "
         f"set by {intent.sender}.",
         f"State: {state}.",
     ]

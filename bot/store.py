@@ -191,10 +191,6 @@ class Tx:
         async with self.db.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
 
-    async def schema_version(self) -> int:
-        row = await self._one("SELECT MAX(version) FROM schema_version")
-        return int(row[0] or 0) if row else 0
-
     # meta
 
     async def meta(self, key: str) -> str | None:
@@ -436,13 +432,6 @@ class Tx:
             "UPDATE effects SET attempts = attempts + 1, failed = ? WHERE id = ?",
             (int(give_up), effect_id),
         )
-
-    async def count(self, table: str) -> int:
-        if table not in {"intents", "commands", "effects", "transactions", "seen_messages",
-                         "outcomes", "bound_turns"}:
-            raise ValueError(table)
-        row = await self._one(f"SELECT COUNT(*) FROM {table}")
-        return int(row[0]) if row else 0
 
 
 def _seen(row: aiosqlite.Row) -> SeenMessage:
