@@ -12,6 +12,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check bot tests bench scripts synapse-example
+	$(VENV)/bin/ruff format --check bot tests bench scripts synapse-example
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
 		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
@@ -20,7 +21,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check bot tests bench scripts synapse-example
-	$(VENV)/bin/ruff format --check bot
+	$(VENV)/bin/ruff format --check bot tests bench scripts synapse-example
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 

@@ -53,10 +53,13 @@ def start_sidecar(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         "appservice": {
             "address": f"http://127.0.0.1:{as_port}",
             "listen": {"host": "127.0.0.1", "port": as_port},
-            "as_token": secrets.token_hex(16), "hs_token": secrets.token_hex(16),
+            "as_token": secrets.token_hex(16),
+            "hs_token": secrets.token_hex(16),
         },
-        "api": {"listen": {"host": "127.0.0.1", "port": api_port},
-                "tokens": [secrets.token_hex(16)]},
+        "api": {
+            "listen": {"host": "127.0.0.1", "port": api_port},
+            "tokens": [secrets.token_hex(16)],
+        },
         "database": f"sqlite:///{work / 'bench.db'}",
         "targets": {"cloud": {"model": "ollama-cloud/glm-5.1"}},
         "permissions": {"*": 0},
@@ -66,8 +69,9 @@ def start_sidecar(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     path = work / "config.yaml"
     path.write_text(json.dumps(config))
     log = (work / "sidecar.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "bot", "run", "-c", str(path)],
-                               cwd=REPO, stdout=log, stderr=log)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "run", "-c", str(path)], cwd=REPO, stdout=log, stderr=log
+    )
     return process, config
 
 
@@ -88,8 +92,11 @@ async def seed_active_turn(config: dict[str, Any], api: str, headers: dict[str, 
     """`/route cloud --for 4h` pushed as Synapse would, then one claim binds the turn."""
     as_url = config["appservice"]["address"]
     event = {
-        "type": "m.room.message", "room_id": ROOM_ACTIVE, "sender": "@alice:bench",
-        "event_id": "$command", "origin_server_ts": int(time.time() * 1000) - 1000,
+        "type": "m.room.message",
+        "room_id": ROOM_ACTIVE,
+        "sender": "@alice:bench",
+        "event_id": "$command",
+        "origin_server_ts": int(time.time() * 1000) - 1000,
         "content": {"msgtype": "m.text", "body": "!route cloud --for 4h"},
     }
     async with aiohttp.ClientSession() as session:
@@ -99,8 +106,9 @@ async def seed_active_turn(config: dict[str, Any], api: str, headers: dict[str, 
             headers={"Authorization": f"Bearer {config['appservice']['hs_token']}"},
         ) as response:
             assert response.status == 200, await response.text()
-        async with session.post(api + "/v1/claim", json=claim_body(ROOM_ACTIVE),
-                                headers=headers) as response:
+        async with session.post(
+            api + "/v1/claim", json=claim_body(ROOM_ACTIVE), headers=headers
+        ) as response:
             answer = await response.json()
             assert answer["override"] is True, answer
 
@@ -109,8 +117,14 @@ def claim_body(room: str) -> dict[str, Any]:
     return {"room_id": room, "turn_id": TURN, "last_user_message": "[alice] a hard question"}
 
 
-async def load(url: str, headers: dict[str, str], body: bytes, seconds: float,
-               connections: int, rate: float | None) -> list[float]:
+async def load(
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    seconds: float,
+    connections: int,
+    rate: float | None,
+) -> list[float]:
     """Closed loop over `connections` keep-alive connections, or an open loop at `rate`."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -126,9 +140,11 @@ async def load(url: str, headers: dict[str, str], body: bytes, seconds: float,
             latencies.append(time.perf_counter() - started)
 
         if rate is None:
+
             async def worker() -> None:
                 while time.perf_counter() < deadline:
                     await one()
+
             await asyncio.gather(*(worker() for _ in range(connections)))
         else:
             interval, tasks = 1.0 / rate, []
@@ -145,8 +161,14 @@ def _run_load(args: tuple[Any, ...], queue: multiprocessing.Queue) -> None:  # t
     queue.put(asyncio.run(load(*args)))
 
 
-def measure(url: str, headers: dict[str, str], room: str, seconds: float, connections: int,
-            rate: float | None = None) -> dict[str, float]:
+def measure(
+    url: str,
+    headers: dict[str, str],
+    room: str,
+    seconds: float,
+    connections: int,
+    rate: float | None = None,
+) -> dict[str, float]:
     """Run the load generator in its own process so it does not share the side-car's core."""
     body = json.dumps(claim_body(room)).encode()
     queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
@@ -171,10 +193,12 @@ async def count_claims(url: str, headers: dict[str, str], room: str, n: int) -> 
     body = json.dumps(claim_body(room)).encode()
     connector = aiohttp.TCPConnector(limit=8)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
         async def batch(count: int) -> None:
             for _ in range(count):
                 async with session.post(url, data=body) as response:
                     await response.read()
+
         await asyncio.gather(*(batch(n // 8) for _ in range(8)))
 
 
@@ -188,8 +212,10 @@ def main() -> int:
         process, config = start_sidecar(work)
         try:
             api = f"http://127.0.0.1:{config['api']['listen']['port']}"
-            headers = {"Authorization": f"Bearer {config['api']['tokens'][0]}",
-                       "Content-Type": "application/json"}
+            headers = {
+                "Authorization": f"Bearer {config['api']['tokens'][0]}",
+                "Content-Type": "application/json",
+            }
             asyncio.run(wait_healthy(api))
             time.sleep(0.5)
             rss_start = rss_mb(process.pid)
@@ -208,15 +234,20 @@ def main() -> int:
         finally:
             process.terminate()
             process.wait(10)
-    print(f"POST /v1/claim on {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-          f"{args.seconds:.0f} s per row")
-    print(f"{'room':<12} {'load':<24} {'requests':>9} {'claims/s':>9} {'p50 ms':>8} "
-          f"{'p99 ms':>8}")
+    print(
+        f"POST /v1/claim on {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+        f"{args.seconds:.0f} s per row"
+    )
+    print(f"{'room':<12} {'load':<24} {'requests':>9} {'claims/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for label, load_name, r in rows:
-        print(f"{label:<12} {load_name:<24} {r['requests']:>9.0f} {r['rps']:>9.0f} "
-              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    print(f"resident memory: {rss_start:.1f} MB after start, "
-          f"{rss_after:.1f} MB after the runs above + 10,000 more claims")
+        print(
+            f"{label:<12} {load_name:<24} {r['requests']:>9.0f} {r['rps']:>9.0f} "
+            f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+        )
+    print(
+        f"resident memory: {rss_start:.1f} MB after start, "
+        f"{rss_after:.1f} MB after the runs above + 10,000 more claims"
+    )
     return 0
 
 

@@ -110,8 +110,9 @@ def parse_claim(body: dict[str, Any], max_chars: int) -> ClaimRequest:
             raise bad_request("request.messages", "must be a list")
     if room_id is None and request is None and last_user_message is None:
         raise bad_request("", "give at least one of room_id, request, last_user_message")
-    given = Turn(room_id=room_id, turn_id=turn_id or session_id,
-                 last_user_message=last_user_message)
+    given = Turn(
+        room_id=room_id, turn_id=turn_id or session_id, last_user_message=last_user_message
+    )
     turn = merge_turn(given, extract_turn(request)) if request is not None else given
     return ClaimRequest(turn=turn, requested_model=requested_model)
 
@@ -122,7 +123,7 @@ def parse_outcome(body: dict[str, Any]) -> OutcomeRequest:
         raise bad_request("model", "is required: the model that really served the call")
     status = body.get("status")
     if status not in ("ok", "error"):
-        raise bad_request("status", "must be \"ok\" or \"error\"")
+        raise bad_request("status", 'must be "ok" or "error"')
     latency = body.get("latency_ms")
     if latency is not None and (
         isinstance(latency, bool) or not isinstance(latency, int) or not 0 <= latency < 2**31
@@ -130,8 +131,9 @@ def parse_outcome(body: dict[str, Any]) -> OutcomeRequest:
         raise bad_request("latency_ms", "must be a whole number of milliseconds >= 0")
     detail = _optional_str(body, "detail", MAX_DETAIL_LENGTH)
     turn_id = _optional_str(body, "turn_id", MAX_ID_LENGTH)
-    return OutcomeRequest(model=model, status=status, latency_ms=latency, detail=detail,
-                          turn_id=turn_id)
+    return OutcomeRequest(
+        model=model, status=status, latency_ms=latency, detail=detail, turn_id=turn_id
+    )
 
 
 # ---- serialisation -------------------------------------------------------------------
@@ -207,7 +209,8 @@ class LookupApi:
             return error_response(error.status, error.code, error.message)
         except web.HTTPRequestEntityTooLarge:
             return error_response(
-                413, "payload_too_large",
+                413,
+                "payload_too_large",
                 f"body over the limit of {self.config.api.max_body_bytes} bytes",
             )
         except web.HTTPException as error:
@@ -259,7 +262,11 @@ class LookupApi:
         parsed = parse_outcome(await self._json_body(request))
         intent_id = request.match_info["intent_id"]
         found = await self.service.record_outcome(
-            intent_id, parsed.model, parsed.status, parsed.latency_ms, parsed.detail,
+            intent_id,
+            parsed.model,
+            parsed.status,
+            parsed.latency_ms,
+            parsed.detail,
             parsed.turn_id,
         )
         if not found:
@@ -291,8 +298,10 @@ class LookupApi:
     async def healthz(self, request: web.Request) -> web.Response:
         database_ok = await self.service.store.ping()
         return web.json_response(
-            {"status": "ok" if database_ok else "degraded",
-             "database": "ok" if database_ok else "unavailable"},
+            {
+                "status": "ok" if database_ok else "degraded",
+                "database": "ok" if database_ok else "unavailable",
+            },
             status=200 if database_ok else 503,
         )
 

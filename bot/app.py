@@ -53,8 +53,10 @@ class Sidecar:
 
 async def start_sidecar(config: Config) -> Sidecar:
     if not is_loopback(config.api.listen.host):
-        log.warning("lookup API listens on a public address host=%s: keep its tokens secret",
-                    config.api.listen.host)
+        log.warning(
+            "lookup API listens on a public address host=%s: keep its tokens secret",
+            config.api.listen.host,
+        )
     store = await Store.open(config.database_path)
     async with store.atomic() as tx:
         salt = await tx.meta("salt")

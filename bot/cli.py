@@ -112,8 +112,11 @@ def generate_registration(config_path: Path, output: Path) -> int:
         raise ConfigError("appservice", "is missing")
     raw["appservice"]["as_token"] = secrets.token_urlsafe(32)
     raw["appservice"]["hs_token"] = secrets.token_urlsafe(32)
-    env = {k: v for k, v in os.environ.items() if k not in (
-        SECRET_ENV[("appservice", "as_token")], SECRET_ENV[("appservice", "hs_token")])}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (SECRET_ENV[("appservice", "as_token")], SECRET_ENV[("appservice", "hs_token")])
+    }
     config = parse_config(raw, env, config_path)  # validate everything before writing
     with config_path.open("w", encoding="utf-8") as handle:
         yaml.dump(raw, handle)
@@ -126,8 +129,11 @@ def generate_registration(config_path: Path, output: Path) -> int:
     print(f"wrote {output}; new tokens stored in {config_path}")
     for key in ("as_token", "hs_token"):
         if os.environ.get(SECRET_ENV[("appservice", key)]):
-            print(f"warning: {SECRET_ENV[('appservice', key)]} is set and overrides the new "
-                  f"appservice.{key}; unset it or set it to the new value", file=sys.stderr)
+            print(
+                f"warning: {SECRET_ENV[('appservice', key)]} is set and overrides the new "
+                f"appservice.{key}; unset it or set it to the new value",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -16,9 +16,7 @@ DEFAULT_PREFIXES = ("/route", "!route")
 CLEAR_WORDS = ("auto", "off", "cancel")
 AGAIN_WORDS = ("again", "retry")
 # Words that can never name a target: the config refuses them as target names or aliases.
-RESERVED_WORDS = frozenset(
-    {"status", "help", "targets", "history", *CLEAR_WORDS, *AGAIN_WORDS}
-)
+RESERVED_WORDS = frozenset({"status", "help", "targets", "history", *CLEAR_WORDS, *AGAIN_WORDS})
 RAW_MODEL_PREFIX = "model:"
 _DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,7})s)?")
 _TARGET = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -101,7 +99,7 @@ class RouteTo:
 
     @property
     def raw_model(self) -> str | None:
-        return self.target[len(RAW_MODEL_PREFIX):] if self.is_raw_model else None
+        return self.target[len(RAW_MODEL_PREFIX) :] if self.is_raw_model else None
 
 
 Command = ShowStatus | ShowHelp | ListTargets | ShowHistory | ClearIntent | RouteTo
@@ -151,7 +149,7 @@ def parse_command(
     if prefix is None:
         return None
     p = prefixes[0]
-    words = first[len(prefix):].split()
+    words = first[len(prefix) :].split()
     if not words:
         return _no_question(ShowStatus(), question, p)
     word = words[0].lower()
@@ -186,7 +184,7 @@ def _no_question(command: Command, question: str | None, p: str) -> Command | Co
 def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | CommandError:
     raw_target = words[0]
     if raw_target.lower().startswith(RAW_MODEL_PREFIX):
-        model_id = raw_target[len(RAW_MODEL_PREFIX):]
+        model_id = raw_target[len(RAW_MODEL_PREFIX) :]
         if not _MODEL_ID.fullmatch(model_id):
             return CommandError(
                 f"`{_quote(raw_target)}` is not a model id. Write `{p} model:<id>` "

@@ -140,9 +140,7 @@ def parse_config(
 ) -> Config:
     reader = _Reader(raw, environ)
     domain = reader.string("homeserver.domain")
-    homeserver = HomeserverConfig(
-        address=reader.url("homeserver.address"), domain=domain
-    )
+    homeserver = HomeserverConfig(address=reader.url("homeserver.address"), domain=domain)
     appservice = AppserviceConfig(
         id=reader.string("appservice.id", "route-sidecar"),
         bot_localpart=reader.matching("appservice.bot_localpart", _LOCALPART, "route"),
@@ -162,7 +160,7 @@ def parse_config(
     database = reader.string("database")
     if not database.startswith("sqlite:///") or len(database) <= len("sqlite:///"):
         raise ConfigError("database", "must be sqlite:///<path>, e.g. sqlite:///route-sidecar.db")
-    database_path = Path(database[len("sqlite:///"):])
+    database_path = Path(database[len("sqlite:///") :])
     if path is not None and not database_path.is_absolute():
         database_path = path.parent / database_path
     targets = reader.targets("targets")
@@ -204,7 +202,13 @@ def parse_config(
 _KNOWN = {
     "homeserver": {"address", "domain"},
     "appservice": {
-        "id", "bot_localpart", "bot_displayname", "address", "listen", "as_token", "hs_token",
+        "id",
+        "bot_localpart",
+        "bot_displayname",
+        "address",
+        "listen",
+        "as_token",
+        "hs_token",
     },
     "api": {"listen", "tokens", "max_body_bytes"},
     "database": None,
@@ -312,8 +316,9 @@ class _Reader:
         if not isinstance(value, str) or len(value) < 16:
             hint = f" (or set {env})" if env else ""
             raise ConfigError(
-                key, f"must be a random string of at least 16 characters{hint}; "
-                "`route-sidecar generate-registration` writes one"
+                key,
+                f"must be a random string of at least 16 characters{hint}; "
+                "`route-sidecar generate-registration` writes one",
             )
         return value
 

@@ -149,12 +149,8 @@ def advance(intent: Intent, now: datetime, timing: Timing) -> Intent:
     if end is None or now < end:
         return intent
     if intent.bound_turns:
-        return replace(
-            intent, state=IntentState.DONE, ended_at=end, end_reason=EndReason.DONE
-        )
-    return replace(
-        intent, state=IntentState.EXPIRED, ended_at=end, end_reason=EndReason.EXPIRED
-    )
+        return replace(intent, state=IntentState.DONE, ended_at=end, end_reason=EndReason.DONE)
+    return replace(intent, state=IntentState.EXPIRED, ended_at=end, end_reason=EndReason.EXPIRED)
 
 
 def cancel(intent: Intent, now: datetime, reason: EndReason) -> Intent:
@@ -246,9 +242,7 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
         intent, state=IntentState.ACTIVE, bound_turns=(*intent.bound_turns, bound)
     )
     # A request-scoped claim is consumed by its single call: advance ends a full intent.
-    return Claimed(
-        advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns)
-    )
+    return Claimed(advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns))
 
 
 def _latest_bound(intent: Intent, key: TurnKey | None) -> int | None:

@@ -79,8 +79,11 @@ class MatrixBot:
                 log.info("bot registered user=%s", self.config.bot_user_id)
                 return
             except Exception as error:  # any failure: retry later
-                log.warning("bot registration failed, retrying in %.0fs error=%s", delay,
-                            type(error).__name__)
+                log.warning(
+                    "bot registration failed, retrying in %.0fs error=%s",
+                    delay,
+                    type(error).__name__,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 60)
@@ -117,7 +120,9 @@ class MatrixBot:
             txn_id = f"rs-{self.instance}-{row['id']}"
             try:
                 event_id = await self.intent.send_message_event(
-                    RoomID(row["room_id"]), EventType.find(row["event_type"]), content,
+                    RoomID(row["room_id"]),
+                    EventType.find(row["event_type"]),
+                    content,
                     txn_id=txn_id,
                 )
             except MatrixStandardRequestError as error:
@@ -126,14 +131,19 @@ class MatrixBot:
                 await self._attempt_failed(row, give_up, error.errcode)
                 continue
             except Exception as error:  # network or homeserver trouble
-                await self._attempt_failed(row, row["attempts"] + 1 >= MAX_ATTEMPTS,
-                                           type(error).__name__)
+                await self._attempt_failed(
+                    row, row["attempts"] + 1 >= MAX_ATTEMPTS, type(error).__name__
+                )
                 continue
             async with self.store.atomic() as tx:
                 await tx.mark_effect_sent(row["id"], event_id)
             self.metrics.room_effects.labels("sent").inc()
-            log.info("room event sent room=%s key=%s event=%s", row["room_id"],
-                     row["key"].split(":")[0], event_id)
+            log.info(
+                "room event sent room=%s key=%s event=%s",
+                row["room_id"],
+                row["key"].split(":")[0],
+                event_id,
+            )
             sent += 1
         return sent
 
@@ -141,9 +151,13 @@ class MatrixBot:
         async with self.store.atomic() as tx:
             await tx.mark_effect_attempt(row["id"], give_up)
         self.metrics.room_effects.labels("failed" if give_up else "retry").inc()
-        log.warning("room event %s room=%s key=%s error=%s",
-                    "abandoned" if give_up else "send failed", row["room_id"],
-                    row["key"].split(":")[0], error)
+        log.warning(
+            "room event %s room=%s key=%s error=%s",
+            "abandoned" if give_up else "send failed",
+            row["room_id"],
+            row["key"].split(":")[0],
+            error,
+        )
 
 
 async def run_outbox(bot: MatrixBot, wake: asyncio.Event, stop: asyncio.Event) -> None:

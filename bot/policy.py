@@ -60,9 +60,7 @@ class Refused:
     reason: str
 
 
-def resolve_route(
-    command: RouteTo, sender: str, config: Config, prefix: str
-) -> Resolved | Refused:
+def resolve_route(command: RouteTo, sender: str, config: Config, prefix: str) -> Resolved | Refused:
     """Check target, permission level and caps for a route command."""
     level = user_level(sender, config.permissions)
     if level is None:
@@ -93,9 +91,7 @@ def resolve_route(
                 f"Model `{raw_model}` is not on this room's allow-list. Type `{prefix} targets`."
             )
         if level < raw.level:
-            return Refused(
-                f"Raw model ids need permission level {raw.level}; yours is {level}."
-            )
+            return Refused(f"Raw model ids need permission level {raw.level}; yours is {level}.")
         return Resolved(target=command.target, model=raw_model, scope=scope)
     target = find_target(command.target, config.targets)
     if target is None:
@@ -126,8 +122,5 @@ def is_stale(sent_at: datetime, now: datetime, config: Config) -> bool:
 def listens_to(sender: str, msgtype: str | None, is_edit: bool, config: Config) -> bool:
     """Messages the bot reads at all: not its own, not an agent's, no notices, no edits."""
     return not (
-        sender == config.bot_user_id
-        or sender in config.agents
-        or msgtype == "m.notice"
-        or is_edit
+        sender == config.bot_user_id or sender in config.agents or msgtype == "m.notice" or is_edit
     )

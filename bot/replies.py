@@ -99,8 +99,7 @@ def confirmation(intent: Intent, superseded: Intent | None, timing: Timing, pref
     ends = expires_at(intent, timing)
     if ends is not None and not intent.is_prebound and intent.until is None:
         lines.append(
-            f"If no turn uses it by {_when(ends)}, it expires. "
-            f"`{prefix} auto` cancels it."
+            f"If no turn uses it by {_when(ends)}, it expires. `{prefix} auto` cancels it."
         )
     else:
         lines.append(f"`{prefix} auto` cancels it.")
@@ -178,8 +177,8 @@ def help_text(prefix: str, prefixes: Sequence[str]) -> Text:
                 f"`{prefix} status`: what is set now",
                 f"`{prefix} targets`: the targets you may use",
                 f"`{prefix} help`: this text",
-                "In Element, `/route` opens an \"Unknown command\" dialog (choose "
-                "\"Send as message\"); `!route` always works.",
+                'In Element, `/route` opens an "Unknown command" dialog (choose '
+                '"Send as message"); `!route` always works.',
             ]
         )
     )
@@ -202,13 +201,13 @@ def rate_limited(limit: int) -> Text:
 
 def not_available(what: str, prefix: str) -> Text:
     return render(
-        f"`{prefix} {what}` is not available in this version. "
-        f"`{prefix} help` lists the commands."
+        f"`{prefix} {what}` is not available in this version. `{prefix} help` lists the commands."
     )
 
 
-def receipt(intent: Intent, served_models: Sequence[str], statuses: Sequence[str],
-            latency_ms: int | None) -> Text:
+def receipt(
+    intent: Intent, served_models: Sequence[str], statuses: Sequence[str], latency_ms: int | None
+) -> Text:
     """One line per turn: what the dispatcher really served, never what was asked."""
     calls = len(served_models)
     distinct = sorted(set(served_models))
@@ -230,5 +229,3 @@ def receipt(intent: Intent, served_models: Sequence[str], statuses: Sequence[str
     if errors:
         lines += f" {errors} call(s) failed."
     return render(lines)
-
-

@@ -137,8 +137,9 @@ class RouteService:
             thread_id=message.thread_root,
             sent_at=message.sent_at,
             # A multi-line command stands for its question: that is what the agent sees.
-            message_hash=message_hash(self.salt, question if parsed is not None and question
-                                      else message.body),
+            message_hash=message_hash(
+                self.salt, question if parsed is not None and question else message.body
+            ),
             is_command=single_line_command,
         )
         if parsed is None:
@@ -146,12 +147,16 @@ class RouteService:
                 await tx.add_seen(seen)
             return
         if not policy.room_allowed(message.room_id, config):
-            log.info("command ignored room=%s event=%s reason=room-not-allowed",
-                     message.room_id, message.event_id)
+            log.info(
+                "command ignored room=%s event=%s reason=room-not-allowed",
+                message.room_id,
+                message.event_id,
+            )
             return
         if policy.is_stale(message.sent_at, now, config):
-            log.info("command ignored room=%s event=%s reason=stale", message.room_id,
-                     message.event_id)
+            log.info(
+                "command ignored room=%s event=%s reason=stale", message.room_id, message.event_id
+            )
             self.metrics.commands.labels(_command_name(parsed), "stale").inc()
             async with self.store.atomic(durable=False) as tx:
                 await tx.add_seen(seen)
@@ -164,19 +169,28 @@ class RouteService:
             await tx.add_seen(seen)
             text, intent, result = await self._run_command(tx, parsed, message, now)
             await tx.record_command(
-                message.event_id, message.room_id, message.sender,
-                intent.id if intent else None, now,
+                message.event_id,
+                message.room_id,
+                message.sender,
+                intent.id if intent else None,
+                now,
             )
             await tx.add_effect(
-                f"reply:{message.event_id}", message.room_id, "m.room.message",
-                replies.notice_content(text, message.event_id, message.thread_root), now,
+                f"reply:{message.event_id}",
+                message.room_id,
+                "m.room.message",
+                replies.notice_content(text, message.event_id, message.thread_root),
+                now,
             )
         self.metrics.commands.labels(_command_name(parsed), result).inc()
         self.metrics.active_intents.set(len(self.live))
         log.info(
             "command handled room=%s event=%s intent=%s command=%s result=%s",
-            message.room_id, message.event_id, intent.id if intent else "-",
-            _command_name(parsed), result,
+            message.room_id,
+            message.event_id,
+            intent.id if intent else "-",
+            _command_name(parsed),
+            result,
         )
         self.outbox_changed.set()
 
@@ -213,7 +227,11 @@ class RouteService:
         raise AssertionError(parsed)
 
     async def _route(
-        self, tx: Tx, route: cmd.RouteTo, message: RoomMessage, current: Intent | None,
+        self,
+        tx: Tx,
+        route: cmd.RouteTo,
+        message: RoomMessage,
+        current: Intent | None,
         now: datetime,
     ) -> tuple[replies.Text, Intent | None, str]:
         resolved = policy.resolve_route(route, message.sender, self.config, self.prefix)
@@ -254,8 +272,9 @@ class RouteService:
             ended = core.cancel_on_redaction(intent, now)
             if ended is not intent:
                 await self._record_end(tx, ended, now)
-                log.info("intent cancelled room=%s intent=%s reason=redacted",
-                         intent.room_id, intent.id)
+                log.info(
+                    "intent cancelled room=%s intent=%s reason=redacted", intent.room_id, intent.id
+                )
         self.outbox_changed.set()
 
     # ---- claims and outcomes -------------------------------------------------------
@@ -293,12 +312,20 @@ class RouteService:
                     await self._record_change(tx, intent, claimed.intent, now)
                 if claimed.result is ClaimResult.BOUND and claimed.turn_position == 0:
                     await tx.add_effect(
-                        f"react:{intent.id}", room_id, "m.reaction",
-                        replies.reaction_content(intent.command_event_id), now,
+                        f"react:{intent.id}",
+                        room_id,
+                        "m.reaction",
+                        replies.reaction_content(intent.command_event_id),
+                        now,
                     )
         if claimed.result is ClaimResult.BOUND:
-            log.info("turn bound room=%s intent=%s turn=%s position=%s", room_id, intent.id,
-                     key, claimed.turn_position)
+            log.info(
+                "turn bound room=%s intent=%s turn=%s position=%s",
+                room_id,
+                intent.id,
+                key,
+                claimed.turn_position,
+            )
             self.outbox_changed.set()
         return self._answer(claimed, room_id, turn)
 
@@ -314,8 +341,13 @@ class RouteService:
         )
 
     async def record_outcome(
-        self, intent_id: str, model: str, status: str, latency_ms: int | None,
-        detail: str | None, turn_id: str | None,
+        self,
+        intent_id: str,
+        model: str,
+        status: str,
+        latency_ms: int | None,
+        detail: str | None,
+        turn_id: str | None,
     ) -> bool:
         """Store what the dispatcher served and post or update the turn's receipt.
         False: no such intent."""
@@ -326,25 +358,43 @@ class RouteService:
                 return False
             position = _outcome_turn(intent, turn_id)
             await tx.add_outcome(
-                intent_id=intent.id, position=position, room_id=intent.room_id, model=model,
-                status=status, latency_ms=latency_ms, detail=detail, now=now,
+                intent_id=intent.id,
+                position=position,
+                room_id=intent.room_id,
+                model=model,
+                status=status,
+                latency_ms=latency_ms,
+                detail=detail,
+                now=now,
             )
             rows = await tx.turn_outcomes(intent.id, position)
             latencies = [r["latency_ms"] for r in rows if r["latency_ms"] is not None]
             text = replies.receipt(
-                intent, [r["model"] for r in rows], [r["status"] for r in rows],
+                intent,
+                [r["model"] for r in rows],
+                [r["status"] for r in rows],
                 sum(latencies) if latencies else None,
             )
             await self._post_receipt(tx, intent, position, len(rows), text, now)
         self.metrics.outcomes.labels(status).inc()
-        log.info("outcome recorded room=%s intent=%s position=%s status=%s",
-                 intent.room_id, intent.id, position, status)
+        log.info(
+            "outcome recorded room=%s intent=%s position=%s status=%s",
+            intent.room_id,
+            intent.id,
+            position,
+            status,
+        )
         self.outbox_changed.set()
         return True
 
     async def _post_receipt(
-        self, tx: Tx, intent: Intent, position: int | None, count: int,
-        text: replies.Text, now: datetime,
+        self,
+        tx: Tx,
+        intent: Intent,
+        position: int | None,
+        count: int,
+        text: replies.Text,
+        now: datetime,
     ) -> None:
         key = f"receipt:{intent.id}:{position}"
         thread_root, reply_to = _receipt_place(intent, position)
@@ -353,8 +403,12 @@ class RouteService:
             await tx.add_effect(key, intent.room_id, "m.room.message", content, now)
         elif not await tx.replace_unsent_effect(key, content):
             await tx.add_effect(
-                f"{key}:edit:{count}", intent.room_id, "m.room.message",
-                replies.edit_content(text, None), now, edits=key,
+                f"{key}:edit:{count}",
+                intent.room_id,
+                "m.room.message",
+                replies.edit_content(text, None),
+                now,
+                edits=key,
             )
 
     async def room_intent(self, room_id: str) -> Intent | None:
@@ -389,8 +443,12 @@ class RouteService:
                 async with self._writing() as tx:
                     for before, after in changed:
                         await self._record_change(tx, before, after, now)
-                        log.info("intent ended room=%s intent=%s state=%s", after.room_id,
-                                 after.id, after.state)
+                        log.info(
+                            "intent ended room=%s intent=%s state=%s",
+                            after.room_id,
+                            after.id,
+                            after.state,
+                        )
                 self.outbox_changed.set()
         self.metrics.active_intents.set(len(self.live))
 
@@ -439,8 +497,11 @@ class RouteService:
             text = _end_notice(after, self.timing)
             if text is not None:
                 await tx.add_effect(
-                    f"ended:{after.id}", after.room_id, "m.room.message",
-                    replies.edit_content(text, None), now,
+                    f"ended:{after.id}",
+                    after.room_id,
+                    "m.room.message",
+                    replies.edit_content(text, None),
+                    now,
                     edits=f"reply:{after.command_event_id}",
                 )
 
@@ -467,8 +528,7 @@ def _outcome_turn(intent: Intent, turn_id: str | None) -> int | None:
         for position, bound in enumerate(intent.bound_turns):
             if bound.key is not None and bound.key.turn_id == turn_id:
                 return position
-    return max(range(len(intent.bound_turns)),
-               key=lambda i: intent.bound_turns[i].last_claim_at)
+    return max(range(len(intent.bound_turns)), key=lambda i: intent.bound_turns[i].last_claim_at)
 
 
 def _receipt_place(intent: Intent, position: int | None) -> tuple[str | None, str]:
@@ -483,8 +543,12 @@ def _receipt_place(intent: Intent, position: int | None) -> tuple[str | None, st
 
 def _command_name(parsed: cmd.Command | cmd.CommandError) -> str:
     return {
-        cmd.ShowStatus: "status", cmd.ShowHelp: "help", cmd.ListTargets: "targets",
-        cmd.ShowHistory: "history", cmd.ClearIntent: "auto", cmd.RouteTo: "route",
+        cmd.ShowStatus: "status",
+        cmd.ShowHelp: "help",
+        cmd.ListTargets: "targets",
+        cmd.ShowHistory: "history",
+        cmd.ClearIntent: "auto",
+        cmd.RouteTo: "route",
         cmd.CommandError: "malformed",
     }[type(parsed)]
 

@@ -211,8 +211,7 @@ class Tx:
 
     async def record_transaction(self, txn_id: str, now: datetime) -> None:
         await self.db.execute(
-            "INSERT INTO transactions (txn_id, received_at) VALUES (?, ?) "
-            "ON CONFLICT DO NOTHING",
+            "INSERT INTO transactions (txn_id, received_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
             (txn_id, to_ms(now)),
         )
 
@@ -242,11 +241,19 @@ class Tx:
                ON CONFLICT (id) DO UPDATE SET state = excluded.state,
                    ended_at = excluded.ended_at, end_reason = excluded.end_reason""",
             (
-                intent.id, intent.room_id, intent.target, intent.model, scope.kind.value,
+                intent.id,
+                intent.room_id,
+                intent.target,
+                intent.model,
+                scope.kind.value,
                 scope.turns,
                 int(scope.duration.total_seconds()) if scope.duration is not None else None,
-                intent.sender, intent.command_event_id, intent.command_thread_id,
-                to_ms(intent.command_at), to_ms(intent.created_at), intent.state.value,
+                intent.sender,
+                intent.command_event_id,
+                intent.command_thread_id,
+                to_ms(intent.command_at),
+                to_ms(intent.created_at),
+                intent.state.value,
                 intent.question_hash,
                 to_ms(intent.ended_at) if intent.ended_at is not None else None,
                 intent.end_reason.value if intent.end_reason is not None else None,
@@ -261,9 +268,14 @@ class Tx:
                    ON CONFLICT (intent_id, position) DO UPDATE SET
                        last_claim_at = excluded.last_claim_at, claims = excluded.claims""",
                 (
-                    intent.id, position, key.turn_id if key else None,
-                    key.message_hash if key else None, int(key is None),
-                    to_ms(turn.bound_at), to_ms(turn.last_claim_at), turn.claims,
+                    intent.id,
+                    position,
+                    key.turn_id if key else None,
+                    key.message_hash if key else None,
+                    int(key is None),
+                    to_ms(turn.bound_at),
+                    to_ms(turn.last_claim_at),
+                    turn.claims,
                 ),
             )
 
@@ -332,8 +344,12 @@ class Tx:
             """INSERT INTO seen_messages (event_id, room_id, thread_id, sent_at, message_hash,
                    is_command) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
             (
-                message.event_id, message.room_id, message.thread_id, to_ms(message.sent_at),
-                message.message_hash, int(message.is_command),
+                message.event_id,
+                message.room_id,
+                message.thread_id,
+                to_ms(message.sent_at),
+                message.message_hash,
+                int(message.is_command),
             ),
         )
 

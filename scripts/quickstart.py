@@ -74,8 +74,9 @@ def matrix(method: str, hs: str, path: str, token: str, body: Any = None) -> dic
 def wait_for(hs: str, token: str, room: str, predicate, what: str, timeout: float = 20.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        chunk = matrix("GET", hs, f"/rooms/{urllib.parse.quote(room)}/messages?dir=b&limit=50",
-                       token)["chunk"]
+        chunk = matrix(
+            "GET", hs, f"/rooms/{urllib.parse.quote(room)}/messages?dir=b&limit=50", token
+        )["chunk"]
         for event in chunk:
             if predicate(event):
                 return event
@@ -93,15 +94,29 @@ def main() -> int:
     api_token = secrets.token_urlsafe(24)
     config = write_config(hs_port, as_port, api_port, api_token)
     registration = WORK / "registration.yaml"
-    subprocess.run([sys.executable, "-m", "bot", "generate-registration", "-c", str(config),
-                    "-o", str(registration)], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bot",
+            "generate-registration",
+            "-c",
+            str(config),
+            "-o",
+            str(registration),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     local_synapse.stop(WORK / "synapse")
     print(f"starting Synapse on 127.0.0.1:{hs_port} …")
-    hs = local_synapse.start(WORK / "synapse", synapse_python=python, port=hs_port,
-                             registrations=[registration])
+    hs = local_synapse.start(
+        WORK / "synapse", synapse_python=python, port=hs_port, registrations=[registration]
+    )
     log = (WORK / "sidecar.log").open("ab")
-    sidecar = subprocess.Popen([sys.executable, "-m", "bot", "run", "-c", str(config)],
-                               cwd=REPO, stdout=log, stderr=log)
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "bot", "run", "-c", str(config)], cwd=REPO, stdout=log, stderr=log
+    )
     try:
         api = f"http://127.0.0.1:{api_port}"
         for _ in range(150):
@@ -116,30 +131,63 @@ def main() -> int:
         print(f"side-car running: appservice on :{as_port}, lookup API on :{api_port}")
         alice = local_synapse.register_user(hs.base_url, "alice", "alice-password")
         token = alice["access_token"]
-        room = matrix("POST", hs.base_url, "/createRoom", token,
-                      {"name": "route-sidecar quick start", "invite": [BOT]})["room_id"]
-        wait_for(hs.base_url, token, room,
-                 lambda e: e.get("state_key") == BOT
-                 and e.get("content", {}).get("membership") == "join", "the bot to join")
+        room = matrix(
+            "POST",
+            hs.base_url,
+            "/createRoom",
+            token,
+            {"name": "route-sidecar quick start", "invite": [BOT]},
+        )["room_id"]
+        wait_for(
+            hs.base_url,
+            token,
+            room,
+            lambda e: (
+                e.get("state_key") == BOT and e.get("content", {}).get("membership") == "join"
+            ),
+            "the bot to join",
+        )
         print(f"\nroom {room}: alice invited {BOT}, it joined.")
         quoted = urllib.parse.quote(room)
-        command = matrix("PUT", hs.base_url, f"/rooms/{quoted}/send/m.room.message/"
-                         f"{uuid.uuid4().hex}", token,
-                         {"msgtype": "m.text", "body": "!route cloud"})["event_id"]
+        command = matrix(
+            "PUT",
+            hs.base_url,
+            f"/rooms/{quoted}/send/m.room.message/{uuid.uuid4().hex}",
+            token,
+            {"msgtype": "m.text", "body": "!route cloud"},
+        )["event_id"]
         print("alice> !route cloud")
         reply = wait_for(
-            hs.base_url, token, room,
-            lambda e: e.get("sender") == BOT and e.get("content", {}).get("m.relates_to", {})
-            .get("m.in_reply_to", {}).get("event_id") == command, "the bot's reply")
+            hs.base_url,
+            token,
+            room,
+            lambda e: (
+                e.get("sender") == BOT
+                and e.get("content", {})
+                .get("m.relates_to", {})
+                .get("m.in_reply_to", {})
+                .get("event_id")
+                == command
+            ),
+            "the bot's reply",
+        )
         print(f"route> {reply['content']['body']}")
-        question = matrix("PUT", hs.base_url, f"/rooms/{quoted}/send/m.room.message/"
-                          f"{uuid.uuid4().hex}", token,
-                          {"msgtype": "m.text", "body": "Why did the deploy fail?"})["event_id"]
+        question = matrix(
+            "PUT",
+            hs.base_url,
+            f"/rooms/{quoted}/send/m.room.message/{uuid.uuid4().hex}",
+            token,
+            {"msgtype": "m.text", "body": "Why did the deploy fail?"},
+        )["event_id"]
         print("alice> Why did the deploy fail?")
-        claim_body = {"room_id": room, "turn_id": question,
-                      "last_user_message": "[alice] Why did the deploy fail?"}
-        _, answer = local_synapse.api_request("POST", f"{api}/v1/claim", claim_body,
-                                              token=api_token)
+        claim_body = {
+            "room_id": room,
+            "turn_id": question,
+            "last_user_message": "[alice] Why did the deploy fail?",
+        }
+        _, answer = local_synapse.api_request(
+            "POST", f"{api}/v1/claim", claim_body, token=api_token
+        )
         print(f"\ndispatcher POST /v1/claim → {json.dumps(answer, indent=2)}")
         print(f"""
 Everything is running. Talk to it yourself:

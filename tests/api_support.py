@@ -153,16 +153,29 @@ class Api:
         self._events = itertools.count(1)
 
     async def say(
-        self, room_id: str, body: str, *, ago: float = 5.0, sender: str = ALICE,
-        thread: str | None = None, event_id: str | None = None,
+        self,
+        room_id: str,
+        body: str,
+        *,
+        ago: float = 5.0,
+        sender: str = ALICE,
+        thread: str | None = None,
+        event_id: str | None = None,
     ) -> str:
         """A room message reaches the side-car (the path the appservice takes)."""
         event_id = event_id or f"$event{next(self._events)}"
-        await self.sidecar.service.on_message(RoomMessage(
-            room_id=room_id, event_id=event_id, sender=sender, body=body, msgtype="m.text",
-            thread_root=thread, is_edit=False,
-            sent_at=datetime.now(UTC) - timedelta(seconds=ago),
-        ))
+        await self.sidecar.service.on_message(
+            RoomMessage(
+                room_id=room_id,
+                event_id=event_id,
+                sender=sender,
+                body=body,
+                msgtype="m.text",
+                thread_root=thread,
+                is_edit=False,
+                sent_at=datetime.now(UTC) - timedelta(seconds=ago),
+            )
+        )
         return event_id
 
     async def route(self, room_id: str = ROOM, command: str = "/route cloud") -> str:
@@ -176,7 +189,10 @@ class Api:
         return await self.client.post("/v1/claim", json=body, headers=headers or AUTH)
 
     async def post_raw(
-        self, path: str, content: bytes, content_type: str | None = "application/json",
+        self,
+        path: str,
+        content: bytes,
+        content_type: str | None = "application/json",
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         sent = dict(headers or AUTH)
@@ -192,10 +208,12 @@ class Api:
             rows = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
             intents = tuple(db.execute("SELECT id, state FROM intents ORDER BY id"))
             # Not the claim counts and times: the side-car writes those behind, at its sweep.
-            bound = tuple(db.execute(
-                "SELECT intent_id, position, turn_id, message_hash, bound_at FROM bound_turns"
-                " ORDER BY intent_id, position"
-            ))
+            bound = tuple(
+                db.execute(
+                    "SELECT intent_id, position, turn_id, message_hash, bound_at FROM bound_turns"
+                    " ORDER BY intent_id, position"
+                )
+            )
         finally:
             db.close()
         return Snapshot(intent, rows, intents, bound)
@@ -205,8 +223,7 @@ def sidecar_config(tmp_path: Path) -> Any:
     return parse_config(
         {
             # Nothing listens there: the Matrix side retries in the background.
-            "homeserver": {"address": f"http://127.0.0.1:{free_port()}",
-                           "domain": "example.org"},
+            "homeserver": {"address": f"http://127.0.0.1:{free_port()}", "domain": "example.org"},
             "appservice": {
                 "address": "http://127.0.0.1:29333",
                 "listen": {"host": "127.0.0.1", "port": free_port()},

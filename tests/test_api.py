@@ -39,7 +39,11 @@ from tests.api_support import (
 )
 
 SPEC_METADATA_KEYS = {
-    "matrix_room_id", "matrix_sender", "route_target", "route_intent_id", "route_origin",
+    "matrix_room_id",
+    "matrix_sender",
+    "route_target",
+    "route_intent_id",
+    "route_origin",
     "route_turn_id",
 }
 
@@ -89,8 +93,14 @@ async def test_claim_without_an_intent_gets_no_override(api: Api) -> None:
     before = await api.snapshot()
     answer = (await api.claim(claim_body())).json()
     assert answer == {
-        "override": False, "model": None, "target": None, "intent_id": None,
-        "room_id": ROOM, "turn_id": "$question", "expires_at": None, "reason": "no_intent",
+        "override": False,
+        "model": None,
+        "target": None,
+        "intent_id": None,
+        "room_id": ROOM,
+        "turn_id": "$question",
+        "expires_at": None,
+        "reason": "no_intent",
         "metadata": {"matrix_room_id": ROOM, "route_turn_id": "$question"},
     }
     await assert_changed_nothing(api, before, "a claim without an intent")
@@ -104,23 +114,23 @@ async def test_claim_after_route_overrides_with_the_target_model(api: Api, pendi
     assert (answer["room_id"], answer["turn_id"]) == (ROOM, "$question")
     assert answer["expires_at"] is not None
     assert answer["metadata"] == {
-        "matrix_room_id": ROOM, "matrix_sender": ALICE, "route_target": "cloud",
-        "route_intent_id": pending, "route_origin": "/route", "route_turn_id": "$question",
+        "matrix_room_id": ROOM,
+        "matrix_sender": ALICE,
+        "route_target": "cloud",
+        "route_intent_id": pending,
+        "route_origin": "/route",
+        "route_turn_id": "$question",
     }
     assert set(answer["metadata"]) == SPEC_METADATA_KEYS
     shown = (await api.client.get(room_path(ROOM), headers=AUTH)).json()
     assert (shown["state"], shown["bound_turns"]) == ("active", 1)
 
 
-async def test_every_claim_of_the_bound_turn_gets_the_same_override(
-    api: Api, pending: str
-) -> None:
+async def test_every_claim_of_the_bound_turn_gets_the_same_override(api: Api, pending: str) -> None:
     answers = [(await api.claim(claim_body())).json() for _ in range(3)]
     assert [a["override"] for a in answers] == [True, True, True]
     assert [a["reason"] for a in answers] == ["bound", "continued", "continued"]
-    assert {(a["intent_id"], a["model"]) for a in answers} == {
-        (pending, "ollama-cloud/glm-5.1")
-    }
+    assert {(a["intent_id"], a["model"]) for a in answers} == {(pending, "ollama-cloud/glm-5.1")}
 
 
 async def test_another_turn_gets_no_override_and_does_not_disturb_the_bound_turn(
@@ -133,9 +143,7 @@ async def test_another_turn_gets_no_override_and_does_not_disturb_the_bound_turn
     assert set(other["metadata"]) == {"matrix_room_id", "route_turn_id"}
     await assert_changed_nothing(api, before, "a claim from another turn")
     again = (await api.claim(claim_body())).json()
-    assert (again["override"], again["reason"], again["intent_id"]) == (
-        True, "continued", pending
-    )
+    assert (again["override"], again["reason"], again["intent_id"]) == (True, "continued", pending)
 
 
 async def test_session_id_is_an_alias_of_turn_id(api: Api, pending: str) -> None:
@@ -176,9 +184,7 @@ async def test_claim_reads_room_and_turn_from_the_hermes_system_message(
     assert answers[0]["metadata"]["route_turn_id"] == "$thread-root"
 
 
-async def test_claim_resolves_the_room_from_the_last_user_message(
-    api: Api, pending: str
-) -> None:
+async def test_claim_resolves_the_room_from_the_last_user_message(api: Api, pending: str) -> None:
     await api.say(ROOM, "Which  region is the outage in?", ago=2.0)
     await api.say("!elsewhere:example.org", "unrelated chatter", ago=2.0)
     # Hermes shows the agent the message with its `[Display Name] ` prefix.
@@ -186,17 +192,13 @@ async def test_claim_resolves_the_room_from_the_last_user_message(
         await api.claim({"last_user_message": "[Alice] which region is the outage in?"})
     ).json()
     assert (answer["room_id"], answer["turn_id"]) == (ROOM, None)
-    assert (answer["override"], answer["intent_id"], answer["reason"]) == (
-        True, pending, "bound"
-    )
+    assert (answer["override"], answer["intent_id"], answer["reason"]) == (True, pending, "bound")
 
 
 async def test_a_message_seen_in_no_room_resolves_no_room(api: Api, pending: str) -> None:
     before = await api.snapshot()
     answer = (await api.claim({"last_user_message": "never said in any room"})).json()
-    assert (answer["override"], answer["room_id"], answer["reason"]) == (
-        False, None, "no_intent"
-    )
+    assert (answer["override"], answer["room_id"], answer["reason"]) == (False, None, "no_intent")
     await assert_changed_nothing(api, before, "a claim resolving no room")
 
 
@@ -212,9 +214,9 @@ async def test_a_message_seen_in_two_rooms_resolves_no_room(api: Api, pending: s
 async def test_concurrent_claims_from_many_turns_bind_a_one_shot_intent_once(
     api: Api, pending: str
 ) -> None:
-    answers = await asyncio.gather(*(
-        api.claim(claim_body(f"$turn{n}", f"question {n}")) for n in range(20)
-    ))
+    answers = await asyncio.gather(
+        *(api.claim(claim_body(f"$turn{n}", f"question {n}")) for n in range(20))
+    )
     winners = [a.json() for a in answers if a.json()["override"]]
     assert len(winners) == 1
     assert winners[0]["reason"] == "bound"
@@ -237,7 +239,9 @@ async def test_a_bound_turn_keeps_its_override_after_a_restart(
         assert (other["override"], other["reason"]) == (False, "other_turn")
         same = (await second.claim(claim_body())).json()
         assert (same["override"], same["reason"], same["intent_id"]) == (
-            True, "continued", intent_id
+            True,
+            "continued",
+            intent_id,
         )
     finally:
         await stop_api(second)
@@ -250,9 +254,15 @@ async def test_outcome_for_a_known_intent_is_recorded(api: Api, pending: str) ->
     await api.claim(claim_body())
     before = await api.snapshot()
     response = await api.client.post(
-        outcome_path(pending), headers=AUTH,
-        json={"model": "ollama-cloud/glm-5.1", "status": "ok", "latency_ms": 6816,
-              "detail": "served", "turn_id": "$question"},
+        outcome_path(pending),
+        headers=AUTH,
+        json={
+            "model": "ollama-cloud/glm-5.1",
+            "status": "ok",
+            "latency_ms": 6816,
+            "detail": "served",
+            "turn_id": "$question",
+        },
     )
     assert response.status_code == 204
     after = await api.snapshot()
@@ -283,7 +293,10 @@ async def test_get_room_intent_reads_it_without_claiming(api: Api, pending: str)
     assert response.status_code == 200
     intent = response.json()
     assert (intent["id"], intent["room_id"], intent["target"], intent["model"]) == (
-        pending, ROOM, "cloud", "ollama-cloud/glm-5.1"
+        pending,
+        ROOM,
+        "cloud",
+        "ollama-cloud/glm-5.1",
     )
     assert intent["scope"] == {"kind": "once", "turns": 1, "seconds": None}
     assert (intent["sender"], intent["state"], intent["bound_turns"]) == (ALICE, "pending", 0)
@@ -346,9 +359,7 @@ def v1_requests(intent_id: str) -> list[tuple[str, str, Any]]:
     ]
 
 
-async def test_every_v1_endpoint_needs_a_configured_bearer_token(
-    api: Api, pending: str
-) -> None:
+async def test_every_v1_endpoint_needs_a_configured_bearer_token(api: Api, pending: str) -> None:
     before = await api.snapshot()
     for method, path, body in v1_requests(pending):
         for headers in WRONG_AUTHORIZATION:
@@ -371,8 +382,13 @@ async def test_a_body_not_sent_as_application_json_is_415(
     path = path.format(intent=pending)
     body = json.dumps(claim_body() | {"model": "m", "status": "ok"}).encode()
     before = await api.snapshot()
-    for content_type in ("text/plain", None, "application/x-www-form-urlencoded",
-                         "application/jsonx", "multipart/form-data; boundary=x"):
+    for content_type in (
+        "text/plain",
+        None,
+        "application/x-www-form-urlencoded",
+        "application/jsonx",
+        "multipart/form-data; boundary=x",
+    ):
         response = await api.post_raw(path, body, content_type)
         assert response.status_code == 415, content_type
         assert response.json()["error"]["code"] == "unsupported_media_type"
@@ -380,43 +396,67 @@ async def test_a_body_not_sent_as_application_json_is_415(
     await assert_still_binds(api, pending)
 
 
-BAD_CLAIMS: list[tuple[str, bytes]] = [
-    ("broken JSON", b'{"room_id": "!routed:example.org", '),
-    ("empty body", b""),
-    ("JSON array", json.dumps([claim_body()]).encode()),
-    ("JSON string", b'"!routed:example.org"'),
-    ("JSON null", b"null"),
-    ("JSON number", b"42"),
-    ("not UTF-8", b'{"room_id": "!routed:example.org", "turn_id": "$\xff"}'),
-    ("lone surrogate", b'{"room_id": "!routed:example.org", "turn_id": "$\\ud800"}'),
-    ("lone surrogate in request",
-     b'{"request": {"messages": [{"role": "system", "content": '
-     b'"**Matrix Room ID:** !routed:example.org\\n**Matrix Thread:** $\\udfff"}]}}'),
-    ("room_id not starting with !", json.dumps(claim_body() | {"room_id": "#routed:x"}).encode()),
-    ("room_id empty", json.dumps(claim_body() | {"room_id": ""}).encode()),
-    ("room_id 300 chars", json.dumps(claim_body() | {"room_id": "!" + "r" * 299}).encode()),
-    ("turn_id 300 chars", json.dumps(claim_body("$" + "t" * 299)).encode()),
-    ("session_id 300 chars", json.dumps(claim_body() | {"session_id": "$" + "s" * 299}).encode()),
-    ("requested_model 300 chars",
-     json.dumps(claim_body() | {"requested_model": "m" * 300}).encode()),
-    ("turn_id and session_id differ",
-     json.dumps(claim_body() | {"session_id": "$different"}).encode()),
-    ("none of room_id, request, last_user_message", b'{"turn_id": "$question"}'),
-    ("only nulls", b'{"room_id": null, "request": null, "last_user_message": null}'),
-    ("empty object", b"{}"),
-    ("request.messages not a list",
-     json.dumps({"room_id": ROOM, "request": {"messages": {"role": "user"}}}).encode()),
-    ("request.messages a string",
-     json.dumps({"room_id": ROOM, "request": {"messages": "hi"}}).encode()),
-] + [
-    (f"{field} is {kind}", json.dumps(claim_body() | {field: value}).encode())
-    for field in ("room_id", "turn_id", "session_id", "last_user_message", "requested_model")
-    for kind, value in (("a number", 7), ("a bool", True), ("a list", ["!x"]),
-                        ("an object", {"id": "!x"}))
-] + [
-    (f"request is {kind}", json.dumps(claim_body() | {"request": value}).encode())
-    for kind, value in (("a string", "{}"), ("a list", []), ("a number", 1), ("a bool", False))
-]
+BAD_CLAIMS: list[tuple[str, bytes]] = (
+    [
+        ("broken JSON", b'{"room_id": "!routed:example.org", '),
+        ("empty body", b""),
+        ("JSON array", json.dumps([claim_body()]).encode()),
+        ("JSON string", b'"!routed:example.org"'),
+        ("JSON null", b"null"),
+        ("JSON number", b"42"),
+        ("not UTF-8", b'{"room_id": "!routed:example.org", "turn_id": "$\xff"}'),
+        ("lone surrogate", b'{"room_id": "!routed:example.org", "turn_id": "$\\ud800"}'),
+        (
+            "lone surrogate in request",
+            b'{"request": {"messages": [{"role": "system", "content": '
+            b'"**Matrix Room ID:** !routed:example.org\\n**Matrix Thread:** $\\udfff"}]}}',
+        ),
+        (
+            "room_id not starting with !",
+            json.dumps(claim_body() | {"room_id": "#routed:x"}).encode(),
+        ),
+        ("room_id empty", json.dumps(claim_body() | {"room_id": ""}).encode()),
+        ("room_id 300 chars", json.dumps(claim_body() | {"room_id": "!" + "r" * 299}).encode()),
+        ("turn_id 300 chars", json.dumps(claim_body("$" + "t" * 299)).encode()),
+        (
+            "session_id 300 chars",
+            json.dumps(claim_body() | {"session_id": "$" + "s" * 299}).encode(),
+        ),
+        (
+            "requested_model 300 chars",
+            json.dumps(claim_body() | {"requested_model": "m" * 300}).encode(),
+        ),
+        (
+            "turn_id and session_id differ",
+            json.dumps(claim_body() | {"session_id": "$different"}).encode(),
+        ),
+        ("none of room_id, request, last_user_message", b'{"turn_id": "$question"}'),
+        ("only nulls", b'{"room_id": null, "request": null, "last_user_message": null}'),
+        ("empty object", b"{}"),
+        (
+            "request.messages not a list",
+            json.dumps({"room_id": ROOM, "request": {"messages": {"role": "user"}}}).encode(),
+        ),
+        (
+            "request.messages a string",
+            json.dumps({"room_id": ROOM, "request": {"messages": "hi"}}).encode(),
+        ),
+    ]
+    + [
+        (f"{field} is {kind}", json.dumps(claim_body() | {field: value}).encode())
+        for field in ("room_id", "turn_id", "session_id", "last_user_message", "requested_model")
+        for kind, value in (
+            ("a number", 7),
+            ("a bool", True),
+            ("a list", ["!x"]),
+            ("an object", {"id": "!x"}),
+        )
+    ]
+    + [
+        (f"request is {kind}", json.dumps(claim_body() | {"request": value}).encode())
+        for kind, value in (("a string", "{}"), ("a list", []), ("a number", 1), ("a bool", False))
+    ]
+)
 
 
 @pytest.mark.parametrize(("label", "body"), BAD_CLAIMS, ids=[label for label, _ in BAD_CLAIMS])
@@ -484,8 +524,7 @@ async def test_an_error_names_the_field_at_fault(api: Api) -> None:
     assert latency.json()["error"]["message"].startswith("latency_ms:")
 
 
-@pytest.mark.parametrize("room_id", ["routed:example.org", "#alias:example.org",
-                                     "!" + "r" * 299])
+@pytest.mark.parametrize("room_id", ["routed:example.org", "#alias:example.org", "!" + "r" * 299])
 async def test_a_bad_room_id_in_the_path_is_400(api: Api, pending: str, room_id: str) -> None:
     before = await api.snapshot()
     for method in ("GET", "DELETE"):
@@ -512,7 +551,8 @@ async def test_a_body_over_the_limit_is_413_with_or_without_content_length(
     sized = await api.post_raw(path, head + b"x" * MAX_BODY_BYTES + b'"}')
     assert "content-length" in sized.request.headers
     chunked = await api.client.post(
-        path, content=oversized(head, b"x" * 512, MAX_BODY_BYTES // 512 + 1, b'"}'),
+        path,
+        content=oversized(head, b"x" * 512, MAX_BODY_BYTES // 512 + 1, b'"}'),
         headers=AUTH | {"Content-Type": "application/json"},
     )
     assert chunked.request.headers.get("transfer-encoding") == "chunked"
@@ -532,9 +572,15 @@ async def test_a_body_just_within_the_limit_is_read(api: Api) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/nope"), ("POST", "/v2/claim"), ("POST", "/v1/claim/extra"),
-     ("GET", "/v1/rooms"), ("POST", "/v1/intents//outcome"), ("GET", "/"),
-     ("GET", "/v1/rooms/%21routed%3Aexample.org/intent/extra")],
+    [
+        ("GET", "/v1/nope"),
+        ("POST", "/v2/claim"),
+        ("POST", "/v1/claim/extra"),
+        ("GET", "/v1/rooms"),
+        ("POST", "/v1/intents//outcome"),
+        ("GET", "/"),
+        ("GET", "/v1/rooms/%21routed%3Aexample.org/intent/extra"),
+    ],
 )
 async def test_an_unknown_path_is_404(api: Api, pending: str, method: str, path: str) -> None:
     before = await api.snapshot()
@@ -547,12 +593,16 @@ async def test_an_unknown_path_is_404(api: Api, pending: str, method: str, path:
 
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
-    [("GET", "/v1/claim", "POST"), ("PUT", "/v1/claim", "POST"),
-     ("GET", "/v1/intents/{intent}/outcome", "POST"),
-     ("POST", "/v1/rooms/%21routed%3Aexample.org/intent", "DELETE"),
-     ("PATCH", "/v1/rooms/%21routed%3Aexample.org/intent", "GET"),
-     ("POST", "/healthz", "GET"), ("DELETE", "/metrics", "GET"),
-     ("POST", "/v1/openapi.json", "GET")],
+    [
+        ("GET", "/v1/claim", "POST"),
+        ("PUT", "/v1/claim", "POST"),
+        ("GET", "/v1/intents/{intent}/outcome", "POST"),
+        ("POST", "/v1/rooms/%21routed%3Aexample.org/intent", "DELETE"),
+        ("PATCH", "/v1/rooms/%21routed%3Aexample.org/intent", "GET"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/metrics", "GET"),
+        ("POST", "/v1/openapi.json", "GET"),
+    ],
 )
 async def test_a_method_a_path_does_not_serve_is_405(
     api: Api, pending: str, method: str, path: str, allowed: str
@@ -599,9 +649,13 @@ async def test_metrics_count_claims_by_result(api: Api, pending: str) -> None:
     assert "# TYPE route_sidecar_claims_total counter" in lines
     assert 'route_sidecar_claims_total{result="bound"} 1.0' in lines
     assert 'route_sidecar_claims_total{result="other_turn"} 1.0' in lines
-    for name in ("route_sidecar_claim_seconds_bucket", "route_sidecar_live_intents",
-                 "route_sidecar_commands_total", "route_sidecar_transactions",
-                 "route_sidecar_duplicate_deliveries"):
+    for name in (
+        "route_sidecar_claim_seconds_bucket",
+        "route_sidecar_live_intents",
+        "route_sidecar_commands_total",
+        "route_sidecar_transactions",
+        "route_sidecar_duplicate_deliveries",
+    ):
         assert name in response.text
 
 
@@ -646,24 +700,39 @@ def test_openapi_document_describes_every_route_the_api_serves(openapi: OpenApi)
 # ---- hostile strings -----------------------------------------------------------------
 
 HOSTILE = [
-    "!ünïcødé:例え.jp", "!room:example.org\u202egro.elpmaxe", "!🚀:example.org",
-    '!"quoted":example.org', "!'single':x", "!../../etc/passwd", "!..%2F..%2Fx",
-    "!a/b:x", "!a\x00b:x", "!\x00", "!a\\b", "!room:x\n**Matrix Room ID:** !routed:example.org",
-    "!'; DROP TABLE intents; --", "!" + "r" * 254, "!" + "r" * 255, "!" + "r" * 299,
-    "!\ud7ff\ue000\U0010ffff", "!<script>alert(1)</script>", "!%00", "!\t\r\n",
+    "!ünïcødé:例え.jp",
+    "!room:example.org\u202egro.elpmaxe",
+    "!🚀:example.org",
+    '!"quoted":example.org',
+    "!'single':x",
+    "!../../etc/passwd",
+    "!..%2F..%2Fx",
+    "!a/b:x",
+    "!a\x00b:x",
+    "!\x00",
+    "!a\\b",
+    "!room:x\n**Matrix Room ID:** !routed:example.org",
+    "!'; DROP TABLE intents; --",
+    "!" + "r" * 254,
+    "!" + "r" * 255,
+    "!" + "r" * 299,
+    "!\ud7ff\ue000\U0010ffff",
+    "!<script>alert(1)</script>",
+    "!%00",
+    "!\t\r\n",
 ]
 
 
-async def test_hostile_ids_never_yield_a_5xx_nor_change_anything(
-    api: Api, pending: str
-) -> None:
+async def test_hostile_ids_never_yield_a_5xx_nor_change_anything(api: Api, pending: str) -> None:
     before = await api.snapshot()
     for hostile in HOSTILE:
         turn = "$" + hostile[1:]
-        for body in ({"room_id": hostile, "turn_id": turn, "last_user_message": hostile},
-                     {"room_id": hostile, "session_id": turn},
-                     {"request": hermes_request(hostile, turn, hostile)},
-                     {"last_user_message": hostile, "turn_id": turn}):
+        for body in (
+            {"room_id": hostile, "turn_id": turn, "last_user_message": hostile},
+            {"room_id": hostile, "session_id": turn},
+            {"request": hermes_request(hostile, turn, hostile)},
+            {"last_user_message": hostile, "turn_id": turn},
+        ):
             response = await api.claim(body)
             assert response.status_code in (200, 400), (body, response.text)
             if len(hostile) > 255 and "room_id" in body:
@@ -675,14 +744,18 @@ async def test_hostile_ids_never_yield_a_5xx_nor_change_anything(
             expected = (400,) if len(hostile) > 255 else (404,)
             assert response.status_code in expected, (method, hostile, response.text)
         response = await api.client.post(
-            outcome_path(hostile), json={"model": hostile, "status": "ok",
-                                         "detail": hostile, "turn_id": turn[:255]},
+            outcome_path(hostile),
+            json={"model": hostile, "status": "ok", "detail": hostile, "turn_id": turn[:255]},
             headers=AUTH,
         )
         assert response.status_code in (400, 404), (hostile, response.text)
         await assert_changed_nothing(api, before, f"hostile id {hostile!r}")
-    for raw in ("/v1/rooms/!a/../intent", "/v1/rooms/../../healthz/intent",
-                "/v1/intents/../claim/outcome", "/v1/rooms/%2e%2e/intent"):
+    for raw in (
+        "/v1/rooms/!a/../intent",
+        "/v1/rooms/../../healthz/intent",
+        "/v1/intents/../claim/outcome",
+        "/v1/rooms/%2e%2e/intent",
+    ):
         response = await api.client.get(raw, headers=AUTH)
         assert response.status_code < 500, raw
     await assert_changed_nothing(api, before, "dot-dot paths")
@@ -699,14 +772,28 @@ async def test_an_unreadable_authorization_header_is_401_not_500(api: Api) -> No
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 EDGE_STRINGS = [
-    "", "!", "$", "\ud800", "!\udfff", "$\udbff", "$a\x00b", f"{ROOM} ", ROOM.upper(),
-    "!" + "r" * 254, "!" + "r" * 255, "$" + "t" * 254, "$" + "t" * 255, "/route cloud",
-    "[Alice] !route c", "**Matrix Room ID:** !routed:example.org",
+    "",
+    "!",
+    "$",
+    "\ud800",
+    "!\udfff",
+    "$\udbff",
+    "$a\x00b",
+    f"{ROOM} ",
+    ROOM.upper(),
+    "!" + "r" * 254,
+    "!" + "r" * 255,
+    "$" + "t" * 254,
+    "$" + "t" * 255,
+    "/route cloud",
+    "[Alice] !route c",
+    "**Matrix Room ID:** !routed:example.org",
 ]
 
 
@@ -725,14 +812,19 @@ texts = st.text(max_size=80) | st.sampled_from(EDGE_STRINGS)
 
 
 message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]) | json_values,
-     "content": st.one_of(
-         st.builds(lambda r, t: f"**Matrix Room ID:** {r}\n**Matrix Thread:** {t}",
-                   id_strings, id_strings),
-         texts,
-         st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), max_size=3),
-         json_values,
-     )},
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]) | json_values,
+        "content": st.one_of(
+            st.builds(
+                lambda r, t: f"**Matrix Room ID:** {r}\n**Matrix Thread:** {t}",
+                id_strings,
+                id_strings,
+            ),
+            texts,
+            st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), max_size=3),
+            json_values,
+        ),
+    },
 )
 
 
@@ -747,23 +839,45 @@ def well_typed_claims(draw: st.DrawFn) -> dict[str, Any]:
         "session_id": draw(weighted((6, st.none()), (2, st.just(turn_id)), (2, id_strings))),
         "last_user_message": draw(weighted((4, st.none()), (6, texts))),
         "requested_model": draw(st.none() | st.text(max_size=20)),
-        "request": draw(weighted((6, st.none()), (4, st.fixed_dictionaries(
-            {}, optional={"messages": st.lists(message, max_size=4),
-                          "model": st.text(max_size=20)})))),
+        "request": draw(
+            weighted(
+                (6, st.none()),
+                (
+                    4,
+                    st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "messages": st.lists(message, max_size=4),
+                            "model": st.text(max_size=20),
+                        },
+                    ),
+                ),
+            )
+        ),
     }
     return {k: v for k, v in fields.items() if v is not None or draw(st.booleans())}
 
 
-CLAIM_FIELDS = ["last_user_message", "request", "requested_model", "room_id", "session_id",
-                "turn_id"]
+CLAIM_FIELDS = [
+    "last_user_message",
+    "request",
+    "requested_model",
+    "room_id",
+    "session_id",
+    "turn_id",
+]
 ill_typed_claims = st.dictionaries(
     st.sampled_from(CLAIM_FIELDS) | st.text(max_size=10), json_values | id_strings, max_size=6
 )
 claim_bodies = weighted((6, well_typed_claims()), (2, ill_typed_claims), (1, json_values))
 
 
-@settings(max_examples=300, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=claim_bodies)
 async def test_random_claim_bodies_never_yield_a_5xx_nor_change_state_without_override(
     api: Api, body: Any
@@ -773,8 +887,9 @@ async def test_random_claim_bodies_never_yield_a_5xx_nor_change_state_without_ov
         await api.route()
         before = await api.snapshot()
     response = await api.client.post(
-        "/v1/claim", content=json.dumps(body).encode(), headers=AUTH | {
-            "Content-Type": "application/json"},
+        "/v1/claim",
+        content=json.dumps(body).encode(),
+        headers=AUTH | {"Content-Type": "application/json"},
     )
     assert response.status_code in (200, 400, 413), response.text  # 413: over 4 KiB
     if response.status_code != 200 or not response.json()["override"]:

@@ -370,9 +370,14 @@ def test_parse_event_never_raises_on_real_events_with_odd_fields(
 
 def test_ids_and_bodies_that_no_utf8_store_can_hold_are_made_safe() -> None:
     raw = {
-        "type": "m.room.message", "room_id": "!r:x", "sender": "@a:x", "event_id": "$e",
-        "origin_server_ts": 1, "content": {
-            "msgtype": "m.text", "body": "!route cloud \ud800",
+        "type": "m.room.message",
+        "room_id": "!r:x",
+        "sender": "@a:x",
+        "event_id": "$e",
+        "origin_server_ts": 1,
+        "content": {
+            "msgtype": "m.text",
+            "body": "!route cloud \ud800",
             "m.relates_to": {"rel_type": "m.thread", "event_id": "$root\ud800"},
         },
     }

@@ -45,8 +45,14 @@ async def make_service(path: Path, clock: Clock) -> RouteService:
 
 def message(body: str, event_id: str, at: datetime, sender: str = "@alice:test") -> RoomMessage:
     return RoomMessage(
-        room_id=ROOM, event_id=event_id, sender=sender, body=body, msgtype="m.text",
-        thread_root=None, is_edit=False, sent_at=at,
+        room_id=ROOM,
+        event_id=event_id,
+        sender=sender,
+        body=body,
+        msgtype="m.text",
+        thread_root=None,
+        is_edit=False,
+        sent_at=at,
     )
 
 
@@ -79,13 +85,13 @@ async def test_concurrent_claims_from_many_turns_bind_exactly_one(
     service = await make_service(tmp_path / "db.sqlite", clock)
     await service.on_message(message("!route cloud", "$cmd", clock.now))
     clock.now += timedelta(seconds=1)
-    turns = [Turn(room_id=ROOM, turn_id=f"$t{i}", last_user_message=f"question {i}")
-             for i in range(50)]
+    turns = [
+        Turn(room_id=ROOM, turn_id=f"$t{i}", last_user_message=f"question {i}") for i in range(50)
+    ]
     calls = [turns[i % 50] for i in range(200)]
     random.Random(7).shuffle(calls)
     answers = await asyncio.gather(*(service.claim(turn) for turn in calls))
-    winners = {turn.turn_id for turn, answer in zip(calls, answers, strict=True)
-               if answer.override}
+    winners = {turn.turn_id for turn, answer in zip(calls, answers, strict=True) if answer.override}
     assert len(winners) == 1
     winner = winners.pop()
     assert all(a.override for t, a in zip(calls, answers, strict=True) if t.turn_id == winner)

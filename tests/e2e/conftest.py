@@ -35,7 +35,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Si
     )
     sidecar = Sidecar(work, config)
     hs = local_synapse.start(
-        work / "synapse", synapse_python=python, port=hs_port, server_name="localhost",
+        work / "synapse",
+        synapse_python=python,
+        port=hs_port,
+        server_name="localhost",
         registrations=[sidecar.registration],
     )
     sidecar.start()
@@ -76,8 +79,11 @@ async def lookup(sidecar: Sidecar) -> AsyncIterator[LookupClient]:
     await client.close()
 
 
-async def open_room(users: dict[str, MatrixUser], creator: str = "alice",
-                    others: tuple[str, ...] = ("bob", "carol", "agent")) -> str:
+async def open_room(
+    users: dict[str, MatrixUser],
+    creator: str = "alice",
+    others: tuple[str, ...] = ("bob", "carol", "agent"),
+) -> str:
     """A fresh room with the bot and the others in it, as the creator would set it up."""
     owner = users[creator]
     room_id = await owner.create_room(invite=[BOT, *(users[o].user_id for o in others)])
@@ -85,8 +91,11 @@ async def open_room(users: dict[str, MatrixUser], creator: str = "alice",
         await users[other].join(room_id)
     await owner.wait_for(
         room_id,
-        lambda e: e.get("type") == "m.room.member" and e.get("state_key") == BOT
-        and e["content"].get("membership") == "join",
+        lambda e: (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == BOT
+            and e["content"].get("membership") == "join"
+        ),
         what="the bot to join",
     )
     return room_id

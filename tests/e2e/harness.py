@@ -65,8 +65,12 @@ def base_config(hs_url: str, as_port: int, api_port: int, db: Path) -> dict[str,
             "big": {"model": "ollama-cloud/big-1t", "level": 50},
         },
         "routing": {"intent_ttl": "15m", "turn_idle": "5m"},
-        "permissions": {"@alice:localhost": 100, "@bob:localhost": 0, "@agent:localhost": 0,
-                        "@carol:localhost": 0},
+        "permissions": {
+            "@alice:localhost": 100,
+            "@bob:localhost": 0,
+            "@agent:localhost": 0,
+            "@carol:localhost": 0,
+        },
         "agents": ["@agent:localhost"],
         "limits": {"routes_per_hour": 1000},
         "logging": {"level": "DEBUG"},
@@ -84,9 +88,19 @@ class Sidecar:
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config(config)
         subprocess.run(
-            [sys.executable, "-m", "bot", "generate-registration", "-c", str(self.config_path),
-             "-o", str(self.registration)],
-            check=True, cwd=REPO_ROOT, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "bot",
+                "generate-registration",
+                "-c",
+                str(self.config_path),
+                "-o",
+                str(self.registration),
+            ],
+            check=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
         )
         self.tokens = self.read_tokens()
 
@@ -114,13 +128,16 @@ class Sidecar:
 
     @property
     def db_path(self) -> Path:
-        return Path(self.config["database"][len("sqlite:///"):])
+        return Path(self.config["database"][len("sqlite:///") :])
 
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bot", "run", "-c", str(self.config_path)],
-            cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -168,7 +185,8 @@ class MatrixUser:
 
     def __post_init__(self) -> None:
         self.client = httpx.AsyncClient(
-            base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"},
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.token}"},
             timeout=30,
         )
 
@@ -185,18 +203,22 @@ class MatrixUser:
     async def join(self, room_id: str) -> None:
         await self.request("POST", f"/join/{quote(room_id)}", {})
 
-    async def send(self, room_id: str, content: dict[str, Any],
-                   event_type: str = "m.room.message") -> str:
+    async def send(
+        self, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
+    ) -> str:
         txn = uuid.uuid4().hex
         path = f"/rooms/{quote(room_id)}/send/{event_type}/{txn}"
         return (await self.request("PUT", path, content))["event_id"]
 
-    async def say(self, room_id: str, body: str, thread_root: str | None = None,
-                  msgtype: str = "m.text") -> str:
+    async def say(
+        self, room_id: str, body: str, thread_root: str | None = None, msgtype: str = "m.text"
+    ) -> str:
         content: dict[str, Any] = {"msgtype": msgtype, "body": body}
         if thread_root is not None:
             content["m.relates_to"] = {
-                "rel_type": "m.thread", "event_id": thread_root, "is_falling_back": True,
+                "rel_type": "m.thread",
+                "event_id": thread_root,
+                "is_falling_back": True,
                 "m.in_reply_to": {"event_id": thread_root},
             }
         return await self.send(room_id, content)
@@ -213,11 +235,15 @@ class MatrixUser:
         state = await self.request("GET", f"/rooms/{quote(room_id)}/state")
         return {
             e["state_key"]: e["content"].get("membership")
-            for e in state if e["type"] == "m.room.member"
+            for e in state
+            if e["type"] == "m.room.member"
         }
 
     async def wait_for(
-        self, room_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0,
+        self,
+        room_id: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 15.0,
         what: str = "event",
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -231,8 +257,9 @@ class MatrixUser:
     async def bot_replies(self, room_id: str, event_id: str) -> list[dict[str, Any]]:
         return [e for e in await self.events(room_id) if is_bot_reply_to(e, event_id)]
 
-    async def wait_reply(self, room_id: str, event_id: str, timeout: float = 15.0
-                         ) -> dict[str, Any]:
+    async def wait_reply(
+        self, room_id: str, event_id: str, timeout: float = 15.0
+    ) -> dict[str, Any]:
         return await self.wait_for(
             room_id, lambda e: is_bot_reply_to(e, event_id), timeout, "the bot's reply"
         )
@@ -252,7 +279,8 @@ def is_bot_reply_to(event: dict[str, Any], event_id: str) -> bool:
 
 def edits_of(events: list[dict[str, Any]], event_id: str) -> list[dict[str, Any]]:
     return [
-        e for e in events
+        e
+        for e in events
         if e.get("sender") == BOT
         and e.get("content", {}).get("m.relates_to", {}).get("rel_type") == "m.replace"
         and e["content"]["m.relates_to"].get("event_id") == event_id
@@ -263,7 +291,8 @@ def reactions_on(events: list[dict[str, Any]], event_id: str) -> list[str]:
     return [
         e["content"]["m.relates_to"]["key"]
         for e in events
-        if e.get("type") == "m.reaction" and e.get("sender") == BOT
+        if e.get("type") == "m.reaction"
+        and e.get("sender") == BOT
         and e["content"].get("m.relates_to", {}).get("event_id") == event_id
     ]
 

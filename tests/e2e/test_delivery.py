@@ -27,15 +27,17 @@ def db_count(sidecar: Sidecar, sql: str, *params: object) -> int:
         return db.execute(sql, params).fetchone()[0]
 
 
-async def push_transaction(sidecar: Sidecar, txn_id: str, events: list[dict],
-                           token: str | None = None) -> httpx.Response:
+async def push_transaction(
+    sidecar: Sidecar, txn_id: str, events: list[dict], token: str | None = None
+) -> httpx.Response:
     """What Synapse does: PUT the transaction with the hs_token."""
     token = sidecar.tokens["hs_token"] if token is None else token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient() as client:
         return await client.put(
             f"{sidecar.as_url}/_matrix/app/v1/transactions/{quote(txn_id)}",
-            json={"events": events}, headers=headers,
+            json={"events": events},
+            headers=headers,
         )
 
 
@@ -70,8 +72,9 @@ async def test_a_transaction_delivered_twice_creates_one_intent_and_one_reply(
         assert response.status_code == 200 and response.json() == {}
     await asyncio.sleep(1.0)
     assert (await lookup.room_intent(room))["id"] == intent_id
-    assert db_count(sidecar, "SELECT COUNT(*) FROM intents WHERE command_event_id = ?",
-                    command) == 1
+    assert (
+        db_count(sidecar, "SELECT COUNT(*) FROM intents WHERE command_event_id = ?", command) == 1
+    )
     assert len(await alice.bot_replies(room, command)) == 1
 
 
@@ -95,8 +98,9 @@ async def test_a_broken_transaction_body_is_refused_without_a_server_error(
         headers = {"Authorization": f"Bearer {sidecar.tokens['hs_token']}"}
         not_json = await client.put(url, content=b"{nope", headers=headers)
         no_events = await client.put(url, json={"events": "x"}, headers=headers)
-        odd_events = await client.put(url, json={"events": [1, None, {"type": 3}, []]},
-                                      headers=headers)
+        odd_events = await client.put(
+            url, json={"events": [1, None, {"type": 3}, []]}, headers=headers
+        )
     assert not_json.status_code == 400 and no_events.status_code == 400
     assert odd_events.status_code == 200  # shapes it cannot use are skipped, not fatal
 
@@ -151,8 +155,11 @@ async def test_commands_older_than_the_intent_ttl_on_arrival_are_ignored(
 def short_timers(sidecar: Sidecar):  # type: ignore[no-untyped-def]
     """The side-car restarted with short timers and a low rate limit, then restored."""
     original = sidecar.config
-    changed = {**original, "routing": {"intent_ttl": "3s", "turn_idle": "2s"},
-               "limits": {"routes_per_hour": 2}}
+    changed = {
+        **original,
+        "routing": {"intent_ttl": "3s", "turn_idle": "2s"},
+        "limits": {"routes_per_hour": 2},
+    }
     sidecar.stop()
     sidecar.write_config(changed)
     sidecar.start()
@@ -168,8 +175,9 @@ async def test_an_unused_intent_expires_and_its_confirmation_is_edited_to_say_so
     bob = users["bob"]
     command = await bob.say(room, "!route cloud")
     reply = await bob.wait_reply(room, command)
-    edit = await bob.wait_for(room, lambda e: bool(edits_of([e], reply["event_id"])),
-                              timeout=10, what="the expiry edit")
+    edit = await bob.wait_for(
+        room, lambda e: bool(edits_of([e], reply["event_id"])), timeout=10, what="the expiry edit"
+    )
     assert "expired unused" in edit["content"]["m.new_content"]["body"]
     assert await lookup.room_intent(room) is None
     question = await bob.say(room, "too late")
@@ -216,8 +224,12 @@ async def test_neither_the_log_nor_the_database_holds_a_token_or_message_text(
     await asyncio.sleep(0.5)
     log = sidecar.log_path.read_text(errors="replace")
     assert "command handled" in log and "turn bound" in log  # the log is really written
-    for secret in (sidecar.tokens["as_token"], sidecar.tokens["hs_token"],
-                   *sidecar.config["api"]["tokens"], "payroll"):
+    for secret in (
+        sidecar.tokens["as_token"],
+        sidecar.tokens["hs_token"],
+        *sidecar.config["api"]["tokens"],
+        "payroll",
+    ):
         assert secret not in log
     with sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True) as db:
         dump = "\n".join(db.iterdump())

@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 CLOUD = "ollama-cloud/glm-5.1"
 
 
-async def turn_claim(lookup: LookupClient, room_id: str, event_id: str, text: str,
-                     name: str = "alice") -> dict:
+async def turn_claim(
+    lookup: LookupClient, room_id: str, event_id: str, text: str, name: str = "alice"
+) -> dict:
     """One LLM call of the agent's turn answering `event_id`, as Hermes sends it."""
     return await lookup.claim(request=hermes_request(room_id, event_id, f"[{name}] {text}"))
 
@@ -29,16 +30,19 @@ async def test_route_cloud_confirms_and_binds_exactly_the_next_turn(
     content = reply["content"]
     assert content["msgtype"] == "m.notice"
     assert "cloud" in content["body"] and CLOUD in content["body"]
-    assert content["format"] == "org.matrix.custom.html" and "<b>cloud</b>" in content[
-        "formatted_body"]
+    assert (
+        content["format"] == "org.matrix.custom.html"
+        and "<b>cloud</b>" in content["formatted_body"]
+    )
     assert (await lookup.room_intent(room))["state"] == "pending"
 
     question = await alice.say(room, "Why did the deploy fail?")
     answers = [await turn_claim(lookup, room, question, "Why did the deploy fail?")]
     # An unrelated turn in between (another thread) gets nothing and disturbs nothing.
     unrelated = await turn_claim(lookup, room, "$someone-else", "unrelated question")
-    answers += [await turn_claim(lookup, room, question, "Why did the deploy fail?")
-                for _ in range(2)]
+    answers += [
+        await turn_claim(lookup, room, question, "Why did the deploy fail?") for _ in range(2)
+    ]
     assert [a["override"] for a in answers] == [True, True, True]
     assert {a["model"] for a in answers} == {CLOUD}
     assert {a["intent_id"] for a in answers} == {answers[0]["intent_id"]}
@@ -72,15 +76,18 @@ async def test_outcome_posts_one_receipt_per_turn_with_the_served_model(
         assert response.status_code == 204
     receipt = await alice.wait_for(
         room,
-        lambda e: e.get("sender") == BOT
-        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-        and e["content"]["m.relates_to"].get("event_id") == question,
+        lambda e: (
+            e.get("sender") == BOT
+            and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
+            and e["content"]["m.relates_to"].get("event_id") == question
+        ),
         what="the receipt in the turn's thread",
     )
     await asyncio.sleep(1.0)  # let a second receipt (there must be none) arrive
     events = await alice.events(room)
     receipts = [
-        e for e in events
+        e
+        for e in events
         if e.get("sender") == BOT
         and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
     ]
@@ -179,8 +186,11 @@ async def test_a_new_route_supersedes_the_previous_one(
     claim = await turn_claim(lookup, room, question, "q")
     assert claim["override"] is True and claim["target"] == "local"
     first_reply = (await alice.bot_replies(room, first))[0]
-    await alice.wait_for(room, lambda e: bool(edits_of([e], first_reply["event_id"])),
-                         what="the superseded confirmation's edit")
+    await alice.wait_for(
+        room,
+        lambda e: bool(edits_of([e], first_reply["event_id"])),
+        what="the superseded confirmation's edit",
+    )
 
 
 async def test_a_user_without_permission_is_refused_and_nothing_is_recorded(
@@ -214,8 +224,15 @@ async def test_every_command_gets_exactly_one_notice_reply(
     users: dict[str, MatrixUser], room: str
 ) -> None:
     alice = users["alice"]
-    commands = ["!route", "!route status", "/route targets", "!ROUTE help",
-                "!route cloud --turns", "/route cloud why is it slow?", "!route history"]
+    commands = [
+        "!route",
+        "!route status",
+        "/route targets",
+        "!ROUTE help",
+        "!route cloud --turns",
+        "/route cloud why is it slow?",
+        "!route history",
+    ]
     sent = [await alice.say(room, text) for text in commands]
     for event_id in sent:
         reply = await alice.wait_reply(room, event_id)
@@ -299,8 +316,11 @@ async def test_invites_from_users_without_permission_are_declined(
     room_id = await mallory.create_room(invite=[BOT])
     await mallory.wait_for(
         room_id,
-        lambda e: e.get("type") == "m.room.member" and e.get("state_key") == BOT
-        and e["content"].get("membership") == "leave",
+        lambda e: (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == BOT
+            and e["content"].get("membership") == "leave"
+        ),
         what="the bot to decline",
     )
     assert (await mallory.members(room_id)).get(BOT) == "leave"
