@@ -26,6 +26,9 @@ _LEADING_BRACKETS = re.compile(r"(?:\s*\[[^\[\]]{0,2000}\])*\s*")
 # (a search for `\s*[...]\s*$` is quadratic on long runs of spaces).
 _TRAILING_BRACKETS_REVERSED = re.compile(r"(?:\s*\][^\[\]]{0,2000}\[)*\s*")
 _SPACES = re.compile(r"\s+")
+# `@hermes` or `@hermes:example.org`, not the `@` of an e-mail address.
+_MENTION = re.compile(r"(?<![\w])@[A-Za-z0-9._=/+-]+(?::[A-Za-z0-9.-]+(?::\d+)?)?")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" ([,.;:!?])")
 SYSTEM_ROLES = ("system", "developer")
 MAX_ID_LENGTH = 255
 
@@ -113,11 +116,13 @@ def _first_match(pattern: re.Pattern[str], text: str) -> str | None:
 
 def normalise_message(text: str) -> str:
     """The comparable form of a user message, the same for a Matrix body and for the text
-    the agent gives the LLM: no reply quotes, no bracketed prefix or notes, folded spaces
-    and case."""
+    the agent gives the LLM: no reply quotes, no bracketed prefix or notes, no `@user`
+    mentions (Hermes strips its own), no space before punctuation, folded spaces and case."""
     lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
     stripped = _strip_bracketed_notes("\n".join(lines))
-    return _SPACES.sub(" ", stripped).strip().casefold()
+    # Spaces folded first: a space before punctuation is then one character (linear time).
+    folded = _SPACES.sub(" ", _MENTION.sub("", stripped))
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", folded).strip().casefold()
 
 
 def _strip_bracketed_notes(text: str) -> str:
@@ -171,7 +176,9 @@ def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
 
     `seen` holds the candidates: messages whose event id or thread is the turn id, and
     messages whose hash is the turn's. The text hash decides first (inside a thread the
-    turn id is shared by every message), the turn id alone second.
+    turn id is shared by every message); when it matches nothing (the agent changed the
+    text in a way normalising does not undo), the turn is taken to be the latest message
+    of the turn id's event or thread.
     """
     if key is None:
         return Placement(arrived_at=None, is_command=False)
@@ -182,10 +189,11 @@ def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
     if by_hash:
         latest = max(by_hash, key=lambda m: m.sent_at)
         return Placement(arrived_at=latest.sent_at, is_command=latest.is_command)
-    if key.turn_id and not key.message_hash:
-        exact = [m for m in seen if m.event_id == key.turn_id]
-        if exact:
-            return Placement(arrived_at=exact[0].sent_at, is_command=exact[0].is_command)
+    if key.turn_id:
+        in_turn = [m for m in seen if key.turn_id in (m.event_id, m.thread_id)]
+        if in_turn:
+            latest = max(in_turn, key=lambda m: m.sent_at)
+            return Placement(arrived_at=latest.sent_at, is_command=latest.is_command)
     return Placement(arrived_at=None, is_command=False)
 
 

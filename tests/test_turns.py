@@ -428,15 +428,19 @@ def test_placement_says_when_the_turn_is_a_command_message() -> None:
     assert place_turn(key, THREAD) == Placement(T0 + timedelta(minutes=2), is_command=True)
 
 
-def test_turn_id_alone_places_only_the_exact_event() -> None:
+def test_turn_id_alone_places_the_latest_message_of_its_event_or_thread() -> None:
     assert place_turn(TurnKey("$m1", None), THREAD).arrived_at == T0 + timedelta(minutes=1)
-    assert place_turn(TurnKey("$root", None), THREAD).arrived_at == T0
+    assert place_turn(TurnKey("$root", None), THREAD).arrived_at == T0 + timedelta(minutes=3)
     assert place_turn(TurnKey("$elsewhere", None), THREAD).arrived_at is None
 
 
-def test_turn_id_is_not_used_when_a_hash_is_given_but_unknown() -> None:
+def test_an_unknown_hash_falls_back_to_the_turn_id() -> None:
+    # A top-level message still being answered: its own event, before any command.
+    alone = [seen("$q1", 0, "@hermes why did it fail?"), seen("$cmd", 1, "!route cloud")]
+    key = TurnKey("$q1", message_hash(SALT, "the text as the agent changed it"))
+    assert place_turn(key, alone) == Placement(arrived_at=T0, is_command=False)
     key = TurnKey("$m1", message_hash(SALT, "a message the side-car never saw"))
-    assert place_turn(key, THREAD) == Placement(arrived_at=None, is_command=False)
+    assert place_turn(key, THREAD).arrived_at == T0 + timedelta(minutes=1)
 
 
 def test_hash_in_the_turn_beats_a_later_identical_message_elsewhere() -> None:
@@ -517,3 +521,22 @@ def test_other_turns_are_not_command_turns(text: str | None) -> None:
 def test_command_turn_follows_the_configured_prefixes() -> None:
     assert is_command_turn("[alice] ?ai cloud", ("?ai",))
     assert not is_command_turn("[alice] /route cloud", ("?ai",))
+
+
+@pytest.mark.parametrize(
+    ("matrix_body", "agent_text"),
+    [
+        ("@hermes:example.org why did the deploy fail ?", "[alice] why did the deploy fail?"),
+        ("@hermes why did the deploy fail?", "[alice] why did the deploy fail?"),
+        ("hey @hermes, why did it fail?", "[alice] hey, why did it fail?"),
+        ("Hermes Agent: why?", "[alice] Hermes Agent: why?"),  # a pill keeps the name
+    ],
+)
+def test_a_mention_the_agent_strips_does_not_change_the_hash(
+    matrix_body: str, agent_text: str
+) -> None:
+    assert message_hash(SALT, matrix_body) == message_hash(SALT, agent_text)
+
+
+def test_an_email_address_is_not_taken_for_a_mention() -> None:
+    assert "bob@example.org" in normalise_message("mail bob@example.org now")

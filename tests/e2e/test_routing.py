@@ -324,3 +324,22 @@ async def test_invites_from_users_without_permission_are_declined(
         what="the bot to decline",
     )
     assert (await mallory.members(room_id)).get(BOT) == "leave"
+
+
+async def test_the_turn_still_being_answered_when_route_is_typed_never_takes_it(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    alice = users["alice"]
+    # The agent is answering this (with a mention it strips) when /route arrives.
+    earlier = await alice.say(room, "@hermes why is the build red?")
+    first_round = await turn_claim(lookup, room, earlier, "why is the build red?")
+    command = await alice.say(room, "!route cloud")
+    await alice.wait_reply(room, command)
+    tool_round = await turn_claim(lookup, room, earlier, "why is the build red?")
+    assert first_round["override"] is False and tool_round["override"] is False
+    assert (await lookup.room_intent(room))["state"] == "pending"
+    await alice.say(room, "@hermes:localhost and how do I fix it?")
+    await asyncio.sleep(0.3)
+    # Without a room id or thread: the room is found from the message, mention and all.
+    answer = await lookup.claim(last_user_message="[alice] and how do I fix it?")
+    assert answer["override"] is True and answer["room_id"] == room
