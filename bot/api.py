@@ -247,7 +247,8 @@ class LookupApi:
             raise ApiError(400, "bad_request", "body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "body must be a JSON object")
-        _check_unicode(body)
+        if b"\\ud" in raw or b"\\uD" in raw:  # only a \uD800-\uDFFF escape can hide one
+            _check_unicode(body)
         return body
 
     async def claim(self, request: web.Request) -> web.Response:
