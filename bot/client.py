@@ -1,0 +1,178 @@
+"""The dispatcher side: ask the side-car how to route one LLM call, report what was served.
+
+Depends on httpx and on `bot.turns` (standard library only), not on the server. Fail-open
+by design: a side-car that is down, slow past the timeout or answering garbage means
+"no override" and a logged warning, never an exception in the dispatcher's request path.
+
+    client = RouteClient("http://127.0.0.1:29334", token)
+    decision = await client.claim(request=body)
+    body["model"] = decision.model or body["model"]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from .turns import Turn, extract_turn
+
+__all__ = ["Decision", "RouteClient", "Turn", "extract_turn"]
+log = logging.getLogger("route_sidecar.client")
+DEFAULT_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The side-car's answer for one call; `Decision()` is automatic routing."""
+
+    override: bool = False
+    model: str | None = None
+    target: str | None = None
+    intent_id: str | None = None
+    room_id: str | None = None
+    turn_id: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    reason: str = "no_answer"  # why: the side-car's `reason`, or what went wrong here
+
+    @classmethod
+    def from_json(cls, data: Any) -> Decision:
+        """The claim response, checked; anything malformed is automatic routing."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("override"), bool):
+            raise ValueError("not a claim response")
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise ValueError("metadata is not an object")
+        override = data["override"]
+        model = data.get("model")
+        if override and (not isinstance(model, str) or not model):
+            raise ValueError("override without a model")
+        return cls(
+            override=override,
+            model=model if override else None,
+            target=_opt_str(data.get("target")),
+            intent_id=_opt_str(data.get("intent_id")),
+            room_id=_opt_str(data.get("room_id")),
+            turn_id=_opt_str(data.get("turn_id")),
+            metadata={str(k): str(v) for k, v in metadata.items() if isinstance(v, str)},
+            reason=_opt_str(data.get("reason")) or "",
+        )
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class RouteClient:
+    """One connection pool to the side-car's lookup API, reused for every call."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> RouteClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def claim(
+        self,
+        *,
+        request: Mapping[str, Any] | None = None,
+        room_id: str | None = None,
+        turn_id: str | None = None,
+        last_user_message: str | None = None,
+        requested_model: str | None = None,
+    ) -> Decision:
+        """The routing decision for one LLM call. Never raises: on any failure, no override."""
+        body: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("room_id", room_id),
+                ("turn_id", turn_id),
+                ("last_user_message", last_user_message),
+                ("requested_model", requested_model),
+                ("request", request),
+            )
+            if value is not None
+        }
+        if not body:
+            return Decision(reason="nothing_to_claim")
+        try:
+            response = await self._http.post("/v1/claim", json=body)
+            if response.status_code != 200:
+                log.warning(
+                    "route claim refused status=%d: automatic routing", response.status_code
+                )
+                return Decision(reason=f"http_{response.status_code}")
+            return Decision.from_json(response.json())
+        except httpx.TimeoutException:
+            log.warning("route claim timed out: automatic routing")
+            return Decision(reason="timeout")
+        except (httpx.HTTPError, ValueError) as error:
+            log.warning("route claim failed error=%s: automatic routing", type(error).__name__)
+            return Decision(reason="unavailable")
+
+    async def outcome(
+        self,
+        intent_id: str,
+        *,
+        model: str,
+        status: str,
+        latency_ms: int | None = None,
+        detail: str | None = None,
+        turn_id: str | None = None,
+    ) -> bool:
+        """Report what was really served for a routed call. Never raises; False on failure."""
+        body: dict[str, Any] = {"model": model, "status": status}
+        for key, value in (("latency_ms", latency_ms), ("detail", detail), ("turn_id", turn_id)):
+            if value is not None:
+                body[key] = value
+        try:
+            response = await self._http.post(
+                f"/v1/intents/{quote(intent_id, safe='')}/outcome", json=body
+            )
+        except httpx.HTTPError as error:
+            log.warning("route outcome not reported error=%s", type(error).__name__)
+            return False
+        if response.status_code != 204:
+            log.warning("route outcome refused status=%d", response.status_code)
+            return False
+        return True
+
+    async def intent(self, room_id: str) -> dict[str, Any] | None:
+        """The room's live intent, or None (none, or the side-car unreachable)."""
+        try:
+            response = await self._http.get(f"/v1/rooms/{quote(room_id, safe='')}/intent")
+            if response.status_code == 200:
+                data = response.json()
+                return data if isinstance(data, dict) else None
+            if response.status_code != 404:
+                log.warning("route intent lookup refused status=%d", response.status_code)
+        except (httpx.HTTPError, ValueError) as error:
+            log.warning("route intent lookup failed error=%s", type(error).__name__)
+        return None
