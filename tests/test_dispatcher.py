@@ -4,8 +4,6 @@ are reported, and a side-car that is down means the default model."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
@@ -17,65 +15,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from demo.upstream import FakeUpstream
 from integrations.dispatcher.dispatcher import Dispatcher, DispatcherConfig, Upstream
 
 from .api_support import ROOM, TOKEN, Api, OpenApi, free_port, start_api, stop_api
 
 LOCAL = "glm-4.7-flash:q4_K_M"
 CLOUD = "ollama-cloud/glm-5.1"
-
-
-class FakeUpstream:
-    """An OpenAI-compatible server answering with its own name; remembers what it saw."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seen: list[dict[str, Any]] = []
-        self.fail_with: int | None = None
-        self.delay = 0.0
-
-    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": "cmpl-1",
-            "object": "chat.completion",
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": f"answer from {self.name}"},
-                }
-            ],
-        }
-
-    def chunks(self, body: dict[str, Any]) -> list[bytes]:
-        words = ["answer", " from", f" {self.name}", " ✓"]
-        out = [
-            b"data: "
-            + json.dumps(
-                {"model": body["model"], "choices": [{"index": 0, "delta": {"content": word}}]}
-            ).encode()
-            + b"\n\n"
-            for word in words
-        ]
-        return [*out, b"data: [DONE]\n\n"]
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.seen.append(body)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.fail_with:
-            return web.json_response({"error": {"message": "boom"}}, status=self.fail_with)
-        if body.get("stream"):
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            for chunk in self.chunks(body):
-                await response.write(chunk)
-                await asyncio.sleep(0.01)
-            await response.write_eof()
-            return response
-        return web.json_response(self.completion(body))
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -124,14 +70,9 @@ class Stack:
 @pytest_asyncio.fixture(loop_scope="session")
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     api = await start_api(tmp_path, OpenApi())
-    local, cloud = FakeUpstream("local"), FakeUpstream("cloud")
+    local = await FakeUpstream("local").start()
+    cloud = await FakeUpstream("cloud").start()
     runners = []
-    ports = {}
-    for fake in (local, cloud):
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", fake.handle)
-        runner, ports[fake.name] = await serve(app)
-        runners.append(runner)
     sidecar_url = f"http://127.0.0.1:{api.sidecar.config.api.listen.port}"
     dispatcher = Dispatcher(
         DispatcherConfig(
@@ -139,10 +80,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             port=0,
             default_model=LOCAL,
             upstreams={
-                LOCAL: Upstream(f"http://127.0.0.1:{ports['local']}/v1"),
-                CLOUD: Upstream(
-                    f"http://127.0.0.1:{ports['cloud']}/v1", api_key="k" * 20, model="glm-5.1"
-                ),
+                LOCAL: Upstream(local.base_url),
+                CLOUD: Upstream(cloud.base_url, api_key="k" * 20, model="glm-5.1"),
             },
             sidecar_url=sidecar_url,
             sidecar_token=TOKEN,
@@ -157,6 +96,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await stack.http.aclose()
     for runner in reversed(runners):
         await runner.cleanup()
+    await local.stop()
+    await cloud.stop()
     if not api.sidecar.stopping.is_set():  # one test stops it itself
         await stop_api(api)
 

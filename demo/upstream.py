@@ -1,0 +1,90 @@
+"""A fake OpenAI-compatible model server that answers with its own name: the demo's "local"
+and "cloud" models, and the tests' upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeUpstream:
+    """Answers every chat completion with "answer from <name>"; remembers what it saw.
+    `fail_with` makes it answer that HTTP status, `delay` makes it slow."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[dict[str, Any]] = []
+        self.fail_with: int | None = None
+        self.delay = 0.0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": "cmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": f"answer from {self.name}"},
+                }
+            ],
+        }
+
+    def chunks(self, body: dict[str, Any]) -> list[bytes]:
+        words = ["answer", " from", f" {self.name}", " ✓"]
+        out = [
+            b"data: "
+            + json.dumps(
+                {"model": body["model"], "choices": [{"index": 0, "delta": {"content": word}}]}
+            ).encode()
+            + b"\n\n"
+            for word in words
+        ]
+        return [*out, b"data: [DONE]\n\n"]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with:
+            return web.json_response({"error": {"message": "boom"}}, status=self.fail_with)
+        if body.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for chunk in self.chunks(body):
+                await response.write(chunk)
+                await asyncio.sleep(0.01)
+            await response.write_eof()
+            return response
+        return web.json_response(self.completion(body))
+
+    async def start(self) -> FakeUpstream:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
