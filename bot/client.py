@@ -11,6 +11,7 @@ by design: a side-car that is down, slow past the timeout or answering garbage m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .turns import Turn, extract_turn
 __all__ = ["Decision", "RouteClient", "Turn", "extract_turn"]
 log = logging.getLogger("route_sidecar.client")
 DEFAULT_TIMEOUT = 0.5
+# Garbage bodies: bad JSON or bad UTF-8 (ValueError), nesting past the recursion limit.
+_BAD_BODY = (ValueError, RecursionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class RouteClient:
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        # httpx's timeout bounds each phase (connect, each read); this bounds the whole call.
+        self._deadline = timeout
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
@@ -123,17 +128,18 @@ class RouteClient:
         if not body:
             return Decision(reason="nothing_to_claim")
         try:
-            response = await self._http.post("/v1/claim", json=body)
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.post("/v1/claim", json=body)
             if response.status_code != 200:
                 log.warning(
                     "route claim refused status=%d: automatic routing", response.status_code
                 )
                 return Decision(reason=f"http_{response.status_code}")
             return Decision.from_json(response.json())
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             log.warning("route claim timed out: automatic routing")
             return Decision(reason="timeout")
-        except (httpx.HTTPError, ValueError) as error:
+        except (httpx.HTTPError, *_BAD_BODY) as error:
             log.warning("route claim failed error=%s: automatic routing", type(error).__name__)
             return Decision(reason="unavailable")
 
@@ -153,10 +159,11 @@ class RouteClient:
             if value is not None:
                 body[key] = value
         try:
-            response = await self._http.post(
-                f"/v1/intents/{quote(intent_id, safe='')}/outcome", json=body
-            )
-        except httpx.HTTPError as error:
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.post(
+                    f"/v1/intents/{quote(intent_id, safe='')}/outcome", json=body
+                )
+        except (httpx.HTTPError, TimeoutError) as error:
             log.warning("route outcome not reported error=%s", type(error).__name__)
             return False
         if response.status_code != 204:
@@ -167,12 +174,13 @@ class RouteClient:
     async def intent(self, room_id: str) -> dict[str, Any] | None:
         """The room's live intent, or None (none, or the side-car unreachable)."""
         try:
-            response = await self._http.get(f"/v1/rooms/{quote(room_id, safe='')}/intent")
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.get(f"/v1/rooms/{quote(room_id, safe='')}/intent")
             if response.status_code == 200:
                 data = response.json()
                 return data if isinstance(data, dict) else None
             if response.status_code != 404:
                 log.warning("route intent lookup refused status=%d", response.status_code)
-        except (httpx.HTTPError, ValueError) as error:
+        except (httpx.HTTPError, TimeoutError, *_BAD_BODY) as error:
             log.warning("route intent lookup failed error=%s", type(error).__name__)
         return None
