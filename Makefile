@@ -8,11 +8,11 @@ SYNAPSE_VERSION := 1.163.2
 .PHONY: run test lint bench setup clean
 
 run: setup
-	$(VENV)/bin/python scripts/quickstart.py $(ARGS)
+	$(VENV)/bin/python -m demo.run $(ARGS)
 
 test: setup
-	$(VENV)/bin/ruff check bot tests bench scripts synapse-example integrations
-	$(VENV)/bin/ruff format --check bot tests bench scripts synapse-example integrations
+	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
+	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
 		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
@@ -20,8 +20,8 @@ bench: setup
 	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python bench/claims.py $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check bot tests bench scripts synapse-example integrations
-	$(VENV)/bin/ruff format --check bot tests bench scripts synapse-example integrations
+	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
+	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 

@@ -1,0 +1,325 @@
+"""The demo: the whole chain on one machine, scripted.
+
+A local Synapse, the side-car (generated config and registration), the reference
+dispatcher in front of two fake models ("local" and "cloud", each answering with its own
+name), a stand-in agent that answers the room through the dispatcher the way Hermes
+does, and a user who asks a question, types `!route cloud`, asks again, and asks a third
+time. It prints the conversation, the dispatcher's log and the bot's receipts, then
+stops everything (`--keep` leaves it running and prints how to connect a client).
+
+Run it with `make run` (which sets up the venvs first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from ruamel.yaml import YAML
+
+from demo.agent import StandInAgent
+from demo.matrix_user import BOT, MatrixUser, edits_of
+from demo.upstream import FakeUpstream, free_port
+from integrations.dispatcher.dispatcher import Dispatcher, DispatcherConfig, Upstream
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "synapse-example"))
+
+import local_synapse  # noqa: E402
+
+WORK = REPO / ".run" / "demo"
+LOCAL = "glm-4.7-flash:q4_K_M"
+CLOUD = "ollama-cloud/glm-5.1"
+
+
+class DispatcherLog(logging.Handler):
+    """The dispatcher's one line per call, kept to print after the conversation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def write_config(hs_port: int, as_port: int, api_port: int, api_token: str) -> Path:
+    """config.example.yaml, comments kept, with the demo's values filled in."""
+    yaml = YAML()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    config = yaml.load((REPO / "config.example.yaml").read_text(encoding="utf-8"))
+    config["homeserver"]["address"] = f"http://127.0.0.1:{hs_port}"
+    config["homeserver"]["domain"] = "localhost"
+    config["appservice"]["address"] = f"http://127.0.0.1:{as_port}"
+    config["appservice"]["listen"]["port"] = as_port
+    config["api"]["listen"]["port"] = api_port
+    config["api"]["tokens"] = [api_token]
+    config["database"] = "sqlite:///route-sidecar.db"
+    config["agents"] = ["@agent:localhost"]
+    path = WORK / "config.yaml"
+    with path.open("w", encoding="utf-8") as handle:
+        yaml.dump(config, handle)
+    return path
+
+
+def port_or_free(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", preferred)) != 0:
+            return preferred
+    return free_port()
+
+
+async def wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        for _ in range(150):
+            if process.poll() is not None:
+                raise SystemExit(f"demo: the side-car exited; see {WORK / 'sidecar.log'}")
+            try:
+                if (await client.get(url + "/healthz", timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"demo: the side-car did not start; see {WORK / 'sidecar.log'}")
+
+
+def show(who: str, text: str) -> None:
+    first, *rest = text.splitlines() or [""]
+    print(f"  {who:>8} │ {first}")
+    for line in rest:
+        print(f"  {'':>8} │ {line}")
+
+
+async def conversation(alice: MatrixUser, agent_id: str, room: str) -> list[str]:
+    """The scripted user: a question, `!route cloud`, a question, a question."""
+
+    def answer_in(thread: str):  # type: ignore[no-untyped-def]
+        def match(event: dict[str, Any]) -> bool:
+            relates = event.get("content", {}).get("m.relates_to", {})
+            return event.get("sender") == agent_id and relates.get("event_id") == thread
+
+        return match
+
+    routed_turns, routed_next = [], False
+    for text in (
+        "Why did the deploy fail?",
+        "!route cloud",
+        "Why did the deploy fail, really?",
+        "Thanks. And how do I roll back?",
+    ):
+        show("alice", text)
+        event_id = await alice.say(room, text)
+        if text.startswith("!route"):
+            reply = await alice.wait_reply(room, event_id)
+            show("route", reply["content"]["body"])
+            routed_next = True
+            continue
+        answer = await alice.wait_for(room, answer_in(event_id), 30, "the agent's answer")
+        show("agent", answer["content"]["body"])
+        if routed_next:
+            routed_turns.append(event_id)
+            routed_next = False
+    return routed_turns
+
+
+async def receipts(alice: MatrixUser, room: str, turns: list[str]) -> list[str]:
+    """The bot's receipt for each routed turn, as it finally reads (after edits)."""
+    shown = []
+    for turn in turns:
+        receipt = await alice.wait_for(
+            room,
+            lambda e, t=turn: (
+                e.get("sender") == BOT
+                and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
+                and e["content"]["m.relates_to"].get("event_id") == t
+            ),
+            what="the receipt",
+        )
+        await asyncio.sleep(0.5)  # a later outcome of the turn edits it in place
+        edits = edits_of(await alice.events(room), receipt["event_id"])
+        shown.append(
+            edits[0]["content"]["m.new_content"]["body"] if edits else receipt["content"]["body"]
+        )
+    return shown
+
+
+@dataclass
+class Servers:
+    """What runs as its own process: Synapse and the side-car."""
+
+    hs: Any
+    sidecar: subprocess.Popen[bytes]
+    api_port: int
+    api_token: str
+    started: float
+
+
+def start_servers() -> Servers:
+    WORK.mkdir(parents=True, exist_ok=True)
+    hs_port, as_port, api_port = port_or_free(8008), port_or_free(29333), port_or_free(29334)
+    api_token = secrets.token_urlsafe(24)
+    config = write_config(hs_port, as_port, api_port, api_token)
+    registration = WORK / "registration.yaml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bot",
+            "generate-registration",
+            "-c",
+            str(config),
+            "-o",
+            str(registration),
+        ],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    local_synapse.stop(WORK / "synapse")
+    started = time.monotonic()
+    hs = local_synapse.start(
+        WORK / "synapse",
+        synapse_python=local_synapse.default_synapse_python(),
+        port=hs_port,
+        registrations=[registration],
+    )
+    log_file = (WORK / "sidecar.log").open("ab")
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "bot", "run", "-c", str(config)],
+        cwd=REPO,
+        stdout=log_file,
+        stderr=log_file,
+    )
+    return Servers(hs, sidecar, api_port, api_token, started)
+
+
+def stop_servers(servers: Servers) -> None:
+    servers.sidecar.send_signal(signal.SIGTERM)
+    servers.sidecar.wait(10)
+    local_synapse.stop(WORK / "synapse")
+    print("stopped Synapse, the side-car, the dispatcher and the fake models.")
+
+
+async def demo(servers: Servers, keep: bool) -> None:
+    hs, sidecar, api_port, api_token = (
+        servers.hs,
+        servers.sidecar,
+        servers.api_port,
+        servers.api_token,
+    )
+    hs_port = int(hs.base_url.rsplit(":", 1)[1])
+    started = servers.started
+    local, cloud = await FakeUpstream("local").start(), await FakeUpstream("cloud").start()
+    dispatcher_log = DispatcherLog()
+    logging.getLogger("dispatcher").addHandler(dispatcher_log)
+    logging.getLogger("dispatcher").setLevel(logging.INFO)
+    dispatcher = Dispatcher(
+        DispatcherConfig(
+            host="127.0.0.1",
+            port=0,
+            default_model=LOCAL,
+            upstreams={LOCAL: Upstream(local.base_url), CLOUD: Upstream(cloud.base_url)},
+            sidecar_url=f"http://127.0.0.1:{api_port}",
+            sidecar_token=api_token,
+        )
+    )
+    runner = web.AppRunner(dispatcher.make_app(), access_log=None)
+    await runner.setup()
+    dispatcher_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", dispatcher_port).start()
+    agent = alice = None
+    try:
+        await wait_healthy(f"http://127.0.0.1:{api_port}", sidecar)
+        accounts = {
+            name: local_synapse.register_user(hs.base_url, name, f"{name}-password")
+            for name in ("alice", "agent")
+        }
+        alice = MatrixUser(
+            hs.base_url, accounts["alice"]["user_id"], accounts["alice"]["access_token"]
+        )
+        agent = StandInAgent(
+            hs.base_url,
+            accounts["agent"]["access_token"],
+            accounts["agent"]["user_id"],
+            f"http://127.0.0.1:{dispatcher_port}",
+        )
+        agent.ignore(BOT)
+        await agent.start()
+        room = await alice.create_room(invite=[BOT, agent.user_id], name="route-sidecar demo")
+        for member in (BOT, agent.user_id):
+            await alice.wait_for(
+                room,
+                lambda e, m=member: (
+                    e.get("state_key") == m and e["content"].get("membership") == "join"
+                ),
+                what=f"{member} to join",
+            )
+        ready = time.monotonic()
+        print(
+            f"\nSynapse, side-car, dispatcher, agent up in {ready - started:.1f} s. Room {room}:\n"
+        )
+        routed = await conversation(alice, agent.user_id, room)
+        shown = await receipts(alice, room, routed)
+        print("\nreceipts the bot posted:")
+        for text in shown:
+            print(f"  {text}")
+        print("\ndispatcher log (one line per LLM call; each turn makes two):")
+        for line in dispatcher_log.lines:
+            print(f"  {line}")
+        print(f"\ndemo conversation took {time.monotonic() - ready:.1f} s")
+        if keep:
+            print(f"""
+Everything keeps running. Connect any Matrix client:
+  homeserver  http://127.0.0.1:{hs_port}   user alice / alice-password
+  room        {room}
+  try         !route cloud · !route status · !route targets · !route help
+  dispatcher  http://127.0.0.1:{dispatcher_port}/v1 (OpenAI-compatible)
+  lookup API  curl -s -H 'Authorization: Bearer {api_token}' -H 'Content-Type: application/json' \\
+                -d '{{"room_id": "{room}", "last_user_message": "hi"}}' http://127.0.0.1:{api_port}/v1/claim
+  files       {WORK}
+Press Ctrl-C to stop.""")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
+        if agent is not None:
+            await agent.stop()
+        if alice is not None:
+            await alice.close()
+        await runner.cleanup()
+        await local.stop()
+        await cloud.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--keep", action="store_true", help="keep everything running")
+    args = parser.parse_args()
+    servers = start_servers()
+    try:
+        asyncio.run(demo(servers, args.keep))
+    finally:
+        stop_servers(servers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
