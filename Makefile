@@ -1,29 +1,34 @@
-# One command to run the quick start, one to run every test. Both set up what they need:
-# .venv (the side-car and test tools) and .venv-synapse (a local Synapse, kept apart).
+# One command to run the demo, one to run every test. Both set up what they need:
+# .venv (the side-car and test tools), .venv-synapse (a local Synapse, kept apart) and,
+# for the tests, .venv-hermes (Hermes Agent pins its own versions of shared libraries).
 PYTHON ?= python3
 VENV := .venv
 SYNAPSE_VENV := .venv-synapse
+HERMES_VENV := .venv-hermes
 SYNAPSE_VERSION := 1.163.2
+HERMES_VERSION := 0.19.0
 
 .PHONY: run test lint bench setup clean
 
-run: setup
+run: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	$(VENV)/bin/python -m demo.run $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
-		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+		$(VENV)/bin/python -m pytest -q --ignore=tests/test_hermes_plugin.py $(PYTEST_ARGS)
+	# Hermes Agent pins its own dependency versions: its plugin is tested in its own venv.
+	$(HERMES_VENV)/bin/python -m pytest -q tests/test_hermes_plugin.py
 
-bench: setup
+bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python bench/claims.py $(ARGS)
 
-lint: setup
+lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 
-setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
+setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +42,11 @@ $(SYNAPSE_VENV)/.installed:
 	$(SYNAPSE_VENV)/bin/pip install --quiet 'matrix-synapse==$(SYNAPSE_VERSION)'
 	touch $@
 
+$(HERMES_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(HERMES_VENV)
+	$(HERMES_VENV)/bin/pip install --quiet --upgrade pip
+	$(HERMES_VENV)/bin/pip install --quiet -e '.[test]' 'hermes-agent==$(HERMES_VERSION)'
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) .run .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) .run .pytest_cache .hypothesis

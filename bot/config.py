@@ -125,7 +125,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except OSError as error:
         raise ConfigError("", f"cannot read config file {path}: {error.strerror}") from None
     try:
-        raw = YAML(typ="safe").load(text)
+        raw = YAML(typ="safe", pure=True).load(text)
     except YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

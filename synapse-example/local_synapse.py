@@ -393,7 +393,21 @@ def stop(data_dir: Path, timeout: float = 15.0) -> None:
             time.sleep(0.05)
         if not _is_synapse(pid):
             break
+    _reap(pid)
     pid_path.unlink(missing_ok=True)
+
+
+def _reap(pid: int, timeout: float = 5.0) -> None:
+    """Collect the exited process when it is our own child, so no zombie keeps its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # not our child (or already collected): its parent reaps it
+        if done:
+            return
+        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- client API

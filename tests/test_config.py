@@ -39,7 +39,7 @@ TOKEN_ENV = {
 
 @functools.cache
 def example_file() -> dict[str, Any]:
-    return YAML(typ="safe").load(EXAMPLE.read_text(encoding="utf-8"))
+    return YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
 
 
 def example() -> dict[str, Any]:
@@ -95,7 +95,7 @@ def dump(raw: dict[str, Any], path: Path) -> Path:
 
 
 def test_example_parses_with_secrets_from_the_environment() -> None:
-    raw = YAML(typ="safe").load(EXAMPLE.read_text(encoding="utf-8"))
+    raw = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
     config = parse_config(raw, TOKEN_ENV)
     assert config.homeserver.domain == "example.org"
     assert config.bot_user_id == "@route:example.org"
@@ -120,7 +120,7 @@ def test_example_file_loads_from_disk(tmp_path: Path) -> None:
 
 
 def test_example_without_tokens_is_refused_naming_the_token() -> None:
-    raw = YAML(typ="safe").load(EXAMPLE.read_text(encoding="utf-8"))
+    raw = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
     error = error_of(raw, {})
     assert error.key == "appservice.as_token"
     assert "ROUTE_SIDECAR_AS_TOKEN" in str(error)
@@ -169,7 +169,7 @@ def test_commented_out_examples_are_valid_when_uncommented() -> None:
     for commented, uncommented in COMMENTED_OUT:
         assert commented in text
         text = text.replace(commented, uncommented)
-    config = parse_config(YAML(typ="safe").load(text), TOKEN_ENV)
+    config = parse_config(YAML(typ="safe", pure=True).load(text), TOKEN_ENV)
     assert config.permissions == {"*": 0, "example.org": 10, "@admin:example.org": 100}
     assert config.rooms == {"!abcdefghijklmnop:example.org"}
     assert config.agents == {"@hermes:example.org"}
@@ -541,7 +541,7 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
 
 
 def load_yaml(path: Path) -> Any:
-    return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
 
 
 def test_generate_registration_writes_fresh_tokens_into_both_files(tmp_path: Path) -> None:
@@ -569,7 +569,7 @@ def test_generate_registration_writes_fresh_tokens_into_both_files(tmp_path: Pat
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
         if line.strip().startswith("#"):
             assert line.strip() in rewritten, line
-    original = YAML(typ="safe").load(EXAMPLE.read_text(encoding="utf-8"))
+    original = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
     for section in original:
         if section != "appservice":
             assert config_2[section] == original[section]

@@ -55,7 +55,7 @@ class DispatcherConfig:
 
 
 def load_config(path: Path) -> DispatcherConfig:
-    raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
     upstreams = {}
     for model, spec in (raw.get("upstreams") or {}).items():
         key = spec.get("api_key") or (

@@ -118,7 +118,7 @@ class Sidecar:
     def read_tokens(self) -> dict[str, str]:
         from ruamel.yaml import YAML
 
-        raw = YAML(typ="safe").load(self.config_path.read_text(encoding="utf-8"))
+        raw = YAML(typ="safe", pure=True).load(self.config_path.read_text(encoding="utf-8"))
         return {k: raw["appservice"][k] for k in ("as_token", "hs_token")}
 
     @property

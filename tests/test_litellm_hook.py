@@ -1,0 +1,331 @@
+"""SPEC "Integrations": the LiteLLM proxy hook claims, rewrites the model group, adds the
+metadata and reports what really served, with real litellm, a real side-car and real HTTP.
+
+The hook is loaded the way the proxy loads `litellm_settings: callbacks:` from
+integrations/litellm/proxy.example.yaml (`get_instance_fn`, then `litellm.callbacks`).
+`litellm.Router` never calls `async_pre_call_hook` (a proxy hook), so each call runs the
+proxy's own pre-call path, `litellm.proxy.utils.ProxyLogging.pre_call_hook`, then
+`Router.acompletion(**data)` with what it returned, as the chat-completions endpoint does.
+The upstream is one fake OpenAI-compatible server answering for models "local" and "cloud".
+
+Needs litellm (and the four packages `litellm.proxy.utils` imports: fastapi, backoff,
+redis, orjson); ROUTE_SIDECAR_SKIP_LITELLM=1 skips the module where they are not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if os.environ.get("ROUTE_SIDECAR_SKIP_LITELLM") == "1":
+    pytest.skip(
+        "ROUTE_SIDECAR_SKIP_LITELLM=1: litellm is not installed in this environment",
+        allow_module_level=True,
+    )
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map download
+
+import litellm
+import pytest_asyncio
+from aiohttp import web
+from litellm.caching.caching import DualCache
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+from litellm.proxy._types import UserAPIKeyAuth
+from litellm.proxy.types_utils.utils import get_instance_fn
+from litellm.proxy.utils import ProxyLogging
+from ruamel.yaml import YAML
+
+from .api_support import ROOM, TOKEN, Api, OpenApi, free_port, room_path, start_api, stop_api
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "integrations/litellm/proxy.example.yaml"
+TARGETS = '{"cloud": "cloud-model", "local": "local-model"}'
+SIDECAR_CLOUD_MODEL = "ollama-cloud/glm-5.1"  # tests.api_support's target "cloud"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Upstream:
+    """One OpenAI-compatible server: every answer names the model it was asked for;
+    `fail_with` makes it answer that status instead. Remembers every body it received."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.fail_with: int | None = None
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen.append(body)
+        if self.fail_with:
+            return web.json_response({"error": {"message": "boom"}}, status=self.fail_with)
+        return web.json_response(
+            {
+                "id": f"cmpl-{len(self.seen)}",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": f"answer from {body['model']}"},
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            }
+        )
+
+    async def start(self) -> Upstream:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def deployment(group: str, model: str, upstream: Upstream) -> dict[str, Any]:
+    return {
+        "model_name": group,
+        "litellm_params": {
+            "model": f"openai/{model}",
+            "api_base": upstream.base_url,
+            "api_key": "k",
+        },
+        "model_info": {"id": f"{model}-deployment"},
+    }
+
+
+def load_hook_as_the_proxy_does() -> CustomLogger:
+    """`litellm_settings.callbacks` of the example config, resolved next to that file."""
+    settings = YAML(typ="safe").load(EXAMPLE_CONFIG.read_text())["litellm_settings"]
+    hook = get_instance_fn(value=settings["callbacks"], config_file_path=str(EXAMPLE_CONFIG))
+    assert isinstance(hook, CustomLogger)
+    return hook
+
+
+class Proxy:
+    """The proxy's chat-completions path, minus FastAPI: pre-call hooks, then the Router."""
+
+    def __init__(self, api: Api, upstream: Upstream, hook: Any, router: litellm.Router) -> None:
+        self.api, self.upstream, self.hook, self.router = api, upstream, hook, router
+        self.logging = ProxyLogging(user_api_key_cache=DualCache())
+        self.key = UserAPIKeyAuth(api_key="sk-hermes-agent", user_id="hermes")
+        self.routed: list[dict[str, Any]] = []  # each call's data as the Router received it
+
+    async def ask(self, text: str, thread: str | None, model: str = "local-model") -> Any:
+        """One call of the agent: Hermes's system prompt lines, then the user's message."""
+        system = f"You are Hermes.\n**Matrix Room ID:** {ROOM}\n"
+        if thread:
+            system += f"**Matrix Thread:** {thread}\n"
+        data: dict[str, Any] = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"[alice] {text}"},
+            ],
+            "litellm_call_id": str(uuid.uuid4()),
+            "metadata": {"headers": {"user-agent": "hermes"}, "user_api_key_user_id": "hermes"},
+        }
+        data = await self.logging.pre_call_hook(
+            user_api_key_dict=self.key, data=data, call_type="acompletion"
+        )
+        self.routed.append(data)
+        return await self.router.acompletion(**data)
+
+    async def outcomes(self) -> list[tuple[Any, ...]]:
+        """The side-car's outcome rows, once LiteLLM's queued success callbacks have run."""
+        await GLOBAL_LOGGING_WORKER.flush()
+        db = sqlite3.connect(f"file:{self.api.db_path}?mode=ro", uri=True)
+        try:
+            return list(
+                db.execute(
+                    "SELECT intent_id, model, status, latency_ms, detail FROM outcomes ORDER BY id"
+                )
+            )
+        finally:
+            db.close()
+
+
+@asynccontextmanager
+async def proxy_stack(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    targets: str = TARGETS,
+    extra_groups: tuple[tuple[str, str], ...] = (),
+) -> AsyncIterator[Proxy]:
+    api = await start_api(tmp_path, OpenApi())
+    upstream = await Upstream().start()
+    port = api.sidecar.config.api.listen.port
+    monkeypatch.setenv("ROUTE_SIDECAR_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("ROUTE_SIDECAR_TOKEN", TOKEN)
+    monkeypatch.setenv("ROUTE_SIDECAR_TARGETS", targets)
+    hook = load_hook_as_the_proxy_does()
+    monkeypatch.setattr(litellm, "callbacks", [hook])
+    groups = (("local-model", "local"), ("cloud-model", "cloud"), *extra_groups)
+    router = litellm.Router(
+        model_list=[deployment(group, model, upstream) for group, model in groups],
+        num_retries=0,
+        disable_cooldowns=True,
+    )
+    try:
+        yield Proxy(api, upstream, hook, router)
+    finally:
+        await GLOBAL_LOGGING_WORKER.flush()
+        litellm.logging_callback_manager.remove_callback_from_all_lists(hook)
+        await hook.aclose()
+        await upstream.stop()
+        if not api.sidecar.stopping.is_set():  # one test stops it itself
+            await stop_api(api)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Proxy]:
+    async with proxy_stack(tmp_path, monkeypatch) as running:
+        yield running
+
+
+async def test_a_routed_turn_goes_to_the_cloud_group_and_reports_what_served(
+    proxy: Proxy,
+) -> None:
+    intent_id = await proxy.api.route(ROOM, "/route cloud")
+    question = await proxy.api.say(ROOM, "the hard question", ago=0)
+    answers = [await proxy.ask("the hard question", question) for _ in range(2)]
+    assert [a.choices[0].message.content for a in answers] == ["answer from cloud"] * 2
+    assert [body["model"] for body in proxy.upstream.seen] == ["cloud", "cloud"]
+    assert all("metadata" not in body for body in proxy.upstream.seen)  # kept in LiteLLM
+    for data in proxy.routed:
+        assert data["model"] == "cloud-model"
+        metadata = data["metadata"]
+        assert metadata["route_intent_id"] == intent_id
+        assert metadata["route_target"] == "cloud"
+        assert metadata["matrix_room_id"] == ROOM
+        assert metadata["route_turn_id"] == question
+        assert metadata["headers"] == {"user-agent": "hermes"}  # LiteLLM's own keys stay
+        assert metadata["user_api_key_user_id"] == "hermes"
+    outcomes = await proxy.outcomes()
+    assert [(i, m, s) for i, m, s, _, _ in outcomes] == [(intent_id, "openai/cloud", "ok")] * 2
+    for *_, latency_ms, detail in outcomes:
+        assert isinstance(latency_ms, int) and 0 <= latency_ms < 10_000
+        assert "model_group=cloud-model" in detail
+        assert "model_id=cloud-deployment" in detail  # the x-litellm-model-id
+        assert f"api_base={proxy.upstream.base_url}" in detail
+
+    after = await proxy.api.say(ROOM, "an easy one", ago=0)
+    third = await proxy.ask("an easy one", after)
+    assert third.choices[0].message.content == "answer from local"
+    assert proxy.upstream.seen[-1]["model"] == "local"
+    assert proxy.routed[-1]["model"] == "local-model"
+    assert "route_intent_id" not in proxy.routed[-1]["metadata"]
+    assert len(await proxy.outcomes()) == 2  # automatic routing: not reported (yet)
+
+
+async def test_an_upstream_error_is_reported_as_an_error_outcome(proxy: Proxy) -> None:
+    intent_id = await proxy.api.route(ROOM, "/route cloud")
+    question = await proxy.api.say(ROOM, "this will fail", ago=0)
+    proxy.upstream.fail_with = 500
+    with pytest.raises(litellm.InternalServerError):
+        await proxy.ask("this will fail", question)
+    assert [body["model"] for body in proxy.upstream.seen] == ["cloud"]
+    [(reported, model, status, latency_ms, detail)] = await proxy.outcomes()
+    assert (reported, model, status) == (intent_id, "openai/cloud", "error")
+    assert isinstance(latency_ms, int)
+    assert "model_id=cloud-deployment" in detail
+    assert "error=InternalServerError/500" in detail
+    assert "boom" not in detail  # the error's text stays out of the side-car
+
+
+async def test_a_side_car_that_is_down_means_the_requested_model(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    await proxy.api.route(ROOM, "/route cloud")
+    question = await proxy.api.say(ROOM, "is anyone there?", ago=0)
+    await stop_api(proxy.api)
+    with caplog.at_level(logging.WARNING, logger="route_sidecar.client"):
+        answer = await proxy.ask("is anyone there?", question)
+    assert answer.choices[0].message.content == "answer from local"
+    assert [body["model"] for body in proxy.upstream.seen] == ["local"]
+    assert proxy.routed[-1]["model"] == "local-model"
+    assert any("automatic routing" in r.getMessage() for r in caplog.records)
+    assert await proxy.outcomes() == []
+
+
+async def test_a_target_without_a_model_group_uses_the_side_cars_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator named a model group after the side-car's model instead of mapping it.
+    async with proxy_stack(
+        tmp_path,
+        monkeypatch,
+        targets='{"local": "local-model"}',
+        extra_groups=((SIDECAR_CLOUD_MODEL, "cloud-by-name"),),
+    ) as proxy:
+        intent_id = await proxy.api.route(ROOM, "/route cloud")
+        question = await proxy.api.say(ROOM, "unmapped target", ago=0)
+        answer = await proxy.ask("unmapped target", question)
+        assert answer.choices[0].message.content == "answer from cloud-by-name"
+        assert proxy.routed[-1]["model"] == SIDECAR_CLOUD_MODEL
+        [(reported, model, status, _, detail)] = await proxy.outcomes()
+        assert (reported, model, status) == (intent_id, "openai/cloud-by-name", "ok")
+        assert "model_id=cloud-by-name-deployment" in detail
+
+
+async def test_without_a_side_car_url_the_hook_leaves_calls_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with proxy_stack(tmp_path, monkeypatch) as proxy:
+        intent_id = await proxy.api.route(ROOM, "/route cloud")
+        monkeypatch.delenv("ROUTE_SIDECAR_URL")
+        inert = load_hook_as_the_proxy_does()
+        monkeypatch.setattr(litellm, "callbacks", [inert])
+        try:
+            question = await proxy.api.say(ROOM, "no url", ago=0)
+            answer = await proxy.ask("no url", question)
+        finally:
+            litellm.logging_callback_manager.remove_callback_from_all_lists(inert)
+        assert answer.choices[0].message.content == "answer from local"
+        assert proxy.routed[-1]["metadata"] == {
+            "headers": {"user-agent": "hermes"},
+            "user_api_key_user_id": "hermes",
+        }
+        pending = await proxy.api.client.get(room_path(ROOM), headers=AUTH)
+        assert (pending.json()["id"], pending.json()["state"]) == (intent_id, "pending")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ROUTE_SIDECAR_TARGETS": "{cloud: cloud-model}"}, "ROUTE_SIDECAR_TARGETS"),
+        ({"ROUTE_SIDECAR_TARGETS": '["cloud-model"]'}, "ROUTE_SIDECAR_TARGETS"),
+        ({"ROUTE_SIDECAR_TARGETS": '{"cloud": 3}'}, "ROUTE_SIDECAR_TARGETS"),
+        ({"ROUTE_SIDECAR_TOKEN": ""}, "ROUTE_SIDECAR_TOKEN"),
+        ({"ROUTE_SIDECAR_TIMEOUT": "soon"}, "ROUTE_SIDECAR_TIMEOUT"),
+    ],
+)
+def test_a_bad_setting_stops_the_proxy_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    monkeypatch.setenv("ROUTE_SIDECAR_URL", "http://127.0.0.1:29334")
+    monkeypatch.setenv("ROUTE_SIDECAR_TOKEN", TOKEN)
+    monkeypatch.setenv("ROUTE_SIDECAR_TARGETS", TARGETS)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=named):
+        load_hook_as_the_proxy_does()
