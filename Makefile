@@ -1,12 +1,17 @@
 # One command to run the demo, one to run every test. Both set up what they need:
 # .venv (the side-car and test tools), .venv-synapse (a local Synapse, kept apart) and,
-# for the tests, .venv-hermes (Hermes Agent pins its own versions of shared libraries).
+# for the tests, .venv-hermes and .venv-litellm (each pins its own versions of shared
+# libraries).
 PYTHON ?= python3
 VENV := .venv
 SYNAPSE_VENV := .venv-synapse
 HERMES_VENV := .venv-hermes
 SYNAPSE_VERSION := 1.163.2
 HERMES_VERSION := 0.19.0
+LITELLM_VENV := .venv-litellm
+# litellm.proxy.utils needs fastapi, backoff, redis and orjson; litellm[proxy] pulls a
+# package PyPI does not have, so they are pinned here.
+LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
 
 .PHONY: run test lint bench setup clean
 
@@ -17,9 +22,11 @@ test: setup
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
-		$(VENV)/bin/python -m pytest -q --ignore=tests/test_hermes_plugin.py $(PYTEST_ARGS)
-	# Hermes Agent pins its own dependency versions: its plugin is tested in its own venv.
+		$(VENV)/bin/python -m pytest -q --ignore=tests/test_hermes_plugin.py \
+		--ignore=tests/test_litellm_hook.py $(PYTEST_ARGS)
+	# Hermes Agent and LiteLLM bring their own dependency pins: each is tested in its venv.
 	$(HERMES_VENV)/bin/python -m pytest -q tests/test_hermes_plugin.py
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(LITELLM_VENV)/bin/python -m pytest -q tests/test_litellm_hook.py
 
 bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python bench/claims.py $(ARGS)
@@ -28,7 +35,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 
-setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed
+setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed \
+	$(LITELLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +56,11 @@ $(HERMES_VENV)/.installed: pyproject.toml
 	$(HERMES_VENV)/bin/pip install --quiet -e '.[test]' 'hermes-agent==$(HERMES_VERSION)'
 	touch $@
 
+$(LITELLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/pip install --quiet -e '.[test]' $(LITELLM_PACKAGES)
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) .run .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) $(LITELLM_VENV) .run .pytest_cache .hypothesis

@@ -139,7 +139,7 @@ class RouteClient:
         except (httpx.TimeoutException, TimeoutError):
             log.warning("route claim timed out: automatic routing")
             return Decision(reason="timeout")
-        except (httpx.HTTPError, *_BAD_BODY) as error:
+        except (httpx.HTTPError, TypeError, *_BAD_BODY) as error:  # TypeError: not JSON
             log.warning("route claim failed error=%s: automatic routing", type(error).__name__)
             return Decision(reason="unavailable")
 

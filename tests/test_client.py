@@ -437,3 +437,9 @@ def test_bot_client_imports_none_of_the_servers_dependencies() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_request_body_that_is_not_json_is_automatic_routing_not_an_error() -> None:
+    async with RouteClient("http://127.0.0.1:9", "token-0123456789abcdef") as client:
+        decision = await client.claim(request={"messages": [object()]})
+    assert decision.override is False and decision.reason == "unavailable"

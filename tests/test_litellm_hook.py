@@ -42,6 +42,7 @@ from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
 from litellm.proxy._types import UserAPIKeyAuth
 from litellm.proxy.types_utils.utils import get_instance_fn
 from litellm.proxy.utils import ProxyLogging
+from litellm.responses.streaming_iterator import drain_logging_tasks
 from ruamel.yaml import YAML
 
 from .api_support import ROOM, TOKEN, Api, OpenApi, free_port, room_path, start_api, stop_api
@@ -128,7 +129,7 @@ class Proxy:
         self.api, self.upstream, self.hook, self.router = api, upstream, hook, router
         self.logging = ProxyLogging(user_api_key_cache=DualCache())
         self.key = UserAPIKeyAuth(api_key="sk-hermes-agent", user_id="hermes")
-        self.routed: list[dict[str, Any]] = []  # each call's data as the Router received it
+        self.routed: list[dict[str, Any]] = []  # each call's data as the hooks left it
 
     async def ask(self, text: str, thread: str | None, model: str = "local-model") -> Any:
         """One call of the agent: Hermes's system prompt lines, then the user's message."""
@@ -147,12 +148,13 @@ class Proxy:
         data = await self.logging.pre_call_hook(
             user_api_key_dict=self.key, data=data, call_type="acompletion"
         )
-        self.routed.append(data)
+        # A copy: the Router adds its own keys to this metadata dict as it routes.
+        self.routed.append({**data, "metadata": dict(data["metadata"])})
         return await self.router.acompletion(**data)
 
     async def outcomes(self) -> list[tuple[Any, ...]]:
-        """The side-car's outcome rows, once LiteLLM's queued success callbacks have run."""
-        await GLOBAL_LOGGING_WORKER.flush()
+        """The side-car's outcome rows, once LiteLLM's success callbacks have run."""
+        await settle()
         db = sqlite3.connect(f"file:{self.api.db_path}?mode=ro", uri=True)
         try:
             return list(
@@ -162,6 +164,13 @@ class Proxy:
             )
         finally:
             db.close()
+
+
+async def settle() -> None:
+    """LiteLLM logs after answering: a task it spawns queues the success callbacks on its
+    logging worker, which runs them later."""
+    await drain_logging_tasks()
+    await GLOBAL_LOGGING_WORKER.flush()
 
 
 @asynccontextmanager
@@ -188,7 +197,7 @@ async def proxy_stack(
     try:
         yield Proxy(api, upstream, hook, router)
     finally:
-        await GLOBAL_LOGGING_WORKER.flush()
+        await settle()
         litellm.logging_callback_manager.remove_callback_from_all_lists(hook)
         await hook.aclose()
         await upstream.stop()
@@ -288,18 +297,22 @@ async def test_a_target_without_a_model_group_uses_the_side_cars_model(
 
 
 async def test_without_a_side_car_url_the_hook_leaves_calls_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with proxy_stack(tmp_path, monkeypatch) as proxy:
         intent_id = await proxy.api.route(ROOM, "/route cloud")
         monkeypatch.delenv("ROUTE_SIDECAR_URL")
-        inert = load_hook_as_the_proxy_does()
-        monkeypatch.setattr(litellm, "callbacks", [inert])
-        try:
-            question = await proxy.api.say(ROOM, "no url", ago=0)
-            answer = await proxy.ask("no url", question)
-        finally:
-            litellm.logging_callback_manager.remove_callback_from_all_lists(inert)
+        with caplog.at_level(logging.WARNING, logger="route_sidecar"):
+            inert = load_hook_as_the_proxy_does()
+            monkeypatch.setattr(litellm, "callbacks", [inert])
+            try:
+                question = await proxy.api.say(ROOM, "no url", ago=0)
+                answer = await proxy.ask("no url", question)
+            finally:
+                litellm.logging_callback_manager.remove_callback_from_all_lists(inert)
+        hook_loggers = {"route_sidecar.litellm", "route_sidecar.client"}
+        warnings = [r.getMessage() for r in caplog.records if r.name in hook_loggers]
+        assert warnings == ["ROUTE_SIDECAR_URL is not set: the route hook leaves every call alone"]
         assert answer.choices[0].message.content == "answer from local"
         assert proxy.routed[-1]["metadata"] == {
             "headers": {"user-agent": "hermes"},

@@ -1,0 +1,317 @@
+"""LiteLLM proxy hook: the room's `/route` picks the proxy's model group for its turn.
+
+Next to the proxy's config.yaml (copied or symlinked), registered with
+
+    litellm_settings:
+      callbacks: route_hook.route_hook
+
+and configured from the environment: ROUTE_SIDECAR_URL, ROUTE_SIDECAR_TOKEN,
+ROUTE_SIDECAR_TARGETS (JSON object, side-car target name → LiteLLM model group),
+ROUTE_SIDECAR_TIMEOUT (seconds, optional). For every chat completion the pre-call hook
+claims with the request body; on an override it rewrites `data["model"]` to the target's
+model group and remembers the intent for the call, whose success and failure events then
+report what really served it. A side-car that is down means automatic routing: the call
+goes to the model it asked for, never fails because of the side-car.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from litellm.integrations.custom_logger import CustomLogger
+
+try:
+    from bot.client import DEFAULT_TIMEOUT, RouteClient
+except ImportError as error:  # the proxy's venv, not ours: say what to install
+    raise ImportError(
+        "route_hook needs route-sidecar's client in the LiteLLM proxy's environment: "
+        "pip install <route-sidecar checkout>"
+    ) from error
+
+__all__ = ["CLAIMED_CALL_TYPES", "RouteHook", "RoutedCall", "ServedDeployment", "route_hook"]
+
+log = logging.getLogger("route_sidecar.litellm")
+
+URL_ENV = "ROUTE_SIDECAR_URL"
+TOKEN_ENV = "ROUTE_SIDECAR_TOKEN"
+TARGETS_ENV = "ROUTE_SIDECAR_TARGETS"
+TIMEOUT_ENV = "ROUTE_SIDECAR_TIMEOUT"
+# Chat completions carry the Hermes system-prompt lines the side-car reads.
+CLAIMED_CALL_TYPES = frozenset({"completion", "acompletion"})
+# Keys of the side-car's metadata (SPEC "The lookup API"): its answer wins for these,
+# every other key already in the request (LiteLLM's own, the client's) is left alone.
+SIDECAR_KEY_PREFIXES = ("route_", "matrix_")
+# Calls routed but not yet answered; retries and fallbacks of one call share its id, so an
+# entry stays until the call succeeds, and the oldest go first when calls never end.
+MAX_REMEMBERED_CALLS = 4096
+MAX_DETAIL_CHARS = 2000  # the side-car's limit on an outcome's detail
+
+
+class RoutedCall(NamedTuple):
+    # A NamedTuple, not a dataclass: the proxy loads this file without registering it in
+    # sys.modules, where dataclasses look string annotations up.
+    intent_id: str
+    turn_id: str | None
+    target: str | None
+    model_group: str
+
+
+class RouteHook(CustomLogger):
+    """Claims before routing, rewrites the model group on an override, reports outcomes.
+
+    Arguments override the environment; with no URL the hook does nothing (one warning).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        targets: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        # Private attributes only: LiteLLM tells callback instances apart by their public
+        # str/bool/int attributes and would drop a second instance that looks the same.
+        self._url = url if url is not None else os.environ.get(URL_ENV, "").strip()
+        self._token = token if token is not None else os.environ.get(TOKEN_ENV, "").strip()
+        self._targets = dict(targets) if targets is not None else _targets_from_env()
+        self._timeout = timeout if timeout is not None else _timeout_from_env()
+        if self._url and not self._token:
+            raise ValueError(f"{TOKEN_ENV}: required with {URL_ENV} (one of the api.tokens)")
+        if not self._url:
+            log.warning("%s is not set: the route hook leaves every call alone", URL_ENV)
+        self._client: RouteClient | None = None
+        self._routed: OrderedDict[str, RoutedCall] = OrderedDict()
+
+    def route_client(self) -> RouteClient:
+        """One connection pool to the side-car, made on first use (inside the proxy's loop)."""
+        if self._client is None:
+            self._client = RouteClient(self._url, self._token, timeout=self._timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ---- before routing ----------------------------------------------------------------
+
+    async def async_pre_call_hook(
+        self,
+        user_api_key_dict: Any,
+        cache: Any,
+        data: dict[str, Any],
+        call_type: str,
+    ) -> dict[str, Any]:
+        if not self._url or call_type not in CLAIMED_CALL_TYPES or not isinstance(data, dict):
+            return data
+        try:
+            await self._claim(data)
+        except Exception:  # a bug here must cost the route, never the LLM call
+            log.exception("route hook failed: automatic routing")
+        return data
+
+    async def _claim(self, data: dict[str, Any]) -> None:
+        requested = data.get("model")
+        requested = requested if isinstance(requested, str) else None
+        # The OpenAI body only: the proxy's `data` also holds its logging object and auth.
+        request = {"messages": data.get("messages")}
+        if requested is not None:
+            request["model"] = requested
+        decision = await self.route_client().claim(request=request, requested_model=requested)
+        _merge_metadata(data, decision.metadata)
+        if decision.override and decision.intent_id and decision.model:
+            model_group = self._targets.get(decision.target or "", decision.model)
+            call_id = data.get("litellm_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                call_id = data["litellm_call_id"] = str(uuid.uuid4())
+            self._remember(
+                call_id,
+                RoutedCall(decision.intent_id, decision.turn_id, decision.target, model_group),
+            )
+            data["model"] = model_group
+            log.info(
+                "route override call=%s intent=%s target=%s requested=%s model_group=%s",
+                call_id,
+                decision.intent_id,
+                decision.target,
+                requested,
+                model_group,
+            )
+
+    def _remember(self, call_id: str, routed: RoutedCall) -> None:
+        self._routed[call_id] = routed
+        self._routed.move_to_end(call_id)
+        while len(self._routed) > MAX_REMEMBERED_CALLS:
+            self._routed.popitem(last=False)
+
+    # ---- after the deployment answered -------------------------------------------------
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        await self._report(kwargs, "ok", start_time, end_time, done=True)
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        # Not done: the router may retry the call or fall back, under the same call id.
+        await self._report(kwargs, "error", start_time, end_time, done=False)
+
+    async def _report(
+        self, kwargs: Mapping[str, Any], status: str, start_time: Any, end_time: Any, done: bool
+    ) -> None:
+        try:
+            call_id = _call_id(kwargs)
+            routed = self._routed.get(call_id) if call_id else None
+            if routed is None:  # no override for this call: nothing to report yet
+                return
+            if done:
+                del self._routed[call_id]
+            served = ServedDeployment.from_logging(kwargs, routed.model_group)
+            await self.route_client().outcome(
+                routed.intent_id,
+                model=served.model,
+                status=status,
+                latency_ms=_latency_ms(start_time, end_time, kwargs),
+                detail=served.detail(kwargs.get("exception") if status == "error" else None),
+                turn_id=routed.turn_id,
+            )
+        except Exception:  # the answer is already on its way; a report is best effort
+            log.exception("route outcome not reported")
+
+
+class ServedDeployment(NamedTuple):
+    """Which deployment really answered, from LiteLLM's logging payload and kwargs."""
+
+    model: str  # the deployment's LiteLLM model, e.g. "openai/glm-5.1"
+    model_group: str | None
+    model_id: str | None  # what the proxy returns as x-litellm-model-id
+    api_base: str | None
+
+    @classmethod
+    def from_logging(cls, kwargs: Mapping[str, Any], asked_group: str) -> ServedDeployment:
+        payload = _mapping(kwargs.get("standard_logging_object"))
+        params = _mapping(kwargs.get("litellm_params"))
+        metadata = _mapping(params.get("metadata"))
+        hidden = _mapping(payload.get("hidden_params"))
+        model_info = _mapping(params.get("model_info"))
+        group = _first_str(payload.get("model_group"), metadata.get("model_group"))
+        return cls(
+            model=_first_str(
+                payload.get("model"),
+                metadata.get("deployment"),
+                kwargs.get("model"),
+                group,
+                asked_group,
+            )
+            or asked_group,
+            model_group=group,
+            model_id=_first_str(
+                payload.get("model_id"), model_info.get("id"), hidden.get("model_id")
+            ),
+            api_base=_first_str(
+                payload.get("api_base"), metadata.get("api_base"), params.get("api_base")
+            ),
+        )
+
+    def detail(self, error: Any = None) -> str:
+        parts = [
+            f"{key}={value}"
+            for key, value in (
+                ("model_group", self.model_group),
+                ("model_id", self.model_id),
+                ("api_base", self.api_base),
+            )
+            if value
+        ]
+        if error is not None:
+            # The class and status only: an error's text can quote the prompt.
+            status = getattr(error, "status_code", None)
+            parts.append(f"error={type(error).__name__}" + (f"/{status}" if status else ""))
+        return " ".join(parts)[:MAX_DETAIL_CHARS] or "litellm"
+
+
+# ---- configuration and small readers -------------------------------------------------------
+
+
+def _targets_from_env() -> dict[str, str]:
+    raw = os.environ.get(TARGETS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        targets = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{TARGETS_ENV}: not JSON ({error.msg})") from None
+    if not isinstance(targets, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in targets.items()
+    ):
+        raise ValueError(
+            f'{TARGETS_ENV}: must map target names to model groups, e.g. {{"cloud": "cloud-model"}}'
+        )
+    return targets
+
+
+def _timeout_from_env() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}: not a number of seconds: {raw!r}") from None
+    if not 0 < timeout <= 60:
+        raise ValueError(f"{TIMEOUT_ENV}: must be over 0 and at most 60 seconds")
+    return timeout
+
+
+def _merge_metadata(data: dict[str, Any], from_claim: Mapping[str, str]) -> None:
+    """Add the claim's metadata to the request's, in place (LiteLLM may hold that dict)."""
+    if not from_claim:
+        return
+    metadata = data.get("metadata")
+    if metadata is None:
+        metadata = data["metadata"] = {}
+    if not isinstance(metadata, dict):
+        return  # someone else's shape: leave it as it is
+    for key, value in from_claim.items():
+        if key not in metadata or key.startswith(SIDECAR_KEY_PREFIXES):
+            metadata[key] = value
+
+
+def _call_id(kwargs: Mapping[str, Any]) -> str | None:
+    return _first_str(
+        kwargs.get("litellm_call_id"), _mapping(kwargs.get("litellm_params")).get("litellm_call_id")
+    )
+
+
+def _latency_ms(start: Any, end: Any, kwargs: Mapping[str, Any]) -> int | None:
+    if isinstance(start, datetime) and isinstance(end, datetime):
+        seconds = (end - start).total_seconds()
+    elif isinstance(start, int | float) and isinstance(end, int | float):
+        seconds = float(end - start)
+    else:
+        response_time = _mapping(kwargs.get("standard_logging_object")).get("response_time")
+        if not isinstance(response_time, int | float):
+            return None
+        seconds = float(response_time)
+    return max(0, round(seconds * 1000))
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _first_str(*values: Any) -> str | None:
+    return next((v for v in values if isinstance(v, str) and v), None)
+
+
+route_hook = RouteHook()
