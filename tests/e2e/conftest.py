@@ -41,8 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Si
         server_name="localhost",
         registrations=[sidecar.registration],
     )
-    sidecar.start()
-    try:
+    try:  # Synapse is stopped even when the side-car fails to start
+        sidecar.start()
         yield hs, sidecar
     finally:
         sidecar.stop()
