@@ -281,11 +281,12 @@ class RouteService:
 
     async def claim(self, turn: Turn) -> ClaimAnswer:
         """The routing decision for one LLM call; binds a pending intent to its turn."""
-        key = derive_turn_key(turn, self.salt)
         room_id = turn.room_id
+        if (room_id is not None or not self.live) and room_id not in self.live:
+            # The common case, answered before any hashing: nothing is set for the room.
+            return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+        key = derive_turn_key(turn, self.salt)
         if room_id is None and key is not None and key.message_hash is not None:
-            if not self.live:
-                return ClaimAnswer(False, ClaimResult.NO_INTENT, None, turn.turn_id)
             async with self.store.atomic(durable=False) as tx:
                 room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
         if room_id is None or room_id not in self.live:
