@@ -10,6 +10,7 @@ after a restart.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,9 @@ class AppserviceShell:
         self.bot = bot
         self.metrics = metrics
         self._hs_token = config.appservice.hs_token.encode()
+        # Transaction ids are the homeserver's counter for one registration: a new
+        # registration (new hs_token) may count from 1 again, so ids are kept per token.
+        self._txn_scope = hashlib.sha256(self._hs_token).hexdigest()[:12]
         self._order = asyncio.Lock()  # transactions are applied one at a time, in order
 
     def make_app(self) -> web.Application:
@@ -91,7 +95,7 @@ class AppserviceShell:
             return _matrix_error(400, "M_BAD_JSON", "`events` must be a list")
         async with self._order:
             async with self.service.store.atomic() as tx:
-                duplicate = await tx.has_transaction(txn_id)
+                duplicate = await tx.has_transaction(f"{self._txn_scope}:{txn_id}")
             if duplicate:
                 self.metrics.duplicates.labels("transaction").inc()
                 self.metrics.transactions.labels("duplicate").inc()
@@ -107,7 +111,7 @@ class AppserviceShell:
                 self.metrics.transactions.labels("error").inc()
                 return _matrix_error(500, "M_UNKNOWN", "Transaction failed; retry")
             async with self.service.store.atomic() as tx:
-                await tx.record_transaction(txn_id, utcnow())
+                await tx.record_transaction(f"{self._txn_scope}:{txn_id}", utcnow())
         self.metrics.transactions.labels("ok").inc()
         log.debug("transaction handled txn=%s events=%d", txn_id, len(events))
         return web.json_response({})

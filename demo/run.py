@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +170,10 @@ class Servers:
 
 
 def start_servers() -> Servers:
-    WORK.mkdir(parents=True, exist_ok=True)
+    # A fresh start every time: a new homeserver, a new side-car database.
+    local_synapse.stop(WORK / "synapse")
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
     hs_port, as_port, api_port = port_or_free(8008), port_or_free(29333), port_or_free(29334)
     api_token = secrets.token_urlsafe(24)
     config = write_config(hs_port, as_port, api_port, api_token)
