@@ -48,20 +48,6 @@ SPEC_METADATA_KEYS = {
 }
 
 
-@pytest.fixture(scope="session")
-def openapi() -> OpenApi:
-    return OpenApi()
-
-
-@pytest.fixture
-async def api(tmp_path: Path, openapi: OpenApi) -> AsyncIterator[Api]:
-    running = await start_api(tmp_path, openapi)
-    try:
-        yield running
-    finally:
-        await stop_api(running)
-
-
 @pytest.fixture
 async def pending(api: Api) -> str:
     """A `/route cloud` in ROOM, not yet claimed: its intent id."""

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from bot.client import Decision, RouteClient
-from tests.api_support import ALICE, ROOM, TOKEN, Api, OpenApi, free_port, start_api, stop_api
+from tests.api_support import ALICE, ROOM, TOKEN, Api, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUD = "ollama-cloud/glm-5.1"
@@ -48,20 +48,6 @@ def hermes_request(room_id: str, thread: str, question: str) -> dict[str, Any]:
 
 
 # ---- against the real side-car -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def openapi() -> OpenApi:
-    return OpenApi()
-
-
-@pytest.fixture
-async def api(tmp_path: Path, openapi: OpenApi) -> AsyncIterator[Api]:
-    running = await start_api(tmp_path, openapi)
-    try:
-        yield running
-    finally:
-        await stop_api(running)
 
 
 def api_url(api: Api) -> str:
