@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from ruamel.yaml import YAML
 
 from demo.agent import StandInAgent
 from demo.matrix_user import BOT, MatrixUser, edits_of
-from demo.upstream import FakeUpstream, free_port
-from integrations.dispatcher.dispatcher import Dispatcher, DispatcherConfig, Upstream
+from demo.upstream import ModelStack, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "synapse-example"))
@@ -39,8 +37,6 @@ sys.path.insert(0, str(REPO / "synapse-example"))
 import local_synapse  # noqa: E402
 
 WORK = REPO / ".run" / "demo"
-LOCAL = "glm-4.7-flash:q4_K_M"
-CLOUD = "ollama-cloud/glm-5.1"
 
 
 class DispatcherLog(logging.Handler):
@@ -227,24 +223,11 @@ async def demo(servers: Servers, keep: bool) -> None:
     )
     hs_port = int(hs.base_url.rsplit(":", 1)[1])
     started = servers.started
-    local, cloud = await FakeUpstream("local").start(), await FakeUpstream("cloud").start()
     dispatcher_log = DispatcherLog()
     logging.getLogger("dispatcher").addHandler(dispatcher_log)
     logging.getLogger("dispatcher").setLevel(logging.INFO)
-    dispatcher = Dispatcher(
-        DispatcherConfig(
-            host="127.0.0.1",
-            port=0,
-            default_model=LOCAL,
-            upstreams={LOCAL: Upstream(local.base_url), CLOUD: Upstream(cloud.base_url)},
-            sidecar_url=f"http://127.0.0.1:{api_port}",
-            sidecar_token=api_token,
-        )
-    )
-    runner = web.AppRunner(dispatcher.make_app(), access_log=None)
-    await runner.setup()
-    dispatcher_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", dispatcher_port).start()
+    models = await ModelStack().start(f"http://127.0.0.1:{api_port}", api_token)
+    dispatcher_url = models.dispatcher_url
     agent = alice = None
     try:
         await wait_healthy(f"http://127.0.0.1:{api_port}", sidecar)
@@ -259,7 +242,7 @@ async def demo(servers: Servers, keep: bool) -> None:
             hs.base_url,
             accounts["agent"]["access_token"],
             accounts["agent"]["user_id"],
-            f"http://127.0.0.1:{dispatcher_port}",
+            dispatcher_url,
         )
         agent.ignore(BOT)
         await agent.start()
@@ -291,7 +274,7 @@ Everything keeps running. Connect any Matrix client:
   homeserver  http://127.0.0.1:{hs_port}   user alice / alice-password
   room        {room}
   try         !route cloud · !route status · !route targets · !route help
-  dispatcher  http://127.0.0.1:{dispatcher_port}/v1 (OpenAI-compatible)
+  dispatcher  {dispatcher_url}/v1 (OpenAI-compatible)
   lookup API  curl -s -H 'Authorization: Bearer {api_token}' -H 'Content-Type: application/json' \\
                 -d '{{"room_id": "{room}", "last_user_message": "hi"}}' http://127.0.0.1:{api_port}/v1/claim
   files       {WORK}
@@ -306,9 +289,7 @@ Press Ctrl-C to stop.""")
             await agent.stop()
         if alice is not None:
             await alice.close()
-        await runner.cleanup()
-        await local.stop()
-        await cloud.stop()
+        await models.stop()
 
 
 def main() -> int:

@@ -88,3 +88,48 @@ class FakeUpstream:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+class ModelStack:
+    """The demo's two fake models with the reference dispatcher in front of them."""
+
+    LOCAL = "glm-4.7-flash:q4_K_M"
+    CLOUD = "ollama-cloud/glm-5.1"
+
+    def __init__(self) -> None:
+        self.local = FakeUpstream("local")
+        self.cloud = FakeUpstream("cloud")
+        self.dispatcher: Any = None
+        self._runner: web.AppRunner | None = None
+        self.dispatcher_url = ""
+
+    async def start(self, sidecar_url: str, sidecar_token: str) -> ModelStack:
+        from integrations.dispatcher.dispatcher import Dispatcher, DispatcherConfig, Upstream
+
+        await self.local.start()
+        await self.cloud.start()
+        self.dispatcher = Dispatcher(
+            DispatcherConfig(
+                host="127.0.0.1",
+                port=0,
+                default_model=self.LOCAL,
+                upstreams={
+                    self.LOCAL: Upstream(self.local.base_url),
+                    self.CLOUD: Upstream(self.cloud.base_url),
+                },
+                sidecar_url=sidecar_url,
+                sidecar_token=sidecar_token,
+            )
+        )
+        self._runner = web.AppRunner(self.dispatcher.make_app(), access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.dispatcher_url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.local.stop()
+        await self.cloud.stop()

@@ -7,17 +7,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from demo.agent import StandInAgent
-from demo.upstream import FakeUpstream, free_port
-from integrations.dispatcher.dispatcher import Dispatcher, DispatcherConfig, Upstream
+from demo.upstream import FakeUpstream, ModelStack
 
 from .harness import API_TOKEN, BOT, MatrixUser, Sidecar, edits_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
-LOCAL = "glm-4.7-flash:q4_K_M"
-CLOUD = "ollama-cloud/glm-5.1"
 
 
 class Chain:
@@ -29,31 +25,14 @@ class Chain:
 async def chain(
     users: dict[str, MatrixUser], sidecar: Sidecar, hs_url: str
 ) -> AsyncIterator[Chain]:
-    local = await FakeUpstream("local").start()
-    cloud = await FakeUpstream("cloud").start()
-    dispatcher = Dispatcher(
-        DispatcherConfig(
-            host="127.0.0.1",
-            port=0,
-            default_model=LOCAL,
-            upstreams={LOCAL: Upstream(local.base_url), CLOUD: Upstream(cloud.base_url)},
-            sidecar_url=sidecar.api_url,
-            sidecar_token=API_TOKEN,
-        )
-    )
-    runner = web.AppRunner(dispatcher.make_app(), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    models = await ModelStack().start(sidecar.api_url, API_TOKEN)
     agent_user = users["agent"]
-    agent = StandInAgent(hs_url, agent_user.token, agent_user.user_id, f"http://127.0.0.1:{port}")
+    agent = StandInAgent(hs_url, agent_user.token, agent_user.user_id, models.dispatcher_url)
     agent.ignore(BOT)
     await agent.start()
-    yield Chain(local, cloud, agent)
+    yield Chain(models.local, models.cloud, agent)
     await agent.stop()
-    await runner.cleanup()
-    await local.stop()
-    await cloud.stop()
+    await models.stop()
 
 
 def agent_answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
@@ -114,7 +93,7 @@ async def test_route_cloud_sends_every_call_of_the_next_turn_to_cloud_then_back_
         )
 
     final = await alice.wait_for(room, shows_both_calls, what="the receipt counting both calls")
-    assert CLOUD in final["content"].get("m.new_content", final["content"])["body"]
+    assert ModelStack.CLOUD in final["content"].get("m.new_content", final["content"])["body"]
     assert len(receipts_in(await alice.events(room), routed)) == 1
 
 
