@@ -166,3 +166,17 @@ async def test_a_side_car_that_is_down_means_the_default_model_and_a_warning(
     assert answer.json()["choices"][0]["message"]["content"] == "answer from local"
     assert any("automatic routing" in r.getMessage() for r in caplog.records)
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+async def test_models_are_listed_and_every_call_is_logged_on_one_line(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = (await stack.http.get("/v1/models")).json()
+    assert {m["id"] for m in models["data"]} == {LOCAL, CLOUD}
+    await stack.api.route(ROOM, "/route cloud")
+    question = await stack.api.say(ROOM, "log me", ago=0)
+    with caplog.at_level(logging.INFO, logger="dispatcher"):
+        await stack.ask(question, "log me")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "dispatcher"]
+    assert f"room={ROOM} turn={question} requested={LOCAL} served={CLOUD}" in line
+    assert "override=true status=ok latency_ms=" in line
