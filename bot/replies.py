@@ -59,22 +59,10 @@ def notice_content(
 
 def edit_content(text: Text, edited_event_id: str | None) -> dict[str, Any]:
     """An edit of an earlier notice; the sender fills in the edited event id."""
-    new = {
-        "msgtype": "m.notice",
-        "body": text.plain,
-        "format": "org.matrix.custom.html",
-        "formatted_body": text.html,
-        "m.mentions": {},
-    }
-    return {
-        "msgtype": "m.notice",
-        "body": f"* {text.plain}",
-        "format": "org.matrix.custom.html",
-        "formatted_body": f"* {text.html}",
-        "m.new_content": new,
-        "m.mentions": {},
-        "m.relates_to": {"rel_type": "m.replace", "event_id": edited_event_id},
-    }
+    content = notice_content(Text(plain=f"* {text.plain}", html=f"* {text.html}"))
+    content["m.new_content"] = notice_content(text)
+    content["m.relates_to"] = {"rel_type": "m.replace", "event_id": edited_event_id}
+    return content
 
 
 def reaction_content(event_id: str, key: str = REACTION_CLAIMED) -> dict[str, Any]:
