@@ -7,6 +7,8 @@ by design: a side-car that is down, slow past the timeout or answering garbage m
     client = RouteClient("http://127.0.0.1:29334", token)
     decision = await client.claim(request=body)
     body["model"] = decision.model or body["model"]
+    ...  # call the model
+    await client.report(decision, request=body, model=served, status="ok")
 """
 
 from __future__ import annotations
@@ -154,15 +156,78 @@ class RouteClient:
         turn_id: str | None = None,
     ) -> bool:
         """Report what was really served for a routed call. Never raises; False on failure."""
-        body: dict[str, Any] = {"model": model, "status": status}
-        for key, value in (("latency_ms", latency_ms), ("detail", detail), ("turn_id", turn_id)):
-            if value is not None:
-                body[key] = value
+        body = _outcome_body(model, status, latency_ms, detail)
+        if turn_id is not None:
+            body["turn_id"] = turn_id
+        return await self._report(f"/v1/intents/{quote(intent_id, safe='')}/outcome", body)
+
+    async def turn_outcome(
+        self,
+        *,
+        model: str,
+        status: str,
+        room_id: str | None = None,
+        turn_id: str | None = None,
+        last_user_message: str | None = None,
+        request: Mapping[str, Any] | None = None,
+        latency_ms: int | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """Report what served a call that had no override (`POST /v1/outcome`): the turn
+        is given, or read from `request` here (only its turn fields are sent). Never
+        raises; False on failure or when nothing identifies the turn."""
+        found = extract_turn(request) if request is not None else Turn()
+        turn = {
+            "room_id": room_id or found.room_id,
+            "turn_id": turn_id or found.turn_id,
+            "last_user_message": (
+                last_user_message if last_user_message is not None else found.last_user_message
+            ),
+        }
+        if turn["room_id"] is None and turn["last_user_message"] is None:
+            return False  # no room and no message: the side-car could not place it
+        body = _outcome_body(model, status, latency_ms, detail)
+        body.update({key: value for key, value in turn.items() if value is not None})
+        return await self._report("/v1/outcome", body)
+
+    async def report(
+        self,
+        decision: Decision,
+        *,
+        model: str,
+        status: str,
+        request: Mapping[str, Any] | None = None,
+        last_user_message: str | None = None,
+        latency_ms: int | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """Report one call's result, routed or not: the intent's outcome for an
+        override, `POST /v1/outcome` otherwise (the turn from the decision, then from
+        `last_user_message` or `request`). Never raises; False on failure."""
+        if decision.override and decision.intent_id:
+            return await self.outcome(
+                decision.intent_id,
+                model=model,
+                status=status,
+                latency_ms=latency_ms,
+                detail=detail,
+                turn_id=decision.turn_id,
+            )
+        return await self.turn_outcome(
+            model=model,
+            status=status,
+            room_id=decision.room_id,
+            turn_id=decision.turn_id,
+            last_user_message=last_user_message,
+            request=request,
+            latency_ms=latency_ms,
+            detail=detail,
+        )
+
+    async def _report(self, path: str, body: dict[str, Any]) -> bool:
         try:
             async with asyncio.timeout(self._deadline):
-                response = await self._http.post(
-                    f"/v1/intents/{quote(intent_id, safe='')}/outcome", json=body
-                )
+                response = await self._http.post(path, json=body)
         except (httpx.HTTPError, TimeoutError) as error:
             log.warning("route outcome not reported error=%s", type(error).__name__)
             return False
@@ -184,3 +249,14 @@ class RouteClient:
         except (httpx.HTTPError, TimeoutError, *_BAD_BODY) as error:
             log.warning("route intent lookup failed error=%s", type(error).__name__)
         return None
+
+
+def _outcome_body(
+    model: str, status: str, latency_ms: int | None, detail: str | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "status": status}
+    if latency_ms is not None:
+        body["latency_ms"] = latency_ms
+    if detail is not None:
+        body["detail"] = detail
+    return body

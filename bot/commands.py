@@ -138,6 +138,20 @@ def is_single_line_command(body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIX
     return question is None and command_prefix(first, prefixes) is not None
 
 
+def asked_question(body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIXES) -> str | None:
+    """What a message asks the agent, the room's last question for `<target> again`: the
+    text of a message that is not a command, or the question of the multi-line form (the
+    agent answers it). None for every other command and for a blank message."""
+    if not isinstance(body, str):
+        return None
+    parsed = parse_command(body, prefixes)
+    if parsed is None:
+        return body.strip() or None
+    if isinstance(parsed, RouteTo) and parsed.question:
+        return parsed.question
+    return None
+
+
 def parse_command(
     body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIXES
 ) -> Command | CommandError | None:
