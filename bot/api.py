@@ -93,14 +93,14 @@ def _optional_str(body: dict[str, Any], field: str, limit: int, prefix: str = ""
     return value
 
 
-def parse_claim(body: dict[str, Any], max_chars: int) -> ClaimRequest:
+def parse_turn(body: dict[str, Any], max_chars: int) -> Turn:
+    """The turn fields shared by claims and outcomes: given, or read from `request`."""
     room_id = _optional_str(body, "room_id", MAX_ID_LENGTH, prefix="!")
     turn_id = _optional_str(body, "turn_id", MAX_ID_LENGTH)
     session_id = _optional_str(body, "session_id", MAX_ID_LENGTH)
     if turn_id and session_id and turn_id != session_id:
         raise bad_request("session_id", "is an alias of turn_id; give one, or the same value")
     last_user_message = _optional_str(body, "last_user_message", max_chars)
-    requested_model = _optional_str(body, "requested_model", MAX_MODEL_LENGTH)
     request = body.get("request")
     if request is not None:
         if not isinstance(request, dict):
@@ -113,7 +113,12 @@ def parse_claim(body: dict[str, Any], max_chars: int) -> ClaimRequest:
     given = Turn(
         room_id=room_id, turn_id=turn_id or session_id, last_user_message=last_user_message
     )
-    turn = merge_turn(given, extract_turn(request)) if request is not None else given
+    return merge_turn(given, extract_turn(request)) if request is not None else given
+
+
+def parse_claim(body: dict[str, Any], max_chars: int) -> ClaimRequest:
+    turn = parse_turn(body, max_chars)
+    requested_model = _optional_str(body, "requested_model", MAX_MODEL_LENGTH)
     return ClaimRequest(turn=turn, requested_model=requested_model)
 
 
@@ -194,6 +199,7 @@ class LookupApi:
         )
         app.router.add_post("/v1/claim", self._authed(self.claim))
         app.router.add_post("/v1/intents/{intent_id}/outcome", self._authed(self.outcome))
+        app.router.add_post("/v1/outcome", self._authed(self.turn_outcome))
         app.router.add_get("/v1/rooms/{room_id}/intent", self._authed(self.get_intent))
         app.router.add_delete("/v1/rooms/{room_id}/intent", self._authed(self.delete_intent))
         app.router.add_get("/v1/openapi.json", self.openapi)
@@ -272,6 +278,15 @@ class LookupApi:
         )
         if not found:
             raise ApiError(404, "not_found", f"no intent with id {intent_id[:64]!r}")
+        return web.Response(status=204)
+
+    async def turn_outcome(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        outcome = parse_outcome(body)  # the outcome's fields first: `model` is required
+        turn = parse_turn(body, self.config.api.max_body_bytes)
+        await self.service.record_turn_outcome(
+            turn, outcome.model, outcome.status, outcome.latency_ms, outcome.detail
+        )
         return web.Response(status=204)
 
     def _room_id(self, request: web.Request) -> str:

@@ -70,7 +70,9 @@ async def start_sidecar(config: Config) -> Sidecar:
     metrics = Metrics()
     service = RouteService(config, store, bytes.fromhex(salt), metrics)
     await service.load()
-    bot = MatrixBot(config, store, metrics, instance)
+    bot = MatrixBot(
+        config, store, metrics, instance, unstored=service.unstored, clock=service.clock
+    )
     await bot.start()
     sidecar = Sidecar(config, store, service, bot)
     for app, listen in (

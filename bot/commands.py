@@ -112,6 +112,12 @@ class CommandError:
     message: str
 
 
+def typable_prefix(prefixes: tuple[str, ...]) -> str:
+    """The prefix for a command the bot suggests typing as it is: one that is not a slash
+    command (Element asks about unknown ones, or drops them on Android), if configured."""
+    return next((p for p in prefixes if not p.startswith("/")), prefixes[0])
+
+
 def split_first_line(body: str) -> tuple[str, str | None]:
     """The command line and the question (everything after the first line, or None)."""
     first, _, rest = body.partition("\n")

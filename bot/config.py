@@ -95,6 +95,7 @@ class RoutingConfig:
     max_turns: int = 10
     max_duration: timedelta = timedelta(hours=4)
     raw_models: RawModels = RawModels()
+    failure_grace: timedelta = timedelta(seconds=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +176,7 @@ def parse_config(
             patterns=reader.patterns("routing.raw_models.patterns"),
             level=reader.integer("routing.raw_models.level", 100, minimum=0),
         ),
+        failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
     )
     permissions = reader.permissions("permissions")
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
@@ -213,7 +215,15 @@ _KNOWN = {
     "api": {"listen", "tokens", "max_body_bytes"},
     "database": None,
     "targets": None,
-    "routing": {"prefixes", "intent_ttl", "turn_idle", "max_turns", "max_duration", "raw_models"},
+    "routing": {
+        "prefixes",
+        "intent_ttl",
+        "turn_idle",
+        "max_turns",
+        "max_duration",
+        "raw_models",
+        "failure_grace",
+    },
     "permissions": None,
     "rooms": None,
     "agents": None,

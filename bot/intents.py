@@ -264,12 +264,17 @@ def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimR
     if intent.until is not None and now >= intent.until:
         return ClaimResult.OTHER_TURN
     if intent.is_prebound and not intent.bound_turns:
-        if turn.key is not None and (
+        if turn.key is None or not (
             turn.key.turn_id == intent.command_event_id
             or turn.key.message_hash == intent.question_hash
         ):
-            return None
-        return ClaimResult.OTHER_TURN
+            return ClaimResult.OTHER_TURN
+        # The same question asked before the command (the turn `again` re-asks, maybe
+        # still running) is not the turn the command asks for.
+        arrived_at = turn.placement.arrived_at
+        if arrived_at is not None and arrived_at < intent.command_at:
+            return ClaimResult.EARLIER_TURN
+        return None
     arrived_at = turn.placement.arrived_at
     if arrived_at is not None and arrived_at <= intent.command_at:
         return ClaimResult.EARLIER_TURN

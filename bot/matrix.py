@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import ClientSession
@@ -36,11 +38,23 @@ class _MemoryASStateStore(MemoryStateStore, ASStateStore):
 
 
 class MatrixBot:
-    def __init__(self, config: Config, store: Store, metrics: Metrics, instance: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        metrics: Metrics,
+        instance: str,
+        unstored: dict[str, dict[str, Any]] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.clock = clock
         self.config = config
         self.store = store
         self.metrics = metrics
         self.instance = instance  # per-database id: keeps transaction ids unique
+        # Contents to send instead of the stored ones (they quote a question, which is
+        # never written to disk), by outbox key; after a restart the stored copy is sent.
+        self.unstored = unstored if unstored is not None else {}
         self.session: ClientSession | None = None
         self.api: AppServiceAPI | None = None
         self.registered = asyncio.Event()
@@ -107,10 +121,10 @@ class MatrixBot:
     async def deliver_outbox(self) -> int:
         """Send every queued room event, oldest first. Returns how many were sent."""
         async with self.store.atomic() as tx:
-            pending = await tx.unsent_effects()
+            pending = await tx.unsent_effects(self.clock())
         sent = 0
         for row in pending:
-            content: dict[str, Any] = json.loads(row["content"])
+            content: dict[str, Any] = self.unstored.get(row["key"]) or json.loads(row["content"])
             if row["edits"]:
                 async with self.store.atomic() as tx:
                     target = await tx.effect_event_id(row["edits"])
@@ -137,6 +151,7 @@ class MatrixBot:
                 continue
             async with self.store.atomic() as tx:
                 await tx.mark_effect_sent(row["id"], event_id)
+            self.unstored.pop(row["key"], None)
             self.metrics.room_effects.labels("sent").inc()
             log.info(
                 "room event sent room=%s key=%s event=%s",
@@ -150,6 +165,8 @@ class MatrixBot:
     async def _attempt_failed(self, row: Any, give_up: bool, error: str) -> None:
         async with self.store.atomic() as tx:
             await tx.mark_effect_attempt(row["id"], give_up)
+        if give_up:
+            self.unstored.pop(row["key"], None)
         self.metrics.room_effects.labels("failed" if give_up else "retry").inc()
         log.warning(
             "room event %s room=%s key=%s error=%s",

@@ -46,6 +46,21 @@ def usable_targets(user_id: str, config: Config) -> list[Target]:
     return [t for t in config.targets.values() if level >= t.level]
 
 
+def retry_targets(
+    asker: str | None, failed_model: str, failed_target: str | None, config: Config
+) -> list[Target]:
+    """The targets a failed turn's suggestion offers: those the asker may use (anyone's,
+    the `*` level, when the asker is unknown), other than the one that failed."""
+    level = user_level(asker, config.permissions) if asker else config.permissions.get("*")
+    if level is None:
+        return []
+    return [
+        t
+        for t in config.targets.values()
+        if level >= t.level and t.model != failed_model and t.name != failed_target
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A route command checked against the config: the target name and the model id."""

@@ -7,22 +7,39 @@ import html
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from .commands import format_duration
+from .commands import RouteTo, format_command, format_duration
 from .config import Target
+from .history import PastTurn
 from .intents import Intent, IntentState, Timing, expires_at
 
 _CODE = re.compile(r"`([^`\n]+)`")
 _BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
 REACTION_CLAIMED = "✅"
+EXCERPT_CHARS = 80
+DETAIL_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
 class Text:
     plain: str
     html: str
+
+    def __add__(self, other: Text) -> Text:
+        return Text(plain=self.plain + other.plain, html=self.html + other.html)
+
+
+def literal(text: str) -> Text:
+    """Text shown as it is (someone else's words): escaped, no markup applied."""
+    return Text(plain=text, html=html.escape(text, quote=False))
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A question as one short line: spaces folded, cut with an ellipsis."""
+    line = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 def render(markup: str) -> Text:
@@ -163,7 +180,9 @@ def help_text(prefix: str, prefixes: Sequence[str]) -> Text:
                 f"`{prefix} <target> --for 30m`: every turn for a while (s, m, h)",
                 f"`{prefix} auto`: back to automatic routing (also `off`, `cancel`)",
                 f"`{prefix} status`: what is set now",
+                f"`{prefix} <target> again`: re-ask the room's last question there (also `retry`)",
                 f"`{prefix} targets`: the targets you may use",
+                f"`{prefix} history`: the last routed and failed turns",
                 f"`{prefix} help`: this text",
                 'In Element, `/route` opens an "Unknown command" dialog (choose '
                 '"Send as message"); `!route` always works.',
@@ -217,3 +236,87 @@ def receipt(
     if errors:
         lines += f" {errors} call(s) failed."
     return render(lines)
+
+
+def reask_confirmation(
+    intent: Intent,
+    question: str | None,
+    asked_by: str | None,
+    asked_at: datetime,
+    superseded: Intent | None,
+    prefix: str,
+) -> Text:
+    """The reply to `<target> again`. `question`: its excerpt, shown from memory only;
+    None for the copy that is stored, which names the question by who asked it when."""
+    by = f" by {asked_by}" if asked_by else ""
+    if question is not None:
+        what = render("Re-asking ") + literal(f"“{question}”") + render(f" (asked{by})")
+    else:
+        what = render(f"Re-asking the room's last question (asked{by} at {_when(asked_at)})")
+    lines = [f" on **{intent.target}** (`{intent.model}`)."]
+    if superseded is not None:
+        lines.append(f"This replaces the earlier route to {superseded.target}.")
+    lines.append(f"`{prefix} auto` cancels it.")
+    lines.append("I will confirm here which model really answered.")
+    return what + render("\n".join(lines))
+
+
+def nothing_to_reask(target: str, prefix: str, ttl: timedelta) -> Text:
+    return render(
+        f"⛔ Nothing to re-ask: I have seen no question in this room in the last "
+        f"{format_duration(ttl)} (I keep questions in memory only, and forget them when I "
+        f"restart). Nothing was routed. Ask it again with `{prefix} {target}` and the "
+        "question on the next line (Shift+Enter)."
+    )
+
+
+def failure_suggestion(
+    model: str, detail: str | None, targets: Sequence[Target], prefix: str
+) -> Text:
+    """Posted once in a turn whose calls ended in an error: what failed, and the exact
+    command that re-asks the question on each other target."""
+    head = render(f"⚠ The agent's LLM call failed on `{model}`")
+    if detail:
+        head += literal(f" ({excerpt(detail, DETAIL_CHARS)})")
+    head += render(".")
+    if not targets:
+        return head + render(
+            "\nNo other target is open to you here; ask the admin for a permission level."
+        )
+    lines = ["", "To ask the same question on another model, send:"]
+    for target in targets:
+        command = format_command(RouteTo(target=target.name, again=True), prefix)
+        description = f": {target.description}" if target.description else ""
+        lines.append(f"• `{command}`{description}")
+    return head + render("\n".join(lines))
+
+
+def history(turns: Sequence[PastTurn], prefix: str) -> Text:
+    if not turns:
+        return render(f"No routed or failed turn in this room yet. `{prefix} <target>` routes one.")
+    lines = ["**Last routed and failed turns here**, newest first:"]
+    for turn in turns:
+        lines.append(f"• {_when(turn.at)} · {_past_turn(turn)}")
+    return render("\n".join(lines))
+
+
+def _past_turn(turn: PastTurn) -> str:
+    served = ", ".join(f"`{m}`" for m in sorted({c.model for c in turn.calls}))
+    calls = len(turn.calls)
+    seconds = f", {turn.latency_ms / 1000:.1f} s" if turn.latency_ms is not None else ""
+    errors = sum(1 for c in turn.calls if c.status != "ok")
+    failed = f", {errors} failed" if errors and errors < calls else ""
+    if not turn.routed:
+        who = turn.who or "someone"
+        return (
+            f"⚠ failed on automatic routing ({served}), asked by {who}: "
+            f"{calls} call(s), the last one an error{seconds}"
+        )
+    routed = f"routed to **{turn.target}** by {turn.who}"
+    if not turn.calls:
+        return f"{routed}: no outcome reported ({turn.claims} claim(s))"
+    if turn.failed:
+        return f"{routed}: ⚠ failed ({served}), {calls} call(s){failed}{seconds}"
+    if {c.model for c in turn.calls} != {turn.model}:
+        return f"{routed}: ⚠ asked for `{turn.model}`, served {served}, {calls} call(s){seconds}"
+    return f"{routed}: served {served}, {calls} call(s){failed}{seconds}"

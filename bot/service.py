@@ -18,20 +18,25 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from . import commands as cmd
+from . import history as past
 from . import intents as core
 from . import policy, replies
 from .config import Config
 from .events import Invite, Redaction, RoomMessage
 from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
 from .metrics import Metrics
+from .questions import LastQuestions, Question
 from .store import Store, Tx
 from .turns import (
     SeenMessage,
     Turn,
+    TurnKey,
     is_command_turn,
     message_hash,
+    notice_place,
     place_turn,
     resolve_room,
 )
@@ -40,6 +45,8 @@ from .turns import turn_key as derive_turn_key
 log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
 METADATA_VALUE_MAX = 512
+SUGGESTION = "suggest"  # key prefix of the outbox's failure suggestions
+HISTORY_CALLS = 200  # reported calls without an intent read to find the failed turns
 
 
 def utcnow() -> datetime:
@@ -89,12 +96,22 @@ class RouteService:
         self.timing = Timing(config.routing.intent_ttl, config.routing.turn_idle)
         self.prefix = config.routing.prefixes[0]
         self.live: dict[str, Intent] = {}
+        # SPEC "Retry": each room's last question, in memory only.
+        self.questions = LastQuestions(config.routing.intent_ttl)
+        # Room events that quote a question: sent from here, stored without the quote.
+        self.unstored: dict[str, dict[str, Any]] = {}
+        # Failure suggestions of recent failed turns (outbox key → last error), so a
+        # later successful call of the turn can withdraw one not yet sent.
+        self.failures: dict[str, datetime] = {}
         self._unsaved: set[str] = set()  # rooms whose live intent has unwritten claim times
         self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
         self.outbox_changed = asyncio.Event()
 
     async def load(self) -> None:
         await self._reload_live()
+        async with self.store.atomic(durable=False) as tx:
+            held = await tx.held_effects(f"{SUGGESTION}:")
+        self.failures = {row["key"]: self.clock() for row in held}
         log.info("live intents loaded count=%d", len(self.live))
 
     async def _reload_live(self) -> None:
@@ -128,19 +145,32 @@ class RouteService:
         if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
             return
         now = self.clock()
-        parsed = cmd.parse_command(message.body, config.routing.prefixes)
-        _, question = cmd.split_first_line(message.body)
-        single_line_command = parsed is not None and question is None
+        prefixes = config.routing.prefixes
+        parsed = cmd.parse_command(message.body, prefixes)
+        asked = cmd.asked_question(message.body, prefixes)
+        if asked is not None:
+            self.questions.remember(
+                message.room_id,
+                Question(
+                    asked, message.sent_at, message.event_id, message.sender, message.thread_root
+                ),
+            )
+        reask = (
+            self.questions.last(message.room_id, now)
+            if isinstance(parsed, cmd.RouteTo) and parsed.again
+            else None
+        )
+        # What the agent sees of this message: its question (the multi-line form, or the
+        # question `again` re-asks, which the agent plugin puts in its place), else itself.
+        stands_for = asked if asked is not None else reask.text if reask is not None else None
         seen = SeenMessage(
             room_id=message.room_id,
             event_id=message.event_id,
             thread_id=message.thread_root,
             sent_at=message.sent_at,
-            # A multi-line command stands for its question: that is what the agent sees.
-            message_hash=message_hash(
-                self.salt, question if parsed is not None and question else message.body
-            ),
-            is_command=single_line_command,
+            message_hash=message_hash(self.salt, stands_for or message.body),
+            is_command=stands_for is None,
+            sender=message.sender,
         )
         if parsed is None:
             async with self.store.atomic(durable=False) as tx:
@@ -167,7 +197,7 @@ class RouteService:
                 log.info("command duplicate room=%s event=%s", message.room_id, message.event_id)
                 return
             await tx.add_seen(seen)
-            text, intent, result = await self._run_command(tx, parsed, message, now)
+            text, intent, result = await self._run_command(tx, parsed, message, reask, now)
             await tx.record_command(
                 message.event_id,
                 message.room_id,
@@ -195,7 +225,12 @@ class RouteService:
         self.outbox_changed.set()
 
     async def _run_command(
-        self, tx: Tx, parsed: cmd.Command | cmd.CommandError, message: RoomMessage, now: datetime
+        self,
+        tx: Tx,
+        parsed: cmd.Command | cmd.CommandError,
+        message: RoomMessage,
+        reask: Question | None,
+        now: datetime,
     ) -> tuple[replies.Text, Intent | None, str]:
         """The reply, the intent created (if any) and a result label for one command."""
         config, prefix = self.config, self.prefix
@@ -215,15 +250,16 @@ class RouteService:
             case cmd.ShowStatus():
                 return replies.status(current, now, self.timing, prefix), None, "ok"
             case cmd.ShowHistory():
-                return replies.not_available("history", prefix), None, "unavailable"
+                routed = await tx.routed_turns(message.room_id, past.HISTORY_LENGTH)
+                calls = await tx.unrouted_calls(message.room_id, HISTORY_CALLS)
+                turns = past.latest(routed, past.failed_turns(calls))
+                return replies.history(turns, prefix), None, "ok"
             case cmd.ClearIntent():
                 if current is not None:
                     await self._end(tx, current, EndReason.CLEARED, now)
                 return replies.cleared(current, prefix), None, "ok"
-            case cmd.RouteTo(again=True):
-                return replies.not_available("<target> again", prefix), None, "unavailable"
             case cmd.RouteTo() as route:
-                return await self._route(tx, route, message, current, now)
+                return await self._route(tx, route, message, current, reask, now)
         raise AssertionError(parsed)
 
     async def _route(
@@ -232,11 +268,16 @@ class RouteService:
         route: cmd.RouteTo,
         message: RoomMessage,
         current: Intent | None,
+        reask: Question | None,
         now: datetime,
     ) -> tuple[replies.Text, Intent | None, str]:
         resolved = policy.resolve_route(route, message.sender, self.config, self.prefix)
         if isinstance(resolved, policy.Refused):
             return replies.refusal(resolved.reason), None, "refused"
+        if route.again and reask is None:
+            text = replies.nothing_to_reask(route.target, self.prefix, self.timing.intent_ttl)
+            return text, None, "no_question"
+        question = reask.text if reask is not None else route.question
         recent = await tx.routes_since(message.sender, now - policy.RATE_WINDOW)
         if policy.rate_limited(recent, self.config):
             return replies.rate_limited(self.config.routes_per_hour), None, "rate_limited"
@@ -251,13 +292,24 @@ class RouteService:
             command_thread_id=message.thread_root,
             command_at=message.sent_at,
             now=now,
-            question_hash=message_hash(self.salt, route.question) if route.question else None,
+            question_hash=message_hash(self.salt, question) if question else None,
         )
         if current is not None:
             await self._end(tx, current, EndReason.SUPERSEDED, now)
         await tx.save_intent(intent)
         self.live[intent.room_id] = intent
-        text = replies.confirmation(intent, current, self.timing, self.prefix)
+        if reask is None:
+            return replies.confirmation(intent, current, self.timing, self.prefix), intent, "routed"
+        # The reply quotes the question: that copy is sent from memory, never stored.
+        quoted = replies.reask_confirmation(
+            intent, replies.excerpt(reask.text), reask.sender, reask.asked_at, current, self.prefix
+        )
+        self.unstored[f"reply:{message.event_id}"] = replies.notice_content(
+            quoted, message.event_id, message.thread_root
+        )
+        text = replies.reask_confirmation(
+            intent, None, reask.sender, reask.asked_at, current, self.prefix
+        )
         return text, intent, "routed"
 
     async def on_redaction(self, redaction: Redaction) -> None:
@@ -350,18 +402,23 @@ class RouteService:
         detail: str | None,
         turn_id: str | None,
     ) -> bool:
-        """Store what the dispatcher served and post or update the turn's receipt.
-        False: no such intent."""
+        """Store what the dispatcher served for a routed call and post or update the
+        turn's receipt. False: no such intent."""
         now = self.clock()
         async with self._lock, self._writing() as tx:
             intent = await tx.intent(intent_id)
             if intent is None:
                 return False
             position = _outcome_turn(intent, turn_id)
+            key = intent.bound_turns[position].key if position is not None else None
+            ref = key.ref if key is not None else f"intent:{intent.id}:{position}"
+            placed = await self._placed(tx, intent.room_id, key) if status != "ok" else None
             await tx.add_outcome(
                 intent_id=intent.id,
                 position=position,
                 room_id=intent.room_id,
+                turn=ref,
+                asker=placed.sender if placed is not None else None,
                 model=model,
                 status=status,
                 latency_ms=latency_ms,
@@ -377,6 +434,9 @@ class RouteService:
                 sum(latencies) if latencies else None,
             )
             await self._post_receipt(tx, intent, position, len(rows), text, now)
+            await self._follow_failure(
+                tx, intent.room_id, key, ref, placed, model, status, detail, intent, now
+            )
         self.metrics.outcomes.labels(status).inc()
         log.info(
             "outcome recorded room=%s intent=%s position=%s status=%s",
@@ -387,6 +447,94 @@ class RouteService:
         )
         self.outbox_changed.set()
         return True
+
+    async def record_turn_outcome(
+        self,
+        turn: Turn,
+        model: str,
+        status: str,
+        latency_ms: int | None,
+        detail: str | None,
+    ) -> None:
+        """What the dispatcher served for a call without an override. Only what the retry
+        suggestion and `/route history` need is kept: failed calls, and the calls of a
+        turn that had failed."""
+        if status == "ok" and not self.failures:
+            return  # the common case, answered before any hashing
+        key = derive_turn_key(turn, self.salt)
+        if key is None:
+            return
+        room_id = turn.room_id
+        now = self.clock()
+        async with self._lock, self.store.atomic(durable=False) as tx:
+            if room_id is None and key.message_hash is not None:
+                room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
+            if room_id is None:
+                return
+            if status == "ok" and _suggestion_key(room_id, key.ref) not in self.failures:
+                return
+            placed = await self._placed(tx, room_id, key)
+            await tx.add_outcome(
+                intent_id=None,
+                position=None,
+                room_id=room_id,
+                turn=key.ref,
+                asker=placed.sender if placed is not None else None,
+                model=model,
+                status=status,
+                latency_ms=latency_ms,
+                detail=detail,
+                now=now,
+            )
+            await self._follow_failure(
+                tx, room_id, key, key.ref, placed, model, status, detail, None, now
+            )
+        self.metrics.outcomes.labels(status).inc()
+        log.info("outcome recorded room=%s intent=- turn=%s status=%s", room_id, key, status)
+
+    async def _placed(self, tx: Tx, room_id: str, key: TurnKey | None) -> SeenMessage | None:
+        """The user message a turn answers, when the side-car saw it."""
+        if key is None:
+            return None
+        return place_turn(key, await tx.seen_for_turn(room_id, key)).message
+
+    async def _follow_failure(
+        self,
+        tx: Tx,
+        room_id: str,
+        key: TurnKey | None,
+        ref: str,
+        placed: SeenMessage | None,
+        model: str,
+        status: str,
+        detail: str | None,
+        intent: Intent | None,
+        now: datetime,
+    ) -> None:
+        """SPEC "Retry": a failed call (re)schedules the turn's one suggestion for when
+        the turn has been quiet for `failure_grace`; a later successful call withdraws it
+        while it is unsent. The outbox's unique key makes it one per turn."""
+        suggestion = _suggestion_key(room_id, ref)
+        if status == "ok":
+            if self.failures.pop(suggestion, None) is not None:
+                await tx.drop_unsent_effect(suggestion)
+            return
+        targets = policy.retry_targets(
+            placed.sender if placed is not None else None,
+            model,
+            intent.target if intent is not None else None,
+            self.config,
+        )
+        text = replies.failure_suggestion(
+            model, detail, targets, cmd.typable_prefix(self.config.routing.prefixes)
+        )
+        thread_root, reply_to = notice_place(key, placed)
+        if intent is not None and reply_to is None:
+            thread_root, reply_to = intent.command_thread_id, intent.command_event_id
+        content = replies.notice_content(text, reply_to, thread_root)
+        grace = self.config.routing.failure_grace
+        if await tx.hold_effect(suggestion, room_id, content, now, not_before=now + grace):
+            self.failures[suggestion] = now
 
     async def _post_receipt(
         self,
@@ -451,6 +599,10 @@ class RouteService:
                             after.state,
                         )
                 self.outbox_changed.set()
+        self.questions.forget_expired(now)
+        forget_before = now - self.config.routing.failure_grace - self.timing.turn_idle
+        for key in [k for k, at in self.failures.items() if at < forget_before]:
+            del self.failures[key]
         self.metrics.active_intents.set(len(self.live))
 
     async def flush(self) -> None:
@@ -540,6 +692,10 @@ def _receipt_place(intent: Intent, position: int | None) -> tuple[str | None, st
         if key is not None and key.turn_id and key.turn_id.startswith("$"):
             return key.turn_id, key.turn_id
     return intent.command_thread_id, intent.command_event_id
+
+
+def _suggestion_key(room_id: str, turn_ref: str) -> str:
+    return f"{SUGGESTION}:{room_id}:{turn_ref}"
 
 
 def _command_name(parsed: cmd.Command | cmd.CommandError) -> str:

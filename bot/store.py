@@ -23,6 +23,7 @@ from typing import Any
 import aiosqlite
 
 from .commands import Scope, ScopeKind
+from .history import Call, PastTurn, TurnCall
 from .intents import BoundTurn, EndReason, Intent, IntentState
 from .turns import SeenMessage, TurnKey
 
@@ -342,7 +343,7 @@ class Tx:
     async def add_seen(self, message: SeenMessage) -> None:
         await self.db.execute(
             """INSERT INTO seen_messages (event_id, room_id, thread_id, sent_at, message_hash,
-                   is_command) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                   is_command, sender) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
             (
                 message.event_id,
                 message.room_id,
@@ -350,6 +351,7 @@ class Tx:
                 to_ms(message.sent_at),
                 message.message_hash,
                 int(message.is_command),
+                message.sender,
             ),
         )
 
@@ -380,6 +382,8 @@ class Tx:
         intent_id: str | None,
         position: int | None,
         room_id: str | None,
+        turn: str | None,
+        asker: str | None,
         model: str,
         status: str,
         latency_ms: int | None,
@@ -387,9 +391,20 @@ class Tx:
         now: datetime,
     ) -> None:
         await self.db.execute(
-            """INSERT INTO outcomes (intent_id, position, room_id, model, status, latency_ms,
-                   detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-            (intent_id, position, room_id, model, status, latency_ms, detail, to_ms(now)),
+            """INSERT INTO outcomes (intent_id, position, room_id, turn, asker, model, status,
+                   latency_ms, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                intent_id,
+                position,
+                room_id,
+                turn,
+                asker,
+                model,
+                status,
+                latency_ms,
+                detail,
+                to_ms(now),
+            ),
         )
 
     async def turn_outcomes(self, intent_id: str, position: int | None) -> list[aiosqlite.Row]:
@@ -397,6 +412,40 @@ class Tx:
             "SELECT * FROM outcomes WHERE intent_id = ? AND position IS ? ORDER BY id",
             (intent_id, position),
         )
+
+    async def routed_turns(self, room_id: str, limit: int) -> list[PastTurn]:
+        """The room's last turns bound to an intent, newest first, with their calls."""
+        rows = await self._all(
+            """SELECT b.intent_id, b.position, b.bound_at, b.claims, i.target, i.model, i.sender
+               FROM bound_turns b JOIN intents i ON i.id = b.intent_id
+               WHERE i.room_id = ? ORDER BY b.bound_at DESC, b.position DESC LIMIT ?""",
+            (room_id, limit),
+        )
+        return [
+            PastTurn(
+                at=_from_ms(row["bound_at"]),
+                calls=tuple(
+                    _call(o) for o in await self.turn_outcomes(row["intent_id"], row["position"])
+                ),
+                who=row["sender"],
+                target=row["target"],
+                model=row["model"],
+                claims=row["claims"],
+            )
+            for row in rows
+        ]
+
+    async def unrouted_calls(self, room_id: str, limit: int) -> list[TurnCall]:
+        """The room's last reported calls without an intent (failures, and the calls that
+        followed one in the same turn), newest first."""
+        rows = await self._all(
+            """SELECT * FROM outcomes WHERE room_id = ? AND intent_id IS NULL
+               AND turn IS NOT NULL ORDER BY id DESC LIMIT ?""",
+            (room_id, limit),
+        )
+        return [
+            TurnCall(row["turn"], _from_ms(row["at"]), row["asker"], _call(row)) for row in rows
+        ]
 
     # effects (the outbox)
 
@@ -417,6 +466,40 @@ class Tx:
         )
         return cur.rowcount > 0
 
+    async def hold_effect(
+        self,
+        key: str,
+        room_id: str,
+        content: dict[str, Any],
+        now: datetime,
+        not_before: datetime,
+    ) -> bool:
+        """Queue a room message to be sent at `not_before`, or move an unsent one with this
+        key to that time with the new content. False: this key was sent already."""
+        cur = await self.db.execute(
+            """INSERT INTO effects (key, room_id, event_type, content, created_at, not_before)
+               VALUES (?, ?, 'm.room.message', ?, ?, ?)
+               ON CONFLICT (key) DO UPDATE SET content = excluded.content,
+                   not_before = excluded.not_before
+               WHERE effects.event_id IS NULL AND effects.failed = 0""",
+            (key, room_id, json.dumps(content), to_ms(now), to_ms(not_before)),
+        )
+        return cur.rowcount > 0
+
+    async def drop_unsent_effect(self, key: str) -> bool:
+        cur = await self.db.execute(
+            "DELETE FROM effects WHERE key = ? AND event_id IS NULL", (key,)
+        )
+        return cur.rowcount > 0
+
+    async def held_effects(self, key_prefix: str) -> list[aiosqlite.Row]:
+        """Unsent effects still held back, whose key starts with `key_prefix`."""
+        return await self._all(
+            """SELECT key, not_before FROM effects WHERE event_id IS NULL AND failed = 0
+               AND not_before IS NOT NULL AND substr(key, 1, ?) = ?""",
+            (len(key_prefix), key_prefix),
+        )
+
     async def replace_unsent_effect(self, key: str, content: dict[str, Any]) -> bool:
         cur = await self.db.execute(
             "UPDATE effects SET content = ? WHERE key = ? AND event_id IS NULL",
@@ -424,10 +507,12 @@ class Tx:
         )
         return cur.rowcount > 0
 
-    async def unsent_effects(self, limit: int = 50) -> list[aiosqlite.Row]:
+    async def unsent_effects(self, now: datetime, limit: int = 50) -> list[aiosqlite.Row]:
+        """Effects due (not held back past `now`), oldest first."""
         return await self._all(
-            "SELECT * FROM effects WHERE event_id IS NULL AND failed = 0 ORDER BY id LIMIT ?",
-            (limit,),
+            """SELECT * FROM effects WHERE event_id IS NULL AND failed = 0
+               AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT ?""",
+            (to_ms(now), limit),
         )
 
     async def effect_event_id(self, key: str) -> str | None:
@@ -450,6 +535,10 @@ class Tx:
         )
 
 
+def _call(row: aiosqlite.Row) -> Call:
+    return Call(model=row["model"], status=row["status"], latency_ms=row["latency_ms"])
+
+
 def _seen(row: aiosqlite.Row) -> SeenMessage:
     return SeenMessage(
         room_id=row["room_id"],
@@ -458,4 +547,5 @@ def _seen(row: aiosqlite.Row) -> SeenMessage:
         sent_at=_from_ms(row["sent_at"]),
         message_hash=row["message_hash"],
         is_command=bool(row["is_command"]),
+        sender=row["sender"],
     )

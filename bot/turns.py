@@ -52,6 +52,11 @@ class TurnKey:
     def __str__(self) -> str:
         return f"{self.turn_id or '-'}/{(self.message_hash or '-')[:12]}"
 
+    @property
+    def ref(self) -> str:
+        """The whole key as one string: how outcomes and notices name the turn."""
+        return f"{self.turn_id or '-'}/{self.message_hash or '-'}"
+
 
 def content_text(content: Any) -> str | None:
     """Text of an OpenAI message content: a string, or the text parts of a list joined by
@@ -161,6 +166,7 @@ class SeenMessage:
     sent_at: datetime
     message_hash: str | None
     is_command: bool
+    sender: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,11 @@ class Placement:
 
     arrived_at: datetime | None  # when its user message reached the room; None: unknown
     is_command: bool  # the turn's user message is a single-line /route command
+    message: SeenMessage | None = None  # the user message itself, when found
+
+    @classmethod
+    def of(cls, message: SeenMessage) -> Placement:
+        return cls(arrived_at=message.sent_at, is_command=message.is_command, message=message)
 
 
 def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
@@ -187,14 +198,23 @@ def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
         in_turn = [m for m in by_hash if key.turn_id in (m.event_id, m.thread_id)]
         by_hash = in_turn or by_hash
     if by_hash:
-        latest = max(by_hash, key=lambda m: m.sent_at)
-        return Placement(arrived_at=latest.sent_at, is_command=latest.is_command)
+        return Placement.of(max(by_hash, key=lambda m: m.sent_at))
     if key.turn_id:
         in_turn = [m for m in seen if key.turn_id in (m.event_id, m.thread_id)]
         if in_turn:
-            latest = max(in_turn, key=lambda m: m.sent_at)
-            return Placement(arrived_at=latest.sent_at, is_command=latest.is_command)
+            return Placement.of(max(in_turn, key=lambda m: m.sent_at))
     return Placement(arrived_at=None, is_command=False)
+
+
+def notice_place(key: TurnKey | None, placed: SeenMessage | None) -> tuple[str | None, str | None]:
+    """(thread root, event replied to) for a notice about a turn: in the turn's thread,
+    in reply to its user message when known. Hermes's turn id is the thread root; in a
+    DM there is no thread, and the notice replies to the message (or stands alone)."""
+    thread = placed.thread_id if placed is not None else None
+    if thread is None and key is not None and key.turn_id and key.turn_id.startswith("$"):
+        thread = key.turn_id
+    reply_to = placed.event_id if placed is not None else thread
+    return thread, reply_to
 
 
 def resolve_room(candidate_rooms: Sequence[str]) -> str | None:

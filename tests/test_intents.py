@@ -437,12 +437,26 @@ def test_prebound_binds_the_command_message_turn_even_at_the_command_time() -> N
 
 
 def test_prebound_binds_a_turn_whose_message_hash_is_the_question() -> None:
-    # `again`: the question was first asked minutes before the command.
+    # Inside a thread the turn id is the root: the question's hash finds the turn.
     intent = make(question_hash=QUESTION_HASH)
-    asked = ClaimedTurn(TurnKey("$thread", QUESTION_HASH), Placement(at(minutes=-4), False))
-    assert claim(intent, asked, at(seconds=3), TIMING).result is ClaimResult.BOUND
+    in_thread = ClaimedTurn(TurnKey("$thread", QUESTION_HASH), Placement(T0, False))
+    assert claim(intent, in_thread, at(seconds=3), TIMING).result is ClaimResult.BOUND
     no_id = ClaimedTurn(TurnKey(None, QUESTION_HASH), Placement(T0, False))
     assert claim(intent, no_id, at(seconds=3), TIMING).result is ClaimResult.BOUND
+    unplaced = ClaimedTurn(TurnKey("$thread", QUESTION_HASH))
+    assert claim(intent, unplaced, at(seconds=3), TIMING).result is ClaimResult.BOUND
+
+
+def test_prebound_never_binds_the_same_question_asked_before_the_command() -> None:
+    # `again`: the turn that first answered the question (still running, or its late
+    # tool rounds) has the question's hash too, but its message came before the command.
+    intent = make(question_hash=QUESTION_HASH)
+    first = ClaimedTurn(TurnKey("$asked", QUESTION_HASH), Placement(at(minutes=-4), False))
+    answer = claim(intent, first, at(seconds=3), TIMING)
+    assert answer.result is ClaimResult.EARLIER_TURN
+    assert answer.intent == intent
+    own = ClaimedTurn(TurnKey("$cmd", QUESTION_HASH), Placement(T0, False))
+    assert claim(intent, own, at(seconds=4), TIMING).result is ClaimResult.BOUND
 
 
 @pytest.mark.parametrize(

@@ -416,16 +416,16 @@ THREAD = [
 
 def test_inside_a_thread_the_hash_beats_the_shared_turn_id() -> None:
     key = TurnKey("$root", message_hash(SALT, "[Alice] follow-up two"))
-    assert place_turn(key, THREAD) == Placement(
-        arrived_at=T0 + timedelta(minutes=3), is_command=False
-    )
+    assert place_turn(key, THREAD) == Placement.of(THREAD[3])
+    assert place_turn(key, THREAD).arrived_at == T0 + timedelta(minutes=3)
     key = TurnKey("$root", message_hash(SALT, "follow-up one"))
     assert place_turn(key, THREAD).arrived_at == T0 + timedelta(minutes=1)
 
 
 def test_placement_says_when_the_turn_is_a_command_message() -> None:
     key = TurnKey("$root", message_hash(SALT, "[Alice] /route cloud"))
-    assert place_turn(key, THREAD) == Placement(T0 + timedelta(minutes=2), is_command=True)
+    placement = place_turn(key, THREAD)
+    assert placement == Placement(T0 + timedelta(minutes=2), is_command=True, message=THREAD[2])
 
 
 def test_turn_id_alone_places_the_latest_message_of_its_event_or_thread() -> None:
@@ -438,7 +438,7 @@ def test_an_unknown_hash_falls_back_to_the_turn_id() -> None:
     # A top-level message still being answered: its own event, before any command.
     alone = [seen("$q1", 0, "@hermes why did it fail?"), seen("$cmd", 1, "!route cloud")]
     key = TurnKey("$q1", message_hash(SALT, "the text as the agent changed it"))
-    assert place_turn(key, alone) == Placement(arrived_at=T0, is_command=False)
+    assert place_turn(key, alone) == Placement(arrived_at=T0, is_command=False, message=alone[0])
     key = TurnKey("$m1", message_hash(SALT, "a message the side-car never saw"))
     assert place_turn(key, THREAD).arrived_at == T0 + timedelta(minutes=1)
 
