@@ -4,8 +4,9 @@ A local Synapse, the side-car (generated config and registration), the reference
 dispatcher in front of two fake models ("local" and "cloud", each answering with its own
 name), a stand-in agent that answers the room through the dispatcher the way Hermes
 does, and a user who asks a question, types `!route cloud`, asks again, and asks a third
-time. It prints the conversation, the dispatcher's log and the bot's receipts, then
-stops everything (`--keep` leaves it running and prints how to connect a client).
+time; then the local model fails a question, the bot suggests `!route cloud again`, and
+the user types it. It prints the conversation, the dispatcher's log and the bot's
+receipts, then stops everything (`--keep` leaves it running and prints how to connect a client).
 
 Run it with `make run` (which sets up the venvs first).
 """
@@ -63,6 +64,8 @@ def write_config(hs_port: int, as_port: int, api_port: int, api_token: str) -> P
     config["api"]["tokens"] = [api_token]
     config["database"] = "sqlite:///route-sidecar.db"
     config["agents"] = ["@agent:localhost"]
+    # The stand-in agent does not retry a failed call: no need to wait 15 s to suggest.
+    config["routing"]["failure_grace"] = "2s"
     path = WORK / "config.yaml"
     with path.open("w", encoding="utf-8") as handle:
         yaml.dump(config, handle)
@@ -101,35 +104,71 @@ def show(who: str, text: str) -> None:
         print(f"  {'':>8} │ {line}")
 
 
-async def conversation(alice: MatrixUser, agent_id: str, room: str) -> list[str]:
-    """The scripted user: a question, `!route cloud`, a question, a question."""
+FAILING = "Why is the disk on the build host full?"
 
-    def answer_in(thread: str):  # type: ignore[no-untyped-def]
-        def match(event: dict[str, Any]) -> bool:
-            relates = event.get("content", {}).get("m.relates_to", {})
-            return event.get("sender") == agent_id and relates.get("event_id") == thread
 
-        return match
+def answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
+    def match(event: dict[str, Any]) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return event.get("sender") == agent_id and relates.get("event_id") == thread
 
-    routed_turns, routed_next = [], False
-    for text in (
-        "Why did the deploy fail?",
-        "!route cloud",
-        "Why did the deploy fail, really?",
-        "Thanks. And how do I roll back?",
-    ):
+    return match
+
+
+def in_thread_from_bot(thread: str):  # type: ignore[no-untyped-def]
+    def match(event: dict[str, Any]) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return (
+            event.get("sender") == BOT
+            and relates.get("rel_type") == "m.thread"
+            and relates.get("event_id") == thread
+        )
+
+    return match
+
+
+async def conversation(
+    alice: MatrixUser, agent_id: str, room: str, models: ModelStack
+) -> list[str]:
+    """The scripted user. Steps 1-3: a question, `!route cloud`, a question (answered on
+    cloud), a question (back to local). Step 4: the local model fails a question, the bot
+    suggests `!route cloud again`, the user types it, and cloud answers the question."""
+    routed_turns: list[str] = []
+
+    async def ask(text: str) -> str:
         show("alice", text)
         event_id = await alice.say(room, text)
-        if text.startswith("!route"):
-            reply = await alice.wait_reply(room, event_id)
-            show("route", reply["content"]["body"])
-            routed_next = True
-            continue
-        answer = await alice.wait_for(room, answer_in(event_id), 30, "the agent's answer")
+        answer = await alice.wait_for(room, answer_in(event_id, agent_id), 30, "the answer")
         show("agent", answer["content"]["body"])
-        if routed_next:
-            routed_turns.append(event_id)
-            routed_next = False
+        return event_id
+
+    async def command(text: str) -> str:
+        show("alice", text)
+        event_id = await alice.say(room, text)
+        reply = await alice.wait_reply(room, event_id)
+        show("route", reply["content"]["body"])
+        return event_id
+
+    await ask("Why did the deploy fail?")
+    await command("!route cloud")
+    routed_turns.append(await ask("Why did the deploy fail, really?"))
+    await ask("Thanks. And how do I roll back?")
+
+    print("\n  (the local model now fails one question)\n")
+    models.local.fail_on = FAILING
+    failed = await ask(FAILING)
+    suggestion = await alice.wait_for(room, in_thread_from_bot(failed), 30, "the bot's suggestion")
+    show("route", suggestion["content"]["body"])
+    suggested = next(
+        line.split("`")[1]
+        for line in suggestion["content"]["body"].splitlines()
+        if "again`" in line and "cloud" in line
+    )
+    event_id = await command(suggested)
+    answer = await alice.wait_for(room, answer_in(event_id, agent_id), 30, "the answer")
+    show("agent", answer["content"]["body"])
+    routed_turns.append(event_id)
+    models.local.fail_on = None
     return routed_turns
 
 
@@ -259,7 +298,7 @@ async def demo(servers: Servers, keep: bool) -> None:
         print(
             f"\nSynapse, side-car, dispatcher, agent up in {ready - started:.1f} s. Room {room}:\n"
         )
-        routed = await conversation(alice, agent.user_id, room)
+        routed = await conversation(alice, agent.user_id, room, models)
         shown = await receipts(alice, room, routed)
         print("\nreceipts the bot posted:")
         for text in shown:

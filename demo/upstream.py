@@ -17,14 +17,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def last_user_text(body: dict[str, Any]) -> str:
+    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    return content if isinstance(content, str) else json.dumps(content)
+
+
 class FakeUpstream:
     """Answers every chat completion with "answer from <name>"; remembers what it saw.
-    `fail_with` makes it answer that HTTP status, `delay` makes it slow."""
+    `fail_with` makes it answer that HTTP status, `fail_on` only for calls whose last user
+    message contains that text; `delay` makes it slow."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.seen: list[dict[str, Any]] = []
         self.fail_with: int | None = None
+        self.fail_on: str | None = None
         self.delay = 0.0
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -66,6 +74,8 @@ class FakeUpstream:
             await asyncio.sleep(self.delay)
         if self.fail_with:
             return web.json_response({"error": {"message": "boom"}}, status=self.fail_with)
+        if self.fail_on is not None and self.fail_on in last_user_text(body):
+            return web.json_response({"error": {"message": "model crashed"}}, status=500)
         if body.get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)

@@ -29,6 +29,7 @@ OTHER_TOKEN = "second-lookup-token-fedcba9876"
 MAX_BODY_BYTES = 4096
 ROOM = "!routed:example.org"
 ALICE = "@alice:example.org"
+AGENT = "@agent:example.org"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TABLES = ("intents", "bound_turns", "outcomes", "effects")
 
@@ -164,6 +165,9 @@ class Api:
     ) -> str:
         """A room message reaches the side-car (the path the appservice takes)."""
         event_id = event_id or f"$event{next(self._events)}"
+        moment = datetime.now(UTC) - timedelta(seconds=ago)
+        # Whole milliseconds, as a homeserver's origin_server_ts gives them.
+        sent_at = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
         await self.sidecar.service.on_message(
             RoomMessage(
                 room_id=room_id,
@@ -173,7 +177,7 @@ class Api:
                 msgtype="m.text",
                 thread_root=thread,
                 is_edit=False,
-                sent_at=datetime.now(UTC) - timedelta(seconds=ago),
+                sent_at=sent_at,
             )
         )
         return event_id
@@ -241,6 +245,7 @@ def sidecar_config(tmp_path: Path) -> Any:
                 "local": {"model": "glm-4.7-flash:q4_K_M"},
             },
             "permissions": {"*": 0},
+            "agents": [AGENT],
             "limits": {"routes_per_hour": 0},
         },
         {},

@@ -340,6 +340,7 @@ def v1_requests(intent_id: str) -> list[tuple[str, str, Any]]:
     return [
         ("POST", "/v1/claim", claim_body()),
         ("POST", outcome_path(intent_id), {"model": "m", "status": "ok"}),
+        ("POST", "/v1/outcome", {"room_id": ROOM, "model": "m", "status": "error"}),
         ("GET", room_path(ROOM), None),
         ("DELETE", room_path(ROOM), None),
     ]
@@ -361,7 +362,7 @@ async def test_any_configured_token_is_accepted(api: Api) -> None:
     assert (await api.claim(claim_body(), headers=other)).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/v1/claim", "/v1/intents/{intent}/outcome"])
+@pytest.mark.parametrize("path", ["/v1/claim", "/v1/intents/{intent}/outcome", "/v1/outcome"])
 async def test_a_body_not_sent_as_application_json_is_415(
     api: Api, pending: str, path: str
 ) -> None:
@@ -527,7 +528,7 @@ async def oversized(first: bytes, filler: bytes, count: int, last: bytes) -> Asy
     yield last
 
 
-@pytest.mark.parametrize("path", ["/v1/claim", "/v1/intents/{intent}/outcome"])
+@pytest.mark.parametrize("path", ["/v1/claim", "/v1/intents/{intent}/outcome", "/v1/outcome"])
 async def test_a_body_over_the_limit_is_413_with_or_without_content_length(
     api: Api, pending: str, path: str
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
 import time
@@ -48,6 +49,15 @@ def hermes_request(room_id: str, thread: str, question: str) -> dict[str, Any]:
 
 
 # ---- against the real side-car -----------------------------------------------------------
+
+
+def outcome_rows(api: Api) -> list[dict[str, Any]]:
+    db = sqlite3.connect(f"file:{api.db_path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM outcomes ORDER BY id")]
+    finally:
+        db.close()
 
 
 def api_url(api: Api) -> str:
@@ -97,6 +107,69 @@ async def test_outcome_is_accepted_for_a_known_intent_and_refused_for_an_unknown
     assert reported is True
     unknown = await client.outcome("no-such-intent", model=CLOUD, status="ok")
     assert unknown is False
+
+
+async def test_report_sends_a_routed_calls_outcome_to_its_intent(
+    api: Api, client: RouteClient
+) -> None:
+    intent_id = await api.route()
+    body = hermes_request(ROOM, "$routed", "Why is CI red?")
+    decision = await client.claim(request=body)
+    assert decision.override
+    assert await client.report(decision, model=CLOUD, status="ok", request=body) is True
+    rows = outcome_rows(api)
+    assert [(r["intent_id"], r["model"], r["status"]) for r in rows] == [(intent_id, CLOUD, "ok")]
+
+
+async def test_report_sends_an_unrouted_failure_to_the_turn_outcome(
+    api: Api, client: RouteClient
+) -> None:
+    await api.say(ROOM, "Why is CI red?", event_id="$plain", ago=1)
+    body = hermes_request(ROOM, "$plain", "Why is CI red?")
+    decision = await client.claim(request=body)
+    assert not decision.override
+    reported = await client.report(
+        decision, model="glm-4.7-flash:q4_K_M", status="error", request=body, latency_ms=40
+    )
+    assert reported is True
+    rows = outcome_rows(api)
+    assert [(r["intent_id"], r["room_id"], r["status"], r["asker"]) for r in rows] == [
+        (None, ROOM, "error", ALICE)
+    ]
+
+
+async def test_turn_outcome_sends_only_the_turn_fields_of_the_request(fake: FakeSidecar) -> None:
+    seen: list[Any] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        return web.Response(status=204)
+
+    fake.handler = record
+    body = hermes_request(ROOM, "$t", "Why?") | {"tools": [{"type": "function"}] * 50}
+    async with RouteClient(fake.url, FAKE_TOKEN) as client:
+        assert await client.turn_outcome(model="m", status="error", request=body) is True
+        # Nothing tells the turn: no request is made at all.
+        assert await client.turn_outcome(model="m", status="ok", turn_id="$t") is False
+    assert seen == [
+        {
+            "model": "m",
+            "status": "error",
+            "room_id": ROOM,
+            "turn_id": "$t",
+            "last_user_message": "[Alice] Why?",
+        }
+    ]
+
+
+async def test_report_to_a_side_car_that_is_down_is_false_never_an_error() -> None:
+    async with RouteClient(f"http://127.0.0.1:{free_port()}", FAKE_TOKEN, timeout=TIMEOUT) as c:
+        started = time.monotonic()
+        unrouted = Decision(room_id=ROOM, turn_id="$t")
+        assert await c.report(unrouted, model="m", status="error") is False
+        routed = Decision(override=True, model="m", intent_id="i-1", room_id=ROOM)
+        assert await c.report(routed, model="m", status="ok") is False
+    assert time.monotonic() - started < 2 * (TIMEOUT + SLACK)
 
 
 async def test_intent_returns_the_rooms_intent_or_none(api: Api, client: RouteClient) -> None:

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from demo.agent import StandInAgent
+from demo.upstream import FakeUpstream, ModelStack
+
 from .harness import (
+    API_TOKEN,
     BOT,
     LookupClient,
     MatrixUser,
@@ -106,8 +110,29 @@ async def room(users: dict[str, MatrixUser]) -> str:
     return await open_room(users)
 
 
+class Chain:
+    """The models, the reference dispatcher and the stand-in agent, talking to the room."""
+
+    def __init__(self, local: FakeUpstream, cloud: FakeUpstream, agent: StandInAgent) -> None:
+        self.local, self.cloud, self.agent = local, cloud, agent
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def chain(
+    users: dict[str, MatrixUser], sidecar: Sidecar, hs_url: str
+) -> AsyncIterator[Chain]:
+    models = await ModelStack().start(sidecar.api_url, API_TOKEN)
+    agent_user = users["agent"]
+    agent = StandInAgent(hs_url, agent_user.token, agent_user.user_id, models.dispatcher_url)
+    agent.ignore(BOT)
+    await agent.start()
+    yield Chain(models.local, models.cloud, agent)
+    await agent.stop()
+    await models.stop()
+
+
 def tail_log(sidecar: Sidecar) -> str:
     return sidecar.log_tail()
 
 
-__all__ = ["Path", "open_room"]
+__all__ = ["Chain", "Path", "open_room"]

@@ -67,7 +67,7 @@ def base_config(hs_url: str, as_port: int, api_port: int, db: Path) -> dict[str,
             "local": {"model": "glm-4.7-flash:q4_K_M"},
             "big": {"model": "ollama-cloud/big-1t", "level": 50},
         },
-        "routing": {"intent_ttl": "15m", "turn_idle": "5m"},
+        "routing": {"intent_ttl": "15m", "turn_idle": "5m", "failure_grace": "1s"},
         "permissions": {
             "@alice:localhost": 100,
             "@bob:localhost": 0,
@@ -216,3 +216,28 @@ def hermes_request(room_id: str, thread: str | None, user_text: str) -> dict[str
             {"role": "user", "content": user_text},
         ],
     }
+
+
+def agent_answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
+    """A matcher for the agent's answer in a thread (Hermes answers in the thread)."""
+
+    def match(event: dict) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return (
+            event.get("sender") == agent_id
+            and relates.get("rel_type") == "m.thread"
+            and relates.get("event_id") == thread
+        )
+
+    return match
+
+
+def receipts_in(events: list[dict], thread: str) -> list[dict]:
+    """The bot's notices in a thread (receipts, suggestions), edits excluded."""
+    return [
+        e
+        for e in events
+        if e.get("sender") == BOT
+        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
+        and e["content"]["m.relates_to"].get("event_id") == thread
+    ]

@@ -3,58 +3,14 @@ dispatcher → the side-car's claim → the right upstream; receipts in the room
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-import pytest_asyncio
 
-from demo.agent import StandInAgent
-from demo.upstream import FakeUpstream, ModelStack
+from demo.upstream import ModelStack
 
-from .harness import API_TOKEN, BOT, MatrixUser, Sidecar, edits_of
+from .conftest import Chain
+from .harness import MatrixUser, agent_answer_in, edits_of, receipts_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
-
-
-class Chain:
-    def __init__(self, local: FakeUpstream, cloud: FakeUpstream, agent: StandInAgent) -> None:
-        self.local, self.cloud, self.agent = local, cloud, agent
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def chain(
-    users: dict[str, MatrixUser], sidecar: Sidecar, hs_url: str
-) -> AsyncIterator[Chain]:
-    models = await ModelStack().start(sidecar.api_url, API_TOKEN)
-    agent_user = users["agent"]
-    agent = StandInAgent(hs_url, agent_user.token, agent_user.user_id, models.dispatcher_url)
-    agent.ignore(BOT)
-    await agent.start()
-    yield Chain(models.local, models.cloud, agent)
-    await agent.stop()
-    await models.stop()
-
-
-def agent_answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
-    def match(event: dict) -> bool:
-        relates = event.get("content", {}).get("m.relates_to", {})
-        return (
-            event.get("sender") == agent_id
-            and relates.get("rel_type") == "m.thread"
-            and relates.get("event_id") == thread
-        )
-
-    return match
-
-
-def receipts_in(events: list[dict], thread: str) -> list[dict]:
-    return [
-        e
-        for e in events
-        if e.get("sender") == BOT
-        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-        and e["content"]["m.relates_to"].get("event_id") == thread
-    ]
 
 
 async def test_route_cloud_sends_every_call_of_the_next_turn_to_cloud_then_back_to_local(
