@@ -45,6 +45,16 @@ class Decision:
     metadata: Mapping[str, str] = field(default_factory=dict)
     reason: str = "no_answer"  # why: the side-car's `reason`, or what went wrong here
 
+    @property
+    def worth_reporting(self) -> bool:
+        """Whether the call's outcome should be reported: the side-car answered the claim.
+        One that timed out, could not be reached or refused the claim is not sent the
+        report too (a side-car that is down must not cost a second timeout per call); a
+        claim refused as too large (413) still is: the report carries only the turn."""
+        if self.reason in ("timeout", "unavailable", "no_answer"):
+            return False
+        return not self.reason.startswith("http_") or self.reason == "http_413"
+
     @classmethod
     def from_json(cls, data: Any) -> Decision:
         """The claim response, checked; anything malformed is automatic routing."""

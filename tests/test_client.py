@@ -502,3 +502,21 @@ async def test_a_request_body_that_is_not_json_is_automatic_routing_not_an_error
     async with RouteClient("http://127.0.0.1:9", "token-0123456789abcdef") as client:
         decision = await client.claim(request={"messages": [object()]})
     assert decision.override is False and decision.reason == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("reason", "worth"),
+    [
+        ("no_intent", True),
+        ("bound", True),
+        ("", True),
+        ("http_413", True),
+        ("timeout", False),
+        ("unavailable", False),
+        ("http_401", False),
+        ("http_500", False),
+        ("no_answer", False),
+    ],
+)
+def test_only_a_claim_the_side_car_answered_is_worth_reporting(reason: str, worth: bool) -> None:
+    assert Decision(reason=reason).worth_reporting is worth

@@ -1,5 +1,6 @@
 """SPEC "Integrations": the LiteLLM proxy hook claims, rewrites the model group, adds the
-metadata and reports what really served, with real litellm, a real side-car and real HTTP.
+metadata and reports what really served every call (routed or not, SPEC "Retry"), with
+real litellm, a real side-car and real HTTP.
 
 The hook is loaded the way the proxy loads `litellm_settings: callbacks:` from
 integrations/litellm/proxy.example.yaml (`get_instance_fn`, then `litellm.callbacks`).
@@ -131,7 +132,9 @@ class Proxy:
         self.key = UserAPIKeyAuth(api_key="sk-hermes-agent", user_id="hermes")
         self.routed: list[dict[str, Any]] = []  # each call's data as the hooks left it
 
-    async def ask(self, text: str, thread: str | None, model: str = "local-model") -> Any:
+    async def ask(
+        self, text: str, thread: str | None, model: str = "local-model", call_id: str = ""
+    ) -> Any:
         """One call of the agent: Hermes's system prompt lines, then the user's message."""
         system = f"You are Hermes.\n**Matrix Room ID:** {ROOM}\n"
         if thread:
@@ -142,7 +145,7 @@ class Proxy:
                 {"role": "system", "content": system},
                 {"role": "user", "content": f"[alice] {text}"},
             ],
-            "litellm_call_id": str(uuid.uuid4()),
+            "litellm_call_id": call_id or str(uuid.uuid4()),
             "metadata": {"headers": {"user-agent": "hermes"}, "user_api_key_user_id": "hermes"},
         }
         data = await self.logging.pre_call_hook(
@@ -151,6 +154,13 @@ class Proxy:
         # A copy: the Router adds its own keys to this metadata dict as it routes.
         self.routed.append({**data, "metadata": dict(data["metadata"])})
         return await self.router.acompletion(**data)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        db = sqlite3.connect(f"file:{self.api.db_path}?mode=ro", uri=True)
+        try:
+            return list(db.execute(sql))
+        finally:
+            db.close()
 
     async def outcomes(self) -> list[tuple[Any, ...]]:
         """The side-car's outcome rows, once LiteLLM's success callbacks have run."""
@@ -243,7 +253,8 @@ async def test_a_routed_turn_goes_to_the_cloud_group_and_reports_what_served(
     assert proxy.upstream.seen[-1]["model"] == "local"
     assert proxy.routed[-1]["model"] == "local-model"
     assert "route_intent_id" not in proxy.routed[-1]["metadata"]
-    assert len(await proxy.outcomes()) == 2  # automatic routing: not reported (yet)
+    # Reported too, but the side-car keeps no ok outcome of a turn that did not fail.
+    assert len(await proxy.outcomes()) == 2
 
 
 async def test_an_upstream_error_is_reported_as_an_error_outcome(proxy: Proxy) -> None:
@@ -269,11 +280,81 @@ async def test_a_side_car_that_is_down_means_the_requested_model(
     await stop_api(proxy.api)
     with caplog.at_level(logging.WARNING, logger="route_sidecar.client"):
         answer = await proxy.ask("is anyone there?", question)
+        proxy.upstream.fail_with = 500
+        with pytest.raises(litellm.InternalServerError):
+            await proxy.ask("is anyone there?", question)
+        await settle()
     assert answer.choices[0].message.content == "answer from local"
-    assert [body["model"] for body in proxy.upstream.seen] == ["local"]
+    assert [body["model"] for body in proxy.upstream.seen] == ["local", "local"]
     assert proxy.routed[-1]["model"] == "local-model"
-    assert any("automatic routing" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("automatic routing" in m for m in messages) == 2
+    # A claim without an answer is not followed by a report: no second wait per call.
+    assert not any("outcome" in m for m in messages)
+    assert not proxy.hook._calls
     assert await proxy.outcomes() == []
+
+
+async def test_a_failed_call_without_a_route_is_reported_and_queues_a_suggestion(
+    proxy: Proxy,
+) -> None:
+    question = await proxy.api.say(ROOM, "the local model fails on this", ago=0)
+    proxy.upstream.fail_with = 500
+    with pytest.raises(litellm.InternalServerError):
+        await proxy.ask("the local model fails on this", question)
+    [(intent_id, model, status, latency_ms, detail)] = await proxy.outcomes()
+    assert (intent_id, model, status) == (None, "openai/local", "error")
+    assert isinstance(latency_ms, int)
+    assert "model_id=local-deployment" in detail
+    assert "error=InternalServerError/500" in detail
+    assert "boom" not in detail
+    [(room_id, turn)] = proxy.query("SELECT room_id, turn FROM outcomes")
+    assert room_id == ROOM and turn.startswith(f"{question}/")
+    assert proxy.query("SELECT room_id FROM effects WHERE key LIKE 'suggest:%'") == [(ROOM,)]
+
+
+async def test_a_call_without_a_route_that_then_succeeds_is_reported_and_forgotten(
+    proxy: Proxy,
+) -> None:
+    question = await proxy.api.say(ROOM, "flaky", ago=0)
+    call_id = str(uuid.uuid4())
+    proxy.upstream.fail_with = 500
+    with pytest.raises(litellm.InternalServerError):
+        await proxy.ask("flaky", question, call_id=call_id)
+    await settle()
+    assert call_id in proxy.hook._calls  # a failure is not the end: a retry may follow
+    proxy.upstream.fail_with = None
+    answer = await proxy.ask("flaky", question, call_id=call_id)
+    assert answer.choices[0].message.content == "answer from local"
+    outcomes = await proxy.outcomes()
+    # The ok outcome is stored because the turn had failed, and withdraws the suggestion.
+    assert [(i, m, s) for i, m, s, _, _ in outcomes] == [
+        (None, "openai/local", "error"),
+        (None, "openai/local", "ok"),
+    ]
+    assert proxy.query("SELECT count(*) FROM effects WHERE key LIKE 'suggest:%'") == [(0,)]
+    assert call_id not in proxy.hook._calls
+
+
+async def test_every_claimed_call_is_remembered_with_its_turn_only_and_boundedly(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy loads the hook outside sys.modules: patch the limit where the hook reads it.
+    monkeypatch.setitem(type(proxy.hook)._remember.__globals__, "MAX_REMEMBERED_CALLS", 2)
+    proxy.upstream.fail_with = 500  # failed calls stay remembered: a retry may follow
+    call_ids = [str(uuid.uuid4()) for _ in range(3)]
+    for n, call_id in enumerate(call_ids):
+        with pytest.raises(litellm.InternalServerError):
+            await proxy.ask(f"question {n}", f"$thread{n}", call_id=call_id)
+    await settle()
+    assert list(proxy.hook._calls) == call_ids[1:]  # the oldest went first
+    remembered = proxy.hook._calls[call_ids[2]]
+    assert remembered.last_user_message == "[alice] question 2"
+    assert (remembered.decision.room_id, remembered.decision.turn_id) == (ROOM, "$thread2")
+    assert remembered.decision.override is False
+    assert remembered.decision.metadata == {}  # the report does not send it
+    assert remembered.model_group == "local-model"
+    assert len(await proxy.outcomes()) == 3  # each failure was reported all the same
 
 
 async def test_a_target_without_a_model_group_uses_the_side_cars_model(

@@ -6,7 +6,8 @@ room asked (through route-sidecar), or to its default model.
 For every `POST /v1/chat/completions` it claims (fail-open), picks the model, strips
 what the upstream would refuse, forwards (SSE passed through chunk by chunk), logs one
 line `ts=… room=… turn=… requested=… served=… override=… status=… latency_ms=…`, and
-reports the outcome of routed calls to the side-car.
+reports every call's outcome to the side-car, routed or not (in the background, never
+delaying the answer): a routed call's receipt, and a failed turn's retry suggestion.
 """
 
 from __future__ import annotations
@@ -182,16 +183,17 @@ class Dispatcher:
             status if status == "ok" else http_status,
             latency_ms,
         )
-        if decision.override and decision.intent_id and self.route is not None:
+        if self.route is not None and decision.worth_reporting:
+            # Every call, routed or not: the side-car suggests a retry when a turn fails.
             # Reported off the response path: the caller does not wait for the side-car.
             report = asyncio.create_task(
-                self.route.outcome(
-                    decision.intent_id,
+                self.route.report(
+                    decision,
                     model=served,
                     status=status,
+                    request=body,
                     latency_ms=latency_ms,
                     detail=detail,
-                    turn_id=decision.turn_id,
                 )
             )
             self._reports.add(report)

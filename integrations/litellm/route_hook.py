@@ -9,9 +9,12 @@ and configured from the environment: ROUTE_SIDECAR_URL, ROUTE_SIDECAR_TOKEN,
 ROUTE_SIDECAR_TARGETS (JSON object, side-car target name → LiteLLM model group),
 ROUTE_SIDECAR_TIMEOUT (seconds, optional). For every chat completion the pre-call hook
 claims with the request body; on an override it rewrites `data["model"]` to the target's
-model group and remembers the intent for the call, whose success and failure events then
-report what really served it. A side-car that is down means automatic routing: the call
-goes to the model it asked for, never fails because of the side-car.
+model group. Either way it remembers the call (the side-car's decision and the turn: room,
+thread, last user message), whose success and failure events then report what really
+served it: a routed call's outcome to its intent (the room's receipt), any other call's to
+`POST /v1/outcome`, so the side-car can suggest a retry on another target when a turn's
+calls end in an error. A side-car that is down means automatic routing: the call goes to
+the model it asked for, never fails because of the side-car, and is not reported.
 """
 
 from __future__ import annotations
@@ -22,20 +25,21 @@ import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from litellm.integrations.custom_logger import CustomLogger
 
 try:
-    from bot.client import DEFAULT_TIMEOUT, RouteClient
+    from bot.client import DEFAULT_TIMEOUT, Decision, RouteClient, extract_turn
 except ImportError as error:  # the proxy's venv, not ours: say what to install
     raise ImportError(
         "route_hook needs route-sidecar's client in the LiteLLM proxy's environment: "
         "pip install <route-sidecar checkout>"
     ) from error
 
-__all__ = ["CLAIMED_CALL_TYPES", "RouteHook", "RoutedCall", "ServedDeployment", "route_hook"]
+__all__ = ["CLAIMED_CALL_TYPES", "ClaimedCall", "RouteHook", "ServedDeployment", "route_hook"]
 
 log = logging.getLogger("route_sidecar.litellm")
 
@@ -48,19 +52,20 @@ CLAIMED_CALL_TYPES = frozenset({"completion", "acompletion"})
 # Keys of the side-car's metadata (SPEC "The lookup API"): its answer wins for these,
 # every other key already in the request (LiteLLM's own, the client's) is left alone.
 SIDECAR_KEY_PREFIXES = ("route_", "matrix_")
-# Calls routed but not yet answered; retries and fallbacks of one call share its id, so an
+# Calls claimed but not yet answered; retries and fallbacks of one call share its id, so an
 # entry stays until the call succeeds, and the oldest go first when calls never end.
 MAX_REMEMBERED_CALLS = 4096
 MAX_DETAIL_CHARS = 2000  # the side-car's limit on an outcome's detail
 
 
-class RoutedCall(NamedTuple):
+class ClaimedCall(NamedTuple):
+    """What a call's report needs, kept from its claim: not the request itself."""
+
     # A NamedTuple, not a dataclass: the proxy loads this file without registering it in
     # sys.modules, where dataclasses look string annotations up.
-    intent_id: str
-    turn_id: str | None
-    target: str | None
-    model_group: str
+    decision: Decision  # without its metadata, which the report does not send
+    last_user_message: str | None
+    model_group: str | None  # the group the call was sent to
 
 
 class RouteHook(CustomLogger):
@@ -89,7 +94,7 @@ class RouteHook(CustomLogger):
         if not self._url:
             log.warning("%s is not set: the route hook leaves every call alone", URL_ENV)
         self._client: RouteClient | None = None
-        self._routed: OrderedDict[str, RoutedCall] = OrderedDict()
+        self._calls: OrderedDict[str, ClaimedCall] = OrderedDict()
 
     def route_client(self) -> RouteClient:
         """One connection pool to the side-car, made on first use (inside the proxy's loop)."""
@@ -128,16 +133,24 @@ class RouteHook(CustomLogger):
             request["model"] = requested
         decision = await self.route_client().claim(request=request, requested_model=requested)
         _merge_metadata(data, decision.metadata)
+        if not decision.worth_reporting:
+            return
+        model_group = requested
         if decision.override and decision.intent_id and decision.model:
-            model_group = self._targets.get(decision.target or "", decision.model)
-            call_id = data.get("litellm_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                call_id = data["litellm_call_id"] = str(uuid.uuid4())
-            self._remember(
-                call_id,
-                RoutedCall(decision.intent_id, decision.turn_id, decision.target, model_group),
-            )
-            data["model"] = model_group
+            model_group = data["model"] = self._targets.get(decision.target or "", decision.model)
+        call_id = data.get("litellm_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = data["litellm_call_id"] = str(uuid.uuid4())
+        # The claim's turn, else the request's (a refused claim answered none).
+        turn = extract_turn(request)
+        decision = replace(
+            decision,
+            room_id=decision.room_id or turn.room_id,
+            turn_id=decision.turn_id or turn.turn_id,
+            metadata={},
+        )
+        self._remember(call_id, ClaimedCall(decision, turn.last_user_message, model_group))
+        if decision.override and decision.intent_id:
             log.info(
                 "route override call=%s intent=%s target=%s requested=%s model_group=%s",
                 call_id,
@@ -147,11 +160,11 @@ class RouteHook(CustomLogger):
                 model_group,
             )
 
-    def _remember(self, call_id: str, routed: RoutedCall) -> None:
-        self._routed[call_id] = routed
-        self._routed.move_to_end(call_id)
-        while len(self._routed) > MAX_REMEMBERED_CALLS:
-            self._routed.popitem(last=False)
+    def _remember(self, call_id: str, call: ClaimedCall) -> None:
+        self._calls[call_id] = call
+        self._calls.move_to_end(call_id)
+        while len(self._calls) > MAX_REMEMBERED_CALLS:
+            self._calls.popitem(last=False)
 
     # ---- after the deployment answered -------------------------------------------------
 
@@ -171,19 +184,19 @@ class RouteHook(CustomLogger):
     ) -> None:
         try:
             call_id = _call_id(kwargs)
-            routed = self._routed.get(call_id) if call_id else None
-            if routed is None:  # no override for this call: nothing to report yet
+            call = self._calls.get(call_id) if call_id else None
+            if call is None:  # not claimed (or the side-car did not answer): nothing to say
                 return
             if done:
-                del self._routed[call_id]
-            served = ServedDeployment.from_logging(kwargs, routed.model_group)
-            await self.route_client().outcome(
-                routed.intent_id,
+                del self._calls[call_id]
+            served = ServedDeployment.from_logging(kwargs, call.model_group)
+            await self.route_client().report(
+                call.decision,
                 model=served.model,
                 status=status,
+                last_user_message=call.last_user_message,
                 latency_ms=_latency_ms(start_time, end_time, kwargs),
                 detail=served.detail(kwargs.get("exception") if status == "error" else None),
-                turn_id=routed.turn_id,
             )
         except Exception:  # the answer is already on its way; a report is best effort
             log.exception("route outcome not reported")
@@ -198,7 +211,7 @@ class ServedDeployment(NamedTuple):
     api_base: str | None
 
     @classmethod
-    def from_logging(cls, kwargs: Mapping[str, Any], asked_group: str) -> ServedDeployment:
+    def from_logging(cls, kwargs: Mapping[str, Any], asked_group: str | None) -> ServedDeployment:
         payload = _mapping(kwargs.get("standard_logging_object"))
         params = _mapping(kwargs.get("litellm_params"))
         metadata = _mapping(params.get("metadata"))
@@ -213,7 +226,7 @@ class ServedDeployment(NamedTuple):
                 group,
                 asked_group,
             )
-            or asked_group,
+            or "unknown",
             model_group=group,
             model_id=_first_str(
                 payload.get("model_id"), model_info.get("id"), hidden.get("model_id")
