@@ -18,6 +18,8 @@ AGAIN_WORDS = ("again", "retry")
 # Words that can never name a target: the config refuses them as target names or aliases.
 RESERVED_WORDS = frozenset({"status", "help", "targets", "history", *CLEAR_WORDS, *AGAIN_WORDS})
 RAW_MODEL_PREFIX = "model:"
+# Messages that can be a question: a caption or a file name is not one.
+QUESTION_MSGTYPES = ("m.text",)
 _DURATION = re.compile(r"(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,7})s)?")
 _TARGET = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
@@ -144,15 +146,20 @@ def is_single_line_command(body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIX
     return question is None and command_prefix(first, prefixes) is not None
 
 
-def asked_question(body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIXES) -> str | None:
+def asked_question(
+    body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIXES, msgtype: str | None = "m.text"
+) -> str | None:
     """What a message asks the agent, the room's last question for `<target> again`: the
-    text of a message that is not a command, or the question of the multi-line form (the
-    agent answers it). None for every other command and for a blank message."""
-    if not isinstance(body, str):
+    text of a plain text message that is not a command, or the question of the multi-line
+    form (the agent answers it). None for every other command, for a message starting
+    with `/` (the agent takes it as one of its own commands), for media and notices, and
+    for a blank message."""
+    if not isinstance(body, str) or msgtype not in QUESTION_MSGTYPES:
         return None
     parsed = parse_command(body, prefixes)
     if parsed is None:
-        return body.strip() or None
+        text = body.strip()
+        return text if text and not text.startswith("/") else None
     if isinstance(parsed, RouteTo) and parsed.question:
         return parsed.question
     return None

@@ -38,7 +38,8 @@ def literal(text: str) -> Text:
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     """A question as one short line: spaces folded, cut with an ellipsis."""
-    line = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    shown = "".join(ch if ch.isprintable() else " " if ch.isspace() else "" for ch in text)
+    line = " ".join(shown.split())
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
@@ -84,6 +85,10 @@ def edit_content(text: Text, edited_event_id: str | None) -> dict[str, Any]:
 
 def reaction_content(event_id: str, key: str = REACTION_CLAIMED) -> dict[str, Any]:
     return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+
+
+def _latency(ms: int) -> str:
+    return f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
 def _when(moment: datetime) -> str:
@@ -219,7 +224,7 @@ def receipt(
     calls = len(served_models)
     distinct = sorted(set(served_models))
     errors = sum(1 for s in statuses if s != "ok")
-    timing = f", {latency_ms / 1000:.1f} s" if latency_ms is not None else ""
+    timing = f", {_latency(latency_ms)}" if latency_ms is not None else ""
     served = ", ".join(f"`{m}`" for m in distinct)
     if errors == calls:
         return render(
@@ -303,7 +308,7 @@ def history(turns: Sequence[PastTurn], prefix: str) -> Text:
 def _past_turn(turn: PastTurn) -> str:
     served = ", ".join(f"`{m}`" for m in sorted({c.model for c in turn.calls}))
     calls = len(turn.calls)
-    seconds = f", {turn.latency_ms / 1000:.1f} s" if turn.latency_ms is not None else ""
+    seconds = f", {_latency(turn.latency_ms)}" if turn.latency_ms is not None else ""
     errors = sum(1 for c in turn.calls if c.status != "ok")
     failed = f", {errors} failed" if errors and errors < calls else ""
     if not turn.routed:

@@ -147,7 +147,7 @@ class RouteService:
         now = self.clock()
         prefixes = config.routing.prefixes
         parsed = cmd.parse_command(message.body, prefixes)
-        asked = cmd.asked_question(message.body, prefixes)
+        asked = cmd.asked_question(message.body, prefixes, message.msgtype)
         if asked is not None:
             self.questions.remember(
                 message.room_id,

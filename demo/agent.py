@@ -4,8 +4,10 @@ It answers every text message in its rooms through an OpenAI-compatible dispatch
 way Hermes does: each top-level message starts a thread (its event id is the thread
 id), the system prompt carries `**Matrix Room ID:**` and `**Matrix Thread:**`, the user
 text is prefixed `[Name] `, and each turn makes two LLM calls (a tool round, then the
-answer). Like Hermes with the route-sidecar plugin, it drops single-line `/route` and
-`!route` messages and answers the question of the multi-line form.
+answer). It decides what to answer with the route-sidecar Hermes plugin's own
+`RouteFilter`, as Hermes with that plugin does: it drops single-line `/route` and
+`!route` messages, answers the question of the multi-line form, and answers
+`/route <target> again` as the room's last question.
 """
 
 from __future__ import annotations
@@ -13,28 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from bot.commands import DEFAULT_PREFIXES, command_prefix, split_first_line
+from integrations.hermes import DEFAULT_QUESTION_TTL, RouteFilter, commands
 
 log = logging.getLogger("demo.agent")
-
-
-def agent_text(body: str, prefixes: tuple[str, ...] = DEFAULT_PREFIXES) -> str | None:
-    """What the agent answers: the body, the question of a multi-line /route, or None."""
-    first, question = split_first_line(body)
-    if command_prefix(first, prefixes) is None:
-        return body
-    return question  # None for a single-line command: the side-car answers it
+FAILED = "(the model failed"
 
 
 class StandInAgent:
-    def __init__(self, homeserver: str, token: str, user_id: str, dispatcher: str) -> None:
+    def __init__(
+        self,
+        homeserver: str,
+        token: str,
+        user_id: str,
+        dispatcher: str,
+        prefixes: tuple[str, ...] = commands.DEFAULT_PREFIXES,
+        question_ttl: timedelta = DEFAULT_QUESTION_TTL,
+    ) -> None:
         self.user_id = user_id
+        self.route_filter = RouteFilter(prefixes, question_ttl)
         self.matrix = httpx.AsyncClient(
             base_url=homeserver.rstrip("/") + "/_matrix/client/v3",
             headers={"Authorization": f"Bearer {token}"},
@@ -44,13 +50,26 @@ class StandInAgent:
         self.ignored = {user_id}
         self._task: asyncio.Task[None] | None = None
         self.turns = 0
+        self.started_ms = 0
 
     def ignore(self, *user_ids: str) -> None:
         """Senders never answered (the route bot, other agents)."""
         self.ignored.update(user_ids)
 
+    def agent_text(self, room_id: str, body: str) -> str | None:
+        """What the agent answers: the body, the text the plugin puts in its place, or None."""
+        action = self.route_filter.action(room_id, body)
+        if action is None:
+            return body
+        if action["action"] == "rewrite":
+            return action["text"]
+        return None  # skipped: the side-car answers the command
+
     async def start(self) -> None:
-        since = await self._sync(None, timeout=0)  # history before the start is not answered
+        # Like Hermes, nothing sent before the start is answered: neither the history of
+        # the rooms it is in, nor that of a room it joins later.
+        self.started_ms = int(time.time() * 1000)
+        since = await self._sync(None, timeout=0)
         self._task = asyncio.create_task(self._run(since))
 
     async def stop(self) -> None:
@@ -92,9 +111,10 @@ class StandInAgent:
             or event.get("sender") in self.ignored
             or content.get("msgtype") != "m.text"
             or content.get("m.relates_to", {}).get("rel_type") == "m.replace"
+            or event.get("origin_server_ts", 0) < self.started_ms
         ):
             return
-        text = agent_text(content.get("body", ""))
+        text = self.agent_text(room_id, content.get("body", ""))
         if text is None:
             return
         relates = content.get("m.relates_to", {})
@@ -115,7 +135,9 @@ class StandInAgent:
             {"role": "system", "content": system},
             {"role": "user", "content": user_text},
         ]
-        await self._complete(messages)
+        first = await self._complete(messages)
+        if first.startswith(FAILED):
+            return first  # the turn ends with the error, as Hermes's does once retries run out
         messages += [
             {
                 "role": "assistant",
@@ -137,7 +159,7 @@ class StandInAgent:
             "/v1/chat/completions", json={"model": "default", "messages": messages}
         )
         if response.status_code != 200:
-            return f"(the model failed: HTTP {response.status_code})"
+            return f"{FAILED}: HTTP {response.status_code})"
         return response.json()["choices"][0]["message"]["content"]
 
     async def say(self, room_id: str, thread: str, text: str) -> None:

@@ -3,7 +3,8 @@
 The plugin is installed the way integrations/hermes/README.md says (a symlink in
 `$HERMES_HOME/plugins/`, then `hermes plugins enable`), loaded by Hermes's own plugin
 loader, and driven through Hermes's own `invoke_hook("pre_gateway_dispatch", ...)` with
-real `MessageEvent`s built as Hermes's Matrix adapter builds them.
+real `MessageEvent`s built as Hermes's Matrix adapter builds them. SPEC "Retry": the
+plugin answers `/route <target> again` with the room's last question.
 
 Needs `hermes-agent==0.19.0` in the test environment. Set ROUTE_SIDECAR_SKIP_HERMES=1
 to skip this module where Hermes is deliberately not installed; otherwise a missing
@@ -13,11 +14,14 @@ install fails loudly instead of skipping.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shutil
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -37,8 +41,26 @@ from hermes_cli.plugins_cmd import cmd_enable
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "integrations" / "hermes"
 PLUGIN = "route-sidecar"
 HOOK = "pre_gateway_dispatch"
+MODULE = "hermes_plugins.route_sidecar"
 ROOM = "!deploys:example.org"
+OTHER_ROOM = "!support:example.org"
 QUESTION = "Why did the deploy fail?"
+OLDER_QUESTION = "Which host runs the build?"
+ENV = ("ROUTE_SIDECAR_PREFIXES", "ROUTE_SIDECAR_QUESTION_TTL")
+_event_ids = itertools.count(1)
+
+
+class Clock:
+    """The plugin's wall clock, under the test's control."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
 
 
 def install_plugin(home: Path) -> None:
@@ -48,13 +70,20 @@ def install_plugin(home: Path) -> None:
     cmd_enable(PLUGIN, allow_tool_override=False)  # what `hermes plugins enable` runs
 
 
-def load_plugins(mp: pytest.MonkeyPatch) -> dict[str, Any]:
-    """A fresh Hermes plugin manager, discovered from HERMES_HOME; our plugin's entry."""
+def load_plugins(mp: pytest.MonkeyPatch, clock: Clock | None = None) -> dict[str, Any]:
+    """A fresh Hermes plugin manager, discovered from HERMES_HOME; our plugin's entry.
+    Loading runs the plugin module again: no room has a last question yet."""
     mp.setattr(hermes_plugins, "_plugin_manager", None)
     hermes_plugins.discover_plugins()
     entries = [p for p in hermes_plugins.get_plugin_manager().list_plugins() if p["key"] == PLUGIN]
     assert len(entries) == 1, "Hermes did not discover the plugin in $HERMES_HOME/plugins"
+    if clock is not None and entries[0]["enabled"]:
+        mp.setattr(plugin_module(), "utcnow", clock)
     return entries[0]
+
+
+def plugin_module() -> ModuleType:
+    return sys.modules[MODULE]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +91,7 @@ def hermes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp("hermes-home")
         mp.setenv("HERMES_HOME", str(home))
-        for name in ("ROUTE_SIDECAR_PREFIXES", "HERMES_SAFE_MODE", "HERMES_ENABLE_PROJECT_PLUGINS"):
+        for name in (*ENV, "HERMES_SAFE_MODE", "HERMES_ENABLE_PROJECT_PLUGINS"):
             mp.delenv(name, raising=False)
         install_plugin(home)
         entry = load_plugins(mp)
@@ -72,31 +101,48 @@ def hermes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-def message(text: str, event_id: str = "$command") -> MessageEvent:
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin(hermes: None, monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
+    """Each test starts with the plugin just loaded: no room has a last question."""
+    assert load_plugins(monkeypatch, clock)["enabled"]
+
+
+def message(text: str, room: str = ROOM, content: dict[str, Any] | None = None) -> MessageEvent:
     """A Matrix text message as Hermes's Matrix adapter hands it to the gateway."""
+    event_id = f"$event{next(_event_ids)}"
     source = SessionSource(
         platform=Platform.MATRIX,
-        chat_id=ROOM,
+        chat_id=room,
         chat_name="Deploys",
         chat_type="group",
         user_id="@alice:example.org",
         user_name="Alice",
         thread_id=event_id,
-        parent_chat_id=ROOM,
+        parent_chat_id=room,
         message_id=event_id,
     )
     return MessageEvent(
         text=text,
         message_type=MessageType.COMMAND if text.startswith("/") else MessageType.TEXT,
         source=source,
-        raw_message={"msgtype": "m.text", "body": text},
+        raw_message=content if content is not None else {"msgtype": "m.text", "body": text},
         message_id=event_id,
     )
 
 
-def dispatch(text: str) -> list[Any]:
+def dispatch(text: str, room: str = ROOM, content: dict[str, Any] | None = None) -> list[Any]:
     """What the gateway's `_handle_message` gets back from the plugins for this message."""
-    return hermes_plugins.invoke_hook(HOOK, event=message(text), gateway=None, session_store=None)
+    event = message(text, room, content)
+    return hermes_plugins.invoke_hook(HOOK, event=event, gateway=None, session_store=None)
+
+
+def reasks(question: str) -> list[dict[str, str]]:
+    return [{"action": "rewrite", "text": question}]
 
 
 def assert_skipped(results: list[Any]) -> None:
@@ -124,11 +170,6 @@ def assert_skipped(results: list[Any]) -> None:
 )
 def test_a_single_line_command_is_dropped(text: str) -> None:
     assert_skipped(dispatch(text))
-
-
-def test_route_again_is_dropped_like_any_single_line_command() -> None:
-    assert_skipped(dispatch("/route cloud again"))
-    assert_skipped(dispatch("!route big retry"))
 
 
 def test_a_malformed_command_with_a_question_is_dropped_the_side_car_explains_it() -> None:
@@ -166,6 +207,125 @@ def test_the_rewritten_message_is_no_longer_a_command_to_hermes() -> None:
     assert rewritten.text == QUESTION
 
 
+# --- again: the agent answers the room's last question again -------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "/route cloud again",
+        "!route cloud again",
+        "/route cloud retry",
+        "!route big retry",
+        "/ROUTE Cloud AGAIN",
+        "!Route cloud Retry   ",
+        "/route model:ollama/glm-5.1 again",
+    ],
+)
+def test_again_is_rewritten_to_the_rooms_last_question(command: str) -> None:
+    assert dispatch(OLDER_QUESTION) == []
+    assert dispatch(f"  {QUESTION}\n\n") == []
+    assert dispatch(command) == reasks(QUESTION)
+
+
+def test_commands_never_become_the_last_question() -> None:
+    assert dispatch(QUESTION) == []
+    for command in (
+        "/route status",
+        "!route cloud",
+        "/route cloud --turns 2",
+        "/route auto",
+        "!route nonsense --turns many",
+        f"/route status\n{OLDER_QUESTION}",  # malformed: takes no question
+        "/route again",  # malformed: no target
+        f"/route cloud again\n{OLDER_QUESTION}",  # malformed: again takes no new question
+    ):
+        assert_skipped(dispatch(command))
+    assert dispatch("/route cloud again") == reasks(QUESTION)
+
+
+def test_the_question_of_the_multi_line_form_is_the_last_question() -> None:
+    assert dispatch(OLDER_QUESTION) == []
+    assert dispatch(f"/route local\n{QUESTION}") == reasks(QUESTION)
+    assert dispatch("!route cloud again") == reasks(QUESTION)
+
+
+def test_again_after_again_asks_the_same_question_again() -> None:
+    assert dispatch(QUESTION) == []
+    assert dispatch("/route local again") == reasks(QUESTION)
+    assert dispatch("!route cloud retry") == reasks(QUESTION)
+    assert dispatch("/route big again") == reasks(QUESTION)
+
+
+def test_each_room_has_its_own_last_question() -> None:
+    assert dispatch(QUESTION, room=ROOM) == []
+    assert dispatch(OLDER_QUESTION, room=OTHER_ROOM) == []
+    assert dispatch("/route cloud again", room=ROOM) == reasks(QUESTION)
+    assert dispatch("/route cloud again", room=OTHER_ROOM) == reasks(OLDER_QUESTION)
+    assert_skipped(dispatch("/route cloud again", room="!quiet:example.org"))
+
+
+def test_with_no_question_yet_again_is_dropped_the_side_car_explains_it() -> None:
+    assert_skipped(dispatch("/route cloud again"))
+    assert_skipped(dispatch("!route cloud retry"))
+    assert_skipped(dispatch("/route cloud"))
+    assert_skipped(dispatch("/route cloud again"))  # a command is no question to re-ask
+
+
+def test_a_question_older_than_the_ttl_is_not_asked_again(clock: Clock) -> None:
+    assert dispatch(QUESTION) == []
+    clock.advance(timedelta(minutes=15))  # the default TTL, the side-car's intent_ttl
+    assert dispatch("/route cloud again") == reasks(QUESTION)
+    clock.advance(timedelta(seconds=1))
+    assert_skipped(dispatch("/route cloud again"))
+    # A newer question is fresh again; `again` itself never made the old one fresh.
+    assert dispatch(OLDER_QUESTION) == []
+    assert dispatch("/route cloud again") == reasks(OLDER_QUESTION)
+
+
+def test_the_rewritten_again_is_no_longer_a_command_to_hermes() -> None:
+    assert dispatch(QUESTION) == []
+    event = message("/route cloud again")
+    assert event.get_command() == "route"
+    (result,) = hermes_plugins.invoke_hook(HOOK, event=event, gateway=None, session_store=None)
+    rewritten = dataclasses.replace(event, text=result["text"])  # as gateway/run.py applies it
+    assert rewritten.get_command() is None
+    assert rewritten.text == QUESTION
+
+
+def test_notices_and_edits_are_never_the_last_question() -> None:
+    # Hermes drops both before the hook, unless MATRIX_PROCESS_NOTICES lets notices through;
+    # the side-car ignores both, so the plugin must not remember them either.
+    assert dispatch(QUESTION) == []
+    notice = {"msgtype": "m.notice", "body": OLDER_QUESTION}
+    assert dispatch(OLDER_QUESTION, content=notice) == []
+    edit = {
+        "msgtype": "m.text",
+        "body": f"* {OLDER_QUESTION}",
+        "m.new_content": {"msgtype": "m.text", "body": OLDER_QUESTION},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": "$event1"},
+    }
+    assert dispatch(OLDER_QUESTION, content=edit) == []
+    assert dispatch("/route cloud again") == reasks(QUESTION)
+    # The side-car records no intent for a notice's `again`: nothing for Hermes to answer.
+    again_notice = {"msgtype": "m.notice", "body": "/route cloud again"}
+    assert_skipped(dispatch("/route cloud again", content=again_notice))
+
+
+def test_the_filter_forgets_expired_questions_and_works_outside_hermes(clock: Clock) -> None:
+    plugin = plugin_module()
+    route_filter = plugin.RouteFilter(("/route", "!route"), timedelta(minutes=5), clock=clock)
+    assert route_filter.action(ROOM, QUESTION) is None
+    assert route_filter.action(OTHER_ROOM, OLDER_QUESTION) is None
+    assert route_filter.action(ROOM, "/route cloud again") == reasks(QUESTION)[0]
+    clock.advance(timedelta(minutes=5, seconds=1))
+    assert route_filter.action(ROOM, "!route cloud") == {
+        "action": "skip",
+        "reason": plugin.SKIP_REASON,
+    }
+    assert len(route_filter.last_questions) == 0  # both rooms' questions are gone from memory
+
+
 # --- everything else reaches the agent untouched ------------------------------------------
 
 
@@ -199,9 +359,40 @@ def test_prefixes_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert_skipped(dispatch("!rt cloud"))
     assert_skipped(dispatch("/RT status"))
     assert dispatch(f"!Rt cloud\n{QUESTION}") == [{"action": "rewrite", "text": QUESTION}]
+    assert dispatch("/rt cloud again") == reasks(QUESTION)
     # The configured prefixes replace the defaults, as the side-car's routing.prefixes does.
-    assert dispatch("!route cloud") == []
     assert dispatch(f"/route cloud\n{QUESTION}") == []
+    assert dispatch("!route cloud") == []
+    # ... so `!route cloud` was a question to Hermes, as it is to the side-car.
+    assert dispatch("!rt big again") == reasks("!route cloud")
+
+
+@pytest.mark.parametrize(
+    ("value", "ttl"),
+    [("90s", timedelta(seconds=90)), (" 1H30m ", timedelta(hours=1, minutes=30)), ("", None)],
+)
+def test_the_question_ttl_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock, value: str, ttl: timedelta | None
+) -> None:
+    monkeypatch.setenv("ROUTE_SIDECAR_QUESTION_TTL", value)
+    assert load_plugins(monkeypatch, clock)["enabled"]
+    ttl = ttl or timedelta(minutes=15)  # unset or blank: the side-car's default intent_ttl
+    assert dispatch(QUESTION) == []
+    clock.advance(ttl)
+    assert dispatch("/route cloud again") == reasks(QUESTION)
+    clock.advance(timedelta(seconds=1))
+    assert_skipped(dispatch("/route cloud again"))
+
+
+@pytest.mark.parametrize("value", ["15 minutes", "15", "0s", "-5m", "1d", "m", "15m,"])
+def test_a_bad_question_ttl_stops_the_plugin_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ROUTE_SIDECAR_QUESTION_TTL", value)
+    entry = load_plugins(monkeypatch)
+    assert not entry["enabled"]
+    assert "ROUTE_SIDECAR_QUESTION_TTL" in (entry["error"] or "")
+    assert not hermes_plugins.has_hook(HOOK)
 
 
 def test_a_bad_prefix_setting_stops_the_plugin_and_says_why(
@@ -218,14 +409,17 @@ def test_a_symlinked_plugin_needs_nothing_installed_in_hermes_venv(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Hermes's own venv usually lacks route-sidecar: the symlinked folder finds bot/commands.py.
-    monkeypatch.setitem(sys.modules, "bot.commands", None)  # makes `import bot.commands` fail
-    # The plugin registers its copy under this name; setitem makes the undo remove it again.
-    monkeypatch.setitem(sys.modules, "route_sidecar_commands", None)
+    for name in ("commands", "questions"):
+        monkeypatch.setitem(sys.modules, f"bot.{name}", None)  # makes `import bot.x` fail
+        # The plugin registers its copy under this name; setitem makes the undo remove it.
+        monkeypatch.setitem(sys.modules, f"route_sidecar_{name}", None)
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
-    assert sys.modules["hermes_plugins.route_sidecar"].commands.__name__ == "route_sidecar_commands"
+    assert plugin_module().commands.__name__ == "route_sidecar_commands"
+    assert plugin_module().questions.__name__ == "route_sidecar_questions"
     assert_skipped(dispatch("!route cloud"))
     assert dispatch(f"/route cloud\n{QUESTION}") == [{"action": "rewrite", "text": QUESTION}]
+    assert dispatch("!route big again") == reasks(QUESTION)
 
 
 def test_a_copied_plugin_uses_an_installed_side_car_or_says_what_is_missing(
@@ -238,10 +432,16 @@ def test_a_copied_plugin_uses_an_installed_side_car_or_says_what_is_missing(
     cmd_enable(PLUGIN, allow_tool_override=False)
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
-    assert sys.modules["hermes_plugins.route_sidecar"].commands.__name__ == "bot.commands"
+    assert plugin_module().commands.__name__ == "bot.commands"
+    assert plugin_module().questions.__name__ == "bot.questions"
     assert_skipped(dispatch("/route cloud"))
+    assert dispatch(QUESTION) == []
+    assert dispatch("/route cloud again") == reasks(QUESTION)
 
-    monkeypatch.setitem(sys.modules, "bot.commands", None)
-    entry = load_plugins(monkeypatch)
-    assert not entry["enabled"]
-    assert "symlink the plugin folder" in (entry["error"] or "")
+    for name in ("commands", "questions"):
+        with monkeypatch.context() as mp:
+            mp.setitem(sys.modules, f"bot.{name}", None)
+            entry = load_plugins(mp)
+            assert not entry["enabled"]
+            assert f"no bot/{name}.py" in (entry["error"] or "")
+            assert "symlink the plugin folder" in (entry["error"] or "")

@@ -10,55 +10,80 @@ handling and:
 - rewrites the multi-line form to its question (`{"action": "rewrite"}`), so
   the agent answers the question as a new turn, on the target the side-car
   recorded for that very message;
-- leaves every other message alone (returns None).
+- rewrites `/route <target> again` (also `retry`) to the room's last question,
+  so the agent answers it again as a new turn, on the target the side-car
+  recorded for the `again` message; drops it when the room has no recent
+  question (the side-car's reply says so);
+- leaves every other message alone (returns None), remembering it as the room's
+  last question.
+
+The rules live in `RouteFilter`, usable outside Hermes (the demo's stand-in agent
+uses it); the hook is a thin wrapper around one instance.
 
 Prefixes come from `ROUTE_SIDECAR_PREFIXES` (comma-separated, default
-`/route,!route`) and must match the side-car's `routing.prefixes`.
+`/route,!route`) and must match the side-car's `routing.prefixes`; how long a
+question can be re-asked comes from `ROUTE_SIDECAR_QUESTION_TTL` (default `15m`)
+and must match the side-car's `routing.intent_ttl`.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 PREFIXES_ENV = "ROUTE_SIDECAR_PREFIXES"
+QUESTION_TTL_ENV = "ROUTE_SIDECAR_QUESTION_TTL"
+DEFAULT_QUESTION_TTL = timedelta(minutes=15)  # the side-car's default routing.intent_ttl
 SKIP_REASON = "route-sidecar command: the side-car answers it in the room"
+NOTHING_TO_REASK = (
+    "route-sidecar again: no recent question in this room; the side-car's reply says so"
+)
+SWEEP_EVERY = timedelta(minutes=1)
 
 logger = logging.getLogger(__name__)
 
+Action = dict[str, str]
 
-def _load_commands() -> ModuleType:
-    """The side-car's own parser: the checkout's bot/commands.py, else an installed one."""
+
+def _load_side_car_module(name: str) -> ModuleType:
+    """One of the side-car's pure modules: the checkout's bot/<name>.py, else an installed one."""
     # The plugin folder is meant to be a symlink to <checkout>/integrations/hermes, and
-    # bot/commands.py is pure stdlib: loaded by path, it needs nothing in Hermes's venv and
-    # always matches this plugin's version.
-    path = Path(__file__).resolve().parent.parent.parent / "bot" / "commands.py"
+    # bot/commands.py and bot/questions.py are pure stdlib: loaded by path, they need
+    # nothing in Hermes's venv and always match this plugin's version.
+    path = Path(__file__).resolve().parent.parent.parent / "bot" / f"{name}.py"
     if not path.is_file():
         try:
-            import bot.commands
+            return importlib.import_module(f"bot.{name}")
         except ImportError as error:
             raise ImportError(
-                f"route-sidecar plugin: no bot/commands.py at {path} and no route-sidecar "
+                f"route-sidecar plugin: no bot/{name}.py at {path} and no route-sidecar "
                 "installed; symlink the plugin folder from a route-sidecar checkout "
                 "instead of copying it"
             ) from error
-        return bot.commands
-    name = "route_sidecar_commands"
-    spec = importlib.util.spec_from_file_location(name, path)
+    module_name = f"route_sidecar_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
-commands = _load_commands()
+commands = _load_side_car_module("commands")
+questions = _load_side_car_module("questions")
+
+
+def utcnow() -> datetime:
+    """The wall clock; looked up at each call, so tests can replace it."""
+    return datetime.now(UTC)
 
 
 def prefixes_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
@@ -74,25 +99,111 @@ def prefixes_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...
     return prefixes
 
 
-def dispatch_action(text: object, prefixes: tuple[str, ...]) -> dict[str, str] | None:
-    """What Hermes should do with a message: skip it, rewrite it, or (None) carry on."""
-    if not isinstance(text, str):
-        return None
-    command = commands.parse_command(text, prefixes)
-    if command is None:
-        return None
-    if isinstance(command, commands.RouteTo) and command.question:
-        return {"action": "rewrite", "text": command.question}
-    # Every other command, malformed ones included: the side-car's reply says what to do.
-    return {"action": "skip", "reason": SKIP_REASON}
+def question_ttl_from_env(environ: Mapping[str, str] = os.environ) -> timedelta:
+    """`ROUTE_SIDECAR_QUESTION_TTL` as a duration; 15 minutes when unset."""
+    raw = environ.get(QUESTION_TTL_ENV, "")
+    if not raw.strip():
+        return DEFAULT_QUESTION_TTL
+    ttl = commands.parse_duration(raw)
+    if ttl is None:
+        raise ValueError(
+            f"{QUESTION_TTL_ENV}={raw!r}: give a duration such as 15m, 90s or 1h30m, "
+            "the same as the side-car's routing.intent_ttl"
+        )
+    return ttl
 
 
-def make_hook(prefixes: tuple[str, ...]) -> Callable[..., dict[str, str] | None]:
-    def pre_gateway_dispatch(event: Any = None, **_: Any) -> dict[str, str] | None:
+class RouteFilter:
+    """What an agent does with a room message: skip it, answer other text, or carry on.
+
+    Remembers each room's last question (in memory, for `ttl`) so that
+    `/route <target> again` can be answered as that question.
+    """
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = commands.DEFAULT_PREFIXES,
+        ttl: timedelta = DEFAULT_QUESTION_TTL,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.prefixes = tuple(prefixes)
+        self.last_questions = questions.LastQuestions(ttl)
+        self._clock = clock
+        self._next_sweep: datetime | None = None
+
+    def now(self) -> datetime:
+        return self._clock() if self._clock is not None else utcnow()
+
+    def action(
+        self,
+        room_id: str,
+        text: object,
+        *,
+        side_car_reads: bool = True,
+        msgtype: str | None = "m.text",
+    ) -> Action | None:
+        """`{"action": "skip", ...}`, `{"action": "rewrite", "text": ...}`, or None (carry on).
+
+        `side_car_reads=False` is for a message the side-car ignores (an `m.notice`, an
+        edit): it never becomes the room's last question, and its `again` re-asks
+        nothing, since the side-car records no intent for it. `msgtype`: the Matrix
+        message type; only text messages are questions (not a file name or caption).
+        """
+        if not isinstance(text, str):
+            return None
+        now = self.now()
+        self._sweep(now)
+        command = commands.parse_command(text, self.prefixes)
+        asked = commands.asked_question(text, self.prefixes, msgtype)
+        if asked is not None and side_car_reads:
+            self.last_questions.remember(room_id, questions.Question(asked, now))
+        if command is None:
+            return None
+        if isinstance(command, commands.RouteTo) and command.again:
+            last = self.last_questions.last(room_id, now) if side_car_reads else None
+            if last is None:
+                return {"action": "skip", "reason": NOTHING_TO_REASK}
+            return {"action": "rewrite", "text": last.text}
+        if asked is not None:  # the multi-line form: its question
+            return {"action": "rewrite", "text": asked}
+        # Every other command, malformed ones included: the side-car's reply says what to do.
+        return {"action": "skip", "reason": SKIP_REASON}
+
+    def _sweep(self, now: datetime) -> None:
+        """Forget expired questions now and then, so quiet rooms do not stay in memory."""
+        if self._next_sweep is None or now >= self._next_sweep:
+            self.last_questions.forget_expired(now)
+            self._next_sweep = now + SWEEP_EVERY
+
+
+def _side_car_reads(event: Any) -> bool:
+    """False for what the side-car ignores: notices (its own replies among them), edits."""
+    # Hermes drops edits, its own messages and (unless MATRIX_PROCESS_NOTICES) notices
+    # before the hook; with MATRIX_PROCESS_NOTICES on, notices reach it.
+    content = getattr(event, "raw_message", None)
+    if not isinstance(content, Mapping):
+        return True
+    relates = content.get("m.relates_to")
+    is_edit = "m.new_content" in content or (
+        isinstance(relates, Mapping) and relates.get("rel_type") == "m.replace"
+    )
+    return content.get("msgtype") != "m.notice" and not is_edit
+
+
+def make_hook(route_filter: RouteFilter) -> Callable[..., Action | None]:
+    def pre_gateway_dispatch(event: Any = None, **_: Any) -> Action | None:
         # Hermes also passes gateway=, session_store= and telemetry_schema_version=.
-        action = dispatch_action(getattr(event, "text", None), prefixes)
+        room_id = str(getattr(getattr(event, "source", None), "chat_id", None) or "")
+        content = getattr(event, "raw_message", None)
+        msgtype = content.get("msgtype", "m.text") if isinstance(content, Mapping) else "m.text"
+        action = route_filter.action(
+            room_id,
+            getattr(event, "text", None),
+            side_car_reads=_side_car_reads(event),
+            msgtype=msgtype,
+        )
         if action is not None and action["action"] == "rewrite":
-            logger.debug("route-sidecar: rewrote a multi-line /route to its question")
+            logger.debug("route-sidecar: rewrote a /route message to its question")
         return action
 
     return pre_gateway_dispatch
@@ -101,5 +212,10 @@ def make_hook(prefixes: tuple[str, ...]) -> Callable[..., dict[str, str] | None]
 def register(ctx: Any) -> None:
     """Entry point called by Hermes's plugin loader."""
     prefixes = prefixes_from_env()
-    ctx.register_hook("pre_gateway_dispatch", make_hook(prefixes))
-    logger.info("route-sidecar: handling messages that start with %s", ", ".join(prefixes))
+    ttl = question_ttl_from_env()
+    ctx.register_hook("pre_gateway_dispatch", make_hook(RouteFilter(prefixes, ttl)))
+    logger.info(
+        "route-sidecar: handling messages that start with %s; re-asking questions up to %s old",
+        ", ".join(prefixes),
+        commands.format_duration(ttl),
+    )

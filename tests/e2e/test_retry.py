@@ -113,7 +113,8 @@ async def test_again_re_asks_the_last_question_not_an_older_one_nor_a_command(
         room, agent_answer_in(command, chain.agent.user_id), timeout=ANSWER_TIMEOUT
     )
     assert answer["content"]["body"] == "answer from cloud"
-    assert asked_of(chain.cloud, cloud_before) == ["[bob] Is the database replica healthy?"] * 2
+    # The agent names the sender of the message it answers: the `again` command's.
+    assert asked_of(chain.cloud, cloud_before) == ["[alice] Is the database replica healthy?"] * 2
 
 
 async def test_again_with_nothing_to_re_ask_changes_nothing(
