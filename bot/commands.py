@@ -158,11 +158,12 @@ def asked_question(
         return None
     parsed = parse_command(body, prefixes)
     if parsed is None:
-        text = body.strip()
-        return text if text and not text.startswith("/") else None
-    if isinstance(parsed, RouteTo) and parsed.question:
-        return parsed.question
-    return None
+        text: str | None = body.strip()
+    elif isinstance(parsed, RouteTo) and parsed.question:
+        text = parsed.question
+    else:
+        return None
+    return text if text and not text.startswith("/") else None
 
 
 def parse_command(

@@ -56,8 +56,8 @@ class PastTurn:
 
 
 def failed_turns(calls: Sequence[TurnCall]) -> list[PastTurn]:
-    """Group calls without an intent by turn (in any order) and keep the turns whose
-    last call failed, dated by their first call."""
+    """Group calls without an intent by turn (in any order; calls at the same time keep
+    the order given) and keep the turns whose last call failed, dated by their first."""
     by_turn: dict[str, list[TurnCall]] = {}
     for call in sorted(calls, key=lambda c: c.at):
         by_turn.setdefault(call.turn, []).append(call)

@@ -437,14 +437,16 @@ class Tx:
 
     async def unrouted_calls(self, room_id: str, limit: int) -> list[TurnCall]:
         """The room's last reported calls without an intent (failures, and the calls that
-        followed one in the same turn), newest first."""
+        followed one in the same turn), oldest first."""
         rows = await self._all(
             """SELECT * FROM outcomes WHERE room_id = ? AND intent_id IS NULL
                AND turn IS NOT NULL ORDER BY id DESC LIMIT ?""",
             (room_id, limit),
         )
+        # Oldest first: calls reported in the same millisecond keep their order.
         return [
-            TurnCall(row["turn"], _from_ms(row["at"]), row["asker"], _call(row)) for row in rows
+            TurnCall(row["turn"], _from_ms(row["at"]), row["asker"], _call(row))
+            for row in reversed(rows)
         ]
 
     # effects (the outbox)

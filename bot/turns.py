@@ -123,6 +123,9 @@ def normalise_message(text: str) -> str:
     """The comparable form of a user message, the same for a Matrix body and for the text
     the agent gives the LLM: no reply quotes, no bracketed prefix or notes, no `@user`
     mentions (Hermes strips its own), no space before punctuation, folded spaces and case."""
+    # Notes first (one may hold a line starting with `>`), then reply quotes, then the
+    # notes the quotes hid.
+    text = _strip_bracketed_notes(text)
     lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
     stripped = _strip_bracketed_notes("\n".join(lines))
     # Spaces folded first: a space before punctuation is then one character (linear time).

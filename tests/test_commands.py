@@ -26,12 +26,14 @@ from bot.commands import (
     ShowHelp,
     ShowHistory,
     ShowStatus,
+    asked_question,
     format_command,
     format_duration,
     is_command,
     is_single_line_command,
     parse_command,
     parse_duration,
+    typable_prefix,
 )
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -513,3 +515,146 @@ def test_scope_describes_itself_in_words() -> None:
 def test_format_command_refuses_what_is_not_a_command() -> None:
     with pytest.raises(TypeError):
         format_command("status")  # type: ignore[arg-type]
+
+
+# --- the question a message asks (SPEC "Retry": the room's last question) ---------------
+
+
+@FAST
+@given(st.text(), st.sampled_from([DEFAULT_PREFIXES, ("!r",), ("?ai", "/ai")]))
+def test_asked_question_never_raises_and_is_the_text_of_any_non_command(
+    body: str, prefixes: tuple[str, ...]
+) -> None:
+    asked = asked_question(body, prefixes)
+    parsed = parse_command(body, prefixes)
+    if parsed is None:
+        text = body.strip()
+        assert asked == (text if text and not text.startswith("/") else None)
+    else:
+        assert asked == (parsed.question if isinstance(parsed, RouteTo) else None)
+
+
+@FAST
+@given(
+    st.lists(st.sampled_from(COMMAND_VOCABULARY) | st.text(max_size=8), max_size=6),
+    st.none() | st.text(max_size=30),
+)
+def test_asked_question_of_a_command_is_only_ever_the_question_of_a_route(
+    words: list[str], question: str | None
+) -> None:
+    body = " ".join(["!route", *words]) + (f"\n{question}" if question is not None else "")
+    parsed = parse_command(body)
+    asked = asked_question(body)
+    if isinstance(parsed, RouteTo) and parsed.question:
+        assert asked == parsed.question
+    else:
+        assert asked is None, (parsed, asked)
+
+
+@FAST
+@given(target_names, questions)
+def test_the_question_of_the_multi_line_form_is_asked(target: str, question: str) -> None:
+    assert asked_question(f"/route {target}\n{question}") == question
+    assert asked_question(f"!ROUTE {target} --turns 2\n{question}") == question
+
+
+ASKED = [
+    ("Why did the deploy fail?", "Why did the deploy fail?"),
+    ("  Why did the deploy fail?  \n", "Why did the deploy fail?"),
+    ("line one\n\nline two", "line one\n\nline two"),
+    ("@hermes what is /route cloud?", "@hermes what is /route cloud?"),
+    ("please\n/route cloud", "please\n/route cloud"),
+    ("!router cloud", "!router cloud"),
+    ("what does /help do?", "what does /help do?"),
+    ("/route cloud\nWhy did it fail?", "Why did it fail?"),
+    ("!route Cloud\r\n  Why?  \r\n", "Why?"),
+    ("/route cloud --for 30m\nfirst\nsecond", "first\nsecond"),
+    ("/route model:gpt-4o\nWhy?", "Why?"),
+]
+
+
+@pytest.mark.parametrize(("body", "question"), ASKED, ids=[b for b, _ in ASKED])
+def test_a_message_that_is_not_a_command_asks_its_stripped_text(body: str, question: str) -> None:
+    assert asked_question(body) == question
+
+
+NOT_ASKED = [
+    "/route cloud",
+    "!route cloud --turns 3",
+    "/route cloud again",
+    "!route local retry",
+    "/route",
+    "/route status",
+    "/route help",
+    "/route targets",
+    "/route history",
+    "/route auto",
+    "!route off",
+    "/route cloud please",  # malformed
+    "/route again",  # malformed
+    "/route cloud again\nWhy?",  # malformed: again takes no question
+    "/route status\nwhat is set?",  # malformed: only a route takes a question
+    "/route\nWhy?",
+    "/route cloud\n   \n",  # a blank question is no question
+    "",
+    "   ",
+    "\n\t \n",
+    # The agent takes a message starting with `/` as one of its own commands.
+    "/router cloud",
+    "/help",
+    "  /model gpt-4o  ",
+    "/",
+]
+
+
+@pytest.mark.parametrize("body", NOT_ASKED, ids=[repr(b) for b in NOT_ASKED])
+def test_every_other_command_and_a_blank_message_ask_nothing(body: str) -> None:
+    assert asked_question(body) is None
+
+
+def test_asked_question_follows_the_configured_prefixes() -> None:
+    assert asked_question("?ai cloud", ("?ai",)) is None
+    assert asked_question("?ai cloud\nWhy?", ("?ai",)) == "Why?"
+    assert asked_question("!route cloud", ("?ai",)) == "!route cloud"
+
+
+@pytest.mark.parametrize("msgtype", ["m.notice", "m.image", "m.file", "m.emote", "m.video", None])
+def test_only_a_text_message_asks_a_question(msgtype: str | None) -> None:
+    assert asked_question("Why did it fail?", DEFAULT_PREFIXES, msgtype) is None
+    assert asked_question("/route cloud\nWhy did it fail?", DEFAULT_PREFIXES, msgtype) is None
+    assert asked_question("Why did it fail?", DEFAULT_PREFIXES, "m.text") == "Why did it fail?"
+
+
+@pytest.mark.parametrize("value", [None, 42, b"Why?", ["Why?"], {"body": "Why?"}])
+def test_asked_question_of_non_text_is_none(value: object) -> None:
+    assert asked_question(value) is None  # type: ignore[arg-type]
+
+
+# --- the prefix the bot suggests typing --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "typable"),
+    [
+        (("/route", "!route"), "!route"),
+        (("!route", "/route"), "!route"),
+        (("/route", "?ai", "!route"), "?ai"),
+        (("/route",), "/route"),
+        (("/route", "/ai"), "/route"),
+        (("?ai",), "?ai"),
+    ],
+)
+def test_typable_prefix_is_the_first_that_is_not_a_slash_command(
+    prefixes: tuple[str, ...], typable: str
+) -> None:
+    assert typable_prefix(prefixes) == typable
+
+
+@FAST
+@given(st.lists(st.sampled_from(["/route", "/ai", "!route", "?ai", "!r"]), min_size=1))
+def test_typable_prefix_is_one_of_the_prefixes_and_a_slash_only_when_all_are(
+    prefixes: list[str],
+) -> None:
+    typable = typable_prefix(tuple(prefixes))
+    assert typable in prefixes
+    assert typable.startswith("/") is all(p.startswith("/") for p in prefixes)

@@ -428,6 +428,46 @@ def test_durations_are_read_in_words_or_seconds(value: Any, expected: timedelta)
     assert config.routing.turn_idle == expected
 
 
+# --- routing.failure_grace (SPEC "Retry") ------------------------------------------------
+
+
+def test_failure_grace_is_documented_in_the_example_and_parses() -> None:
+    assert "failure_grace" in example_file()["routing"]
+    config = parse_config(example(), {})
+    assert config.routing.failure_grace == timedelta(seconds=15)
+
+
+def test_failure_grace_defaults_to_15_seconds() -> None:
+    config = parse_config(delete_path(example(), ("routing", "failure_grace")), {})
+    assert config.routing.failure_grace == timedelta(seconds=15)
+    empty = parse_config(set_path(example(), ("routing", "failure_grace"), None), {})
+    assert empty.routing.failure_grace == timedelta(seconds=15)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("2m", timedelta(minutes=2)),
+        ("1m5s", timedelta(seconds=65)),
+        (8, timedelta(seconds=8)),
+    ],
+)
+def test_failure_grace_is_a_duration(value: Any, expected: timedelta) -> None:
+    config = parse_config(set_path(example(), ("routing", "failure_grace"), value), {})
+    assert config.routing.failure_grace == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["soon", "15 seconds", "0s", 0, -5, True, 1.5, [], {"seconds": 15}]
+)
+def test_bad_failure_grace_is_refused_naming_the_key(value: Any) -> None:
+    error = error_of(set_path(example(), ("routing", "failure_grace"), value))
+    assert error.key == "routing.failure_grace"
+    assert str(error).startswith("routing.failure_grace: ")
+    assert "\n" not in str(error)
+
+
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="cannot read config file") as caught:

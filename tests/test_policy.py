@@ -22,6 +22,7 @@ from bot.policy import (
     may_invite,
     rate_limited,
     resolve_route,
+    retry_targets,
     room_allowed,
     usable_targets,
     user_level,
@@ -277,3 +278,89 @@ def test_bot_ignores_itself_agents_notices_and_edits(
     sender: str, msgtype: str | None, is_edit: bool, listens: bool
 ) -> None:
     assert listens_to(sender, msgtype, is_edit, CONFIG) is listens
+
+
+# --- retry_targets (SPEC "Retry": the failure suggestion's commands) --------------------
+
+
+def names(targets: list[Any]) -> list[str]:
+    return [t.name for t in targets]
+
+
+@pytest.mark.parametrize(
+    ("asker", "failed_model", "failed_target", "expected"),
+    [
+        # Automatic routing failed on the local model: every other usable target.
+        (CAROL, "glm-4.7-flash:q4_K_M", None, ["cloud"]),
+        (ALICE, "glm-4.7-flash:q4_K_M", None, ["cloud", "big"]),
+        (BOB, "glm-4.7-flash:q4_K_M", None, ["cloud"]),
+        # A model no target serves: every usable target.
+        (ALICE, "some/unknown-model", None, ["cloud", "local", "big"]),
+        # A routed turn failed on its target: the others.
+        (ALICE, "ollama-cloud/glm-5.1", "cloud", ["local", "big"]),
+        # The target failed though the dispatcher served another model: neither.
+        (ALICE, "glm-4.7-flash:q4_K_M", "cloud", ["big"]),
+        # A raw model target is no config target: only the failed model is left out.
+        (ALICE, "ollama-cloud/kimi-k2", "model:ollama-cloud/kimi-k2", ["cloud", "local"]),
+    ],
+)
+def test_retry_targets_are_the_askers_targets_but_the_one_that_failed(
+    asker: str, failed_model: str, failed_target: str | None, expected: list[str]
+) -> None:
+    assert names(retry_targets(asker, failed_model, failed_target, CONFIG)) == expected
+
+
+def test_retry_targets_leave_out_every_target_of_the_failed_model() -> None:
+    config = make_config(
+        targets={
+            "cloud": {"model": "ollama-cloud/glm-5.1"},
+            "glm": {"model": "ollama-cloud/glm-5.1"},
+            "local": {"model": "glm-4.7-flash:q4_K_M"},
+        }
+    )
+    assert names(retry_targets(CAROL, "ollama-cloud/glm-5.1", None, config)) == ["local"]
+
+
+@pytest.mark.parametrize("asker", [None, ""])
+def test_unknown_asker_gets_the_targets_of_the_star_level(asker: str | None) -> None:
+    assert names(retry_targets(asker, "glm-4.7-flash:q4_K_M", None, CONFIG)) == ["cloud"]
+    generous = make_config(permissions={ALICE: 0, "*": 50})
+    assert names(retry_targets(asker, "glm-4.7-flash:q4_K_M", None, generous)) == [
+        "cloud",
+        "big",
+    ]
+
+
+def test_unknown_asker_without_a_star_level_gets_no_target() -> None:
+    closed = make_config(permissions={ALICE: 50, "example.org": 10})
+    assert retry_targets(None, "glm-4.7-flash:q4_K_M", None, closed) == []
+    assert names(retry_targets(ALICE, "glm-4.7-flash:q4_K_M", None, closed)) == ["cloud", "big"]
+
+
+def test_an_asker_who_may_not_route_gets_no_target() -> None:
+    closed = make_config(permissions={ALICE: 50})
+    assert retry_targets(CAROL, "glm-4.7-flash:q4_K_M", None, closed) == []
+
+
+def test_retry_targets_follow_the_askers_own_level_not_the_star_level() -> None:
+    config = make_config(permissions={BOB: 0, "*": 50})
+    assert names(retry_targets(BOB, "glm-4.7-flash:q4_K_M", None, config)) == ["cloud"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from([None, ALICE, BOB, CAROL, "@dave:elsewhere.org"]),
+    st.sampled_from([t.model for t in CONFIG.targets.values()] + ["other/model"]),
+    st.none() | st.sampled_from([*CONFIG.targets, "model:x"]),
+)
+def test_retry_targets_are_always_usable_by_the_asker_and_never_the_failed_one(
+    asker: str | None, failed_model: str, failed_target: str | None
+) -> None:
+    targets = retry_targets(asker, failed_model, failed_target, CONFIG)
+    # "*" looked up as a user id matches the `*` level exactly: anyone's targets.
+    usable = usable_targets(asker, CONFIG) if asker else usable_targets("*", CONFIG)
+    assert set(names(targets)) <= set(names(usable))
+    assert all(t.model != failed_model and t.name != failed_target for t in targets)
+    assert names(targets) == [
+        t.name for t in usable if t.model != failed_model and t.name != failed_target
+    ]

@@ -10,19 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import Scope
+from bot.commands import RESERVED_WORDS, RouteTo, Scope, parse_command, typable_prefix
 from bot.config import Target
+from bot.history import Call, PastTurn
 from bot.intents import ClaimedTurn, Intent, Timing, claim, new_intent
 from bot.replies import (
+    DETAIL_CHARS,
+    EXCERPT_CHARS,
     Text,
     cleared,
     command_error,
     confirmation,
     edit_content,
+    excerpt,
     expired,
+    failure_suggestion,
     help_text,
+    history,
+    literal,
+    nothing_to_reask,
     notice_content,
     reaction_content,
+    reask_confirmation,
     receipt,
     refusal,
     render,
@@ -255,3 +264,330 @@ def test_notice_always_carries_body_and_html(reply_to: str | None, thread_root: 
     assert content["body"] == "x `y`"
     assert content["formatted_body"] == "<b>x</b> <code>y</code>"
     assert ("m.relates_to" in content) is (reply_to is not None or thread_root is not None)
+
+
+# --- literal text and excerpts -----------------------------------------------------------
+
+ALICE = "@alice:example.org"
+BOB = "@bob:example.org"
+MARKUP_QUESTION = "Why does <b>deploy</b> fail with `make all` and **no** logs & <x>?"
+
+
+def test_literal_text_is_escaped_and_never_marked_up() -> None:
+    text = literal(MARKUP_QUESTION)
+    assert text.plain == MARKUP_QUESTION
+    assert text.html == (
+        "Why does &lt;b&gt;deploy&lt;/b&gt; fail with `make all` and **no** logs &amp; &lt;x&gt;?"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_literal_text_never_lets_markup_through(words: str) -> None:
+    text = literal(words)
+    assert "<" not in text.html and ">" not in text.html
+    assert text.plain == words
+
+
+def test_texts_add_up_body_by_body() -> None:
+    joined = render("**a** ") + literal("<b>") + render(" `c`")
+    assert joined == Text(plain="a <b> `c`", html="<b>a</b> &lt;b&gt; <code>c</code>")
+
+
+def test_markup_never_pairs_across_added_texts() -> None:
+    joined = render("x `") + literal("y") + render("` z")
+    assert "<code>" not in joined.html
+
+
+EXCERPTS = [
+    ("Why did it fail?", "Why did it fail?"),
+    ("  Why\n did\t\tit \r\n fail?  ", "Why did it fail?"),
+    ("line one\u2028line two\u00a0end", "line one line two end"),
+    ("a" * EXCERPT_CHARS, "a" * EXCERPT_CHARS),
+    ("a" * (EXCERPT_CHARS + 1), "a" * (EXCERPT_CHARS - 1) + "…"),
+    ("", ""),
+    (" \n\t ", ""),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXCERPTS, ids=[repr(t)[:30] for t, _ in EXCERPTS])
+def test_excerpt_is_one_short_line(text: str, expected: str) -> None:
+    assert excerpt(text) == expected
+
+
+def test_excerpt_cut_drops_the_space_before_the_ellipsis() -> None:
+    assert excerpt("abcd efgh", limit=6) == "abcd…"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("re\u200bstart", "restart"),  # zero-width space
+        ("de\u00adploy", "deploy"),  # soft hyphen
+        ("a\x00b\x7fc", "abc"),  # control characters
+        ("why\u200e?", "why?"),  # left-to-right mark
+    ],
+)
+def test_excerpt_drops_non_printable_characters(text: str, expected: str) -> None:
+    assert excerpt(text) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.integers(min_value=1, max_value=120))
+def test_excerpt_is_always_one_printable_line_within_the_limit(text: str, limit: int) -> None:
+    line = excerpt(text, limit)
+    assert len(line) <= limit
+    assert line.isprintable()
+    assert line == line.strip()
+    assert "  " not in line
+    folded = " ".join(text.split())
+    if folded.isprintable() and len(folded) <= limit:
+        assert line == folded
+    elif folded.isprintable():
+        assert line.endswith("…") and folded.startswith(line[:-1])
+
+
+# --- `again` -----------------------------------------------------------------------------
+
+REASKED = intent_for(question_hash="q" * 64)
+
+
+def test_reask_confirmation_quotes_the_question_and_names_target_and_model() -> None:
+    text = reask_confirmation(REASKED, "Why did the deploy fail?", ALICE, T0, None, "!route")
+    assert text.plain.startswith("Re-asking “Why did the deploy fail?”")
+    assert f"asked by {ALICE}" in text.plain
+    assert "<b>cloud</b>" in text.html and "<code>ollama-cloud/glm-5.1</code>" in text.html
+    assert "`!route auto`" in text.plain
+    assert "really answered" in text.plain
+
+
+def test_reask_confirmation_shows_markup_in_the_question_as_it_is() -> None:
+    question = excerpt(MARKUP_QUESTION)
+    text = reask_confirmation(REASKED, question, ALICE, T0, None, "/route")
+    assert f"“{question}”" in text.plain
+    assert "&lt;b&gt;deploy&lt;/b&gt;" in text.html
+    assert "`make all`" in text.html and "<code>make all</code>" not in text.html
+    assert "**no**" in text.html and "<b>no</b>" not in text.html
+    assert no_raw_html(text.html)
+
+
+def test_reask_confirmation_of_a_hostile_question_is_escaped() -> None:
+    text = reask_confirmation(REASKED, excerpt(HOSTILE), f"@{HOSTILE}:x", T0, None, HOSTILE)
+    assert "<script>" not in text.html
+    assert no_raw_html(text.html)
+
+
+def test_stored_reask_confirmation_never_holds_the_question() -> None:
+    text = reask_confirmation(REASKED, None, ALICE, T0 + timedelta(seconds=42), None, "!route")
+    assert "deploy" not in text.plain and "“" not in text.plain
+    assert f"asked by {ALICE} at 11:00:42 UTC" in text.plain
+    assert "the room's last question" in text.plain
+    assert "<b>cloud</b>" in text.html
+
+
+def test_reask_confirmation_without_a_known_asker_still_says_when() -> None:
+    text = reask_confirmation(REASKED, None, None, T0, None, "!route")
+    assert "(asked at 11:00:00 UTC)" in text.plain
+    assert "None" not in text.plain
+
+
+def test_reask_confirmation_says_what_it_replaces() -> None:
+    text = reask_confirmation(REASKED, "Why?", ALICE, T0, intent_for(target="local"), "!route")
+    assert "replaces the earlier route to local" in text.plain
+
+
+def test_nothing_to_reask_says_nothing_was_routed_and_what_to_type() -> None:
+    text = nothing_to_reask("cloud", "!route", timedelta(minutes=15))
+    assert text.plain.startswith("⛔")
+    assert "15m" in text.plain
+    assert "Nothing was routed" in text.plain
+    assert "`!route cloud`" in text.plain and "next line" in text.plain
+
+
+# --- the failure suggestion ----------------------------------------------------------------
+
+CLOUD = Target("cloud", "ollama-cloud/glm-5.1", ("c",), 0, "hard questions")
+BIG = Target("big", "ollama-cloud/kimi-k2", (), 50)
+COMMAND_SPAN = re.compile(r"• `([^`]+)`")
+
+
+def test_failure_suggestion_names_the_model_and_each_command_to_type() -> None:
+    text = failure_suggestion("glm-4.7-flash:q4_K_M", "HTTP 500", [CLOUD, BIG], "!route")
+    assert text.plain.startswith("⚠")
+    assert "`glm-4.7-flash:q4_K_M`" in text.plain and "(HTTP 500)" in text.plain
+    assert COMMAND_SPAN.findall(text.plain) == ["!route cloud again", "!route big again"]
+    assert "<code>!route cloud again</code>: hard questions" in text.html
+    assert "<code>!route big again</code>" in text.html
+
+
+@pytest.mark.parametrize("prefixes", [("/route", "!route"), ("!route",), ("/ai", "?ai")])
+def test_every_suggested_command_parses_back_to_again_on_its_target(
+    prefixes: tuple[str, ...],
+) -> None:
+    text = failure_suggestion("m", None, [CLOUD, BIG], typable_prefix(prefixes))
+    commands = COMMAND_SPAN.findall(text.plain)
+    assert [parse_command(c, prefixes) for c in commands] == [
+        RouteTo(target="cloud", again=True),
+        RouteTo(target="big", again=True),
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True).filter(
+        lambda name: name not in RESERVED_WORDS
+    )
+)
+def test_the_command_for_any_target_name_parses_back(name: str) -> None:
+    text = failure_suggestion("m", None, [Target(name, "m2")], "!route")
+    (command,) = COMMAND_SPAN.findall(text.plain)
+    assert parse_command(command) == RouteTo(target=name, again=True)
+
+
+def test_failure_detail_is_shown_as_it_is_on_one_line_and_cut() -> None:
+    detail = "upstream said:\n<b>overloaded</b> `retry` **later** " + "x" * 500
+    text = failure_suggestion("m", detail, [CLOUD], "!route")
+    assert "&lt;b&gt;overloaded&lt;/b&gt; `retry` **later**" in text.html
+    assert "<code>retry</code>" not in text.html and "<b>later</b>" not in text.html
+    assert "upstream said: <b>overloaded</b>" in text.plain
+    assert f"({excerpt(detail, DETAIL_CHARS)})" in text.plain
+    assert "x" * 300 not in text.plain
+    assert "\n" not in text.plain.splitlines()[0] and "…" in text.plain.splitlines()[0]
+
+
+def test_failure_suggestion_without_targets_says_to_ask_the_admin() -> None:
+    text = failure_suggestion("m", None, [], "!route")
+    assert "ask the admin" in text.plain
+    assert " again`" not in text.plain
+    assert "()" not in text.plain  # no empty detail
+
+
+def test_hostile_model_detail_and_targets_never_appear_unescaped_in_new_replies() -> None:
+    hostile_target = Target(HOSTILE, HOSTILE, (), 0, HOSTILE)
+    hostile_turn = PastTurn(T0, (Call(HOSTILE, "error", 1),), HOSTILE)
+    routed_turn = PastTurn(T0, (Call(HOSTILE, "ok", 1),), HOSTILE, HOSTILE, "other", 1)
+    texts = [
+        failure_suggestion(HOSTILE, HOSTILE, [hostile_target], HOSTILE),
+        failure_suggestion(HOSTILE, HOSTILE, [], HOSTILE),
+        history([hostile_turn, routed_turn], HOSTILE),
+        history([], HOSTILE),
+        nothing_to_reask(HOSTILE, HOSTILE, timedelta(minutes=15)),
+        reask_confirmation(
+            intent_for(target=HOSTILE, model=HOSTILE), HOSTILE, HOSTILE, T0, None, "!"
+        ),
+    ]
+    for text in texts:
+        assert "<script>" not in text.html, text.html
+        assert no_raw_html(text.html), text.html
+
+
+# --- `/route history` ----------------------------------------------------------------------
+
+LOCAL_MODEL = "glm-4.7-flash:q4_K_M"
+CLOUD_MODEL = "ollama-cloud/glm-5.1"
+
+
+def past(
+    minutes: int,
+    calls: list[tuple[str, str, int | None]],
+    who: str | None = ALICE,
+    target: str | None = "cloud",
+    claims: int = 1,
+) -> PastTurn:
+    return PastTurn(
+        at=T0 + timedelta(minutes=minutes),
+        calls=tuple(Call(m, s, ms) for m, s, ms in calls),
+        who=who,
+        target=target,
+        model=CLOUD_MODEL if target else None,
+        claims=claims,
+    )
+
+
+def history_lines(turns: list[PastTurn]) -> list[str]:
+    return history(turns, "!route").plain.splitlines()
+
+
+def test_empty_history_says_how_to_route_a_turn() -> None:
+    text = history([], "!route")
+    assert "No routed or failed turn" in text.plain
+    assert "`!route <target>`" in text.plain
+
+
+def test_a_routed_turn_served_as_asked_shows_model_calls_and_time() -> None:
+    (line,) = history_lines([past(0, [(CLOUD_MODEL, "ok", 1200), (CLOUD_MODEL, "ok", 1800)])])[1:]
+    assert line.startswith("• 11:00:00 UTC · ")
+    assert f"routed to cloud by {ALICE}: served `{CLOUD_MODEL}`, 2 call(s), 3.0 s" in line
+    assert "⚠" not in line
+
+
+def test_a_routed_turn_served_by_another_model_is_flagged() -> None:
+    (line,) = history_lines([past(0, [(LOCAL_MODEL, "ok", 500)])])[1:]
+    assert "⚠" in line
+    assert f"asked for `{CLOUD_MODEL}`" in line and f"served `{LOCAL_MODEL}`" in line
+
+
+def test_a_routed_turn_served_partly_by_another_model_is_flagged() -> None:
+    (line,) = history_lines([past(0, [(CLOUD_MODEL, "ok", 1), (LOCAL_MODEL, "ok", 1)])])[1:]
+    assert "⚠" in line and LOCAL_MODEL in line
+
+
+def test_a_routed_turn_without_outcomes_says_none_was_reported() -> None:
+    (line,) = history_lines([past(0, [], claims=3)])[1:]
+    assert "routed to cloud" in line
+    assert "no outcome reported (3 claim(s))" in line
+
+
+def test_a_routed_turn_that_failed_is_flagged_with_its_errors() -> None:
+    (line,) = history_lines([past(0, [(CLOUD_MODEL, "ok", 100), (CLOUD_MODEL, "error", 100)])])[1:]
+    assert "⚠ failed" in line
+    assert "2 call(s), 1 failed" in line
+
+
+def test_a_routed_turn_with_a_recovered_error_counts_it() -> None:
+    (line,) = history_lines([past(0, [(CLOUD_MODEL, "error", None), (CLOUD_MODEL, "ok", None)])])[
+        1:
+    ]
+    assert "⚠" not in line
+    assert line.endswith("2 call(s), 1 failed")  # no latency reported, none shown
+
+
+def test_a_failed_turn_on_automatic_routing_names_who_asked_and_the_model() -> None:
+    turn = past(0, [(LOCAL_MODEL, "ok", 1000), (LOCAL_MODEL, "error", 500)], who=BOB, target=None)
+    (line,) = history_lines([turn])[1:]
+    assert "⚠ failed on automatic routing" in line
+    assert f"`{LOCAL_MODEL}`" in line and f"asked by {BOB}" in line
+    assert "2 call(s), the last one an error, 1.5 s" in line
+
+
+def test_a_latency_under_a_second_is_shown_in_milliseconds() -> None:
+    (line,) = history_lines([past(0, [(CLOUD_MODEL, "ok", 250), (CLOUD_MODEL, "ok", 200)])])[1:]
+    assert line.endswith("2 call(s), 450 ms")
+
+
+def test_a_failed_turn_with_no_known_asker_says_someone() -> None:
+    (line,) = history_lines([past(0, [(LOCAL_MODEL, "error", None)], who=None, target=None)])[1:]
+    assert "asked by someone" in line and "None" not in line
+
+
+def test_history_keeps_the_order_it_is_given() -> None:
+    turns = [
+        past(9, [(CLOUD_MODEL, "ok", 1)]),
+        past(5, [(LOCAL_MODEL, "error", 1)], who=BOB, target=None),
+        past(1, [], target="local"),
+    ]
+    lines = history_lines(turns)
+    assert lines[0].startswith("Last routed and failed turns here")
+    assert [line[2:14] for line in lines[1:]] == ["11:09:00 UTC", "11:05:00 UTC", "11:01:00 UTC"]
+    assert (
+        "<b>Last routed and failed turns here</b>, newest first:" in history(turns, "!route").html
+    )
+
+
+# --- help ----------------------------------------------------------------------------------
+
+
+def test_help_lists_again_and_history() -> None:
+    text = help_text("!route", ["/route", "!route"])
+    assert "`!route <target> again`" in text.plain and "`retry`" in text.plain
+    assert "`!route history`" in text.plain

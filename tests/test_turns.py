@@ -20,6 +20,7 @@ from bot.turns import (
     merge_turn,
     message_hash,
     normalise_message,
+    notice_place,
     place_turn,
     resolve_room,
     turn_key,
@@ -324,6 +325,13 @@ def test_hermes_decoration_never_changes_the_hash(message: str, name: str, note:
     assert message_hash(SALT, decorated) == message_hash(SALT, message)
 
 
+def test_a_note_with_a_quoted_line_does_not_change_the_hash() -> None:
+    # Found by the property test above: a line of the note that starts with `>` was
+    # dropped as a reply quote before the note itself was stripped.
+    decorated = "[Alice] why did it fail?\n\n[System note: the user replied to:\n> deploy log]"
+    assert message_hash(SALT, decorated) == message_hash(SALT, "why did it fail?")
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=80))
 def test_normalise_message_is_idempotent(text: str) -> None:
@@ -388,6 +396,34 @@ def test_turn_key_is_none_without_turn_id_or_message(turn: Turn) -> None:
 def test_turn_key_prints_short() -> None:
     assert str(TurnKey("$ev1", "ab" * 32)) == "$ev1/" + "ab" * 6
     assert str(TurnKey(None, None)) == "-/-"
+
+
+def test_turn_key_ref_is_the_whole_key() -> None:
+    assert TurnKey("$ev1", "ab" * 32).ref == "$ev1/" + "ab" * 32
+    assert TurnKey("$ev1", None).ref == "$ev1/-"
+    assert TurnKey(None, "ab" * 32).ref == "-/" + "ab" * 32
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.none() | st.from_regex(r"\$[A-Za-z0-9_.:-]{1,40}", fullmatch=True),
+    st.none() | st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+    st.none() | st.from_regex(r"\$[A-Za-z0-9_.:-]{1,40}", fullmatch=True),
+    st.none() | st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+)
+def test_turn_key_ref_is_stable_and_tells_keys_apart(
+    turn_a: str | None, hash_a: str | None, turn_b: str | None, hash_b: str | None
+) -> None:
+    a, b = TurnKey(turn_a, hash_a), TurnKey(turn_b, hash_b)
+    assert a.ref == TurnKey(turn_a, hash_a).ref  # the same key, the same ref: a stored name
+    assert (a.ref == b.ref) is (a == b)
+
+
+def test_turn_key_ref_of_a_derived_key_is_the_same_for_every_call_of_the_turn() -> None:
+    first = turn_key(Turn(turn_id="$ev1", last_user_message="[Alice] Why?"), SALT)
+    again = turn_key(Turn(turn_id="$ev1", last_user_message="why ?"), SALT)
+    assert first is not None and again is not None
+    assert first.ref == again.ref
 
 
 # --- place_turn --------------------------------------------------------------------------
@@ -457,6 +493,21 @@ def test_identical_messages_outside_the_turn_place_at_the_latest() -> None:
     assert place_turn(TurnKey("$zzz", message_hash(SALT, "same text")), messages).arrived_at == (
         T0 + timedelta(minutes=5)
     )
+
+
+def test_placement_carries_the_placed_message() -> None:
+    key = TurnKey("$root", message_hash(SALT, "[Alice] follow-up one"))
+    assert place_turn(key, THREAD).message is THREAD[1]
+    assert place_turn(TurnKey("$root", None), THREAD).message is THREAD[3]
+    assert place_turn(TurnKey("$elsewhere", None), THREAD).message is None
+    assert place_turn(None, THREAD).message is None
+
+
+def test_placement_of_a_message_is_when_and_what_it_was() -> None:
+    placement = Placement.of(THREAD[2])
+    assert placement.arrived_at == THREAD[2].sent_at
+    assert placement.is_command
+    assert placement.message == THREAD[2]
 
 
 def test_unknown_turns_are_unplaced() -> None:
@@ -540,3 +591,69 @@ def test_a_mention_the_agent_strips_does_not_change_the_hash(
 
 def test_an_email_address_is_not_taken_for_a_mention() -> None:
     assert "bob@example.org" in normalise_message("mail bob@example.org now")
+
+
+# --- notice_place: where a notice about a turn goes ----------------------------------------
+
+
+def placed(event_id: str, thread: str | None = None) -> SeenMessage:
+    return SeenMessage(
+        room_id=ROOM,
+        event_id=event_id,
+        thread_id=thread,
+        sent_at=T0,
+        message_hash=message_hash(SALT, "Why?"),
+        is_command=False,
+        sender="@alice:example.org",
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "message", "place"),
+    [
+        # The placed message is in a thread: the notice goes there, in reply to it.
+        (TurnKey("$root", "h"), placed("$m2", thread="$root"), ("$root", "$m2")),
+        (TurnKey(None, "h"), placed("$m2", thread="$root"), ("$root", "$m2")),
+        (TurnKey("sess-1", "h"), placed("$m2", thread="$root"), ("$root", "$m2")),
+        # Top-level message and a Matrix turn id (Hermes threads each top-level message).
+        (TurnKey("$q1", "h"), placed("$q1"), ("$q1", "$q1")),
+        (TurnKey("$q1", None), placed("$q1"), ("$q1", "$q1")),
+        # No placed message: the turn id is the thread root and the reply target.
+        (TurnKey("$q1", "h"), None, ("$q1", "$q1")),
+        (TurnKey("$q1", None), None, ("$q1", "$q1")),
+        # A DM: no turn id, no thread; the notice replies to the message.
+        (TurnKey(None, "h"), placed("$dm"), (None, "$dm")),
+        # A turn id that is no event id (a session id) is no thread root.
+        (TurnKey("sess-1", "h"), placed("$dm"), (None, "$dm")),
+        # Nothing known: the notice stands alone.
+        (TurnKey(None, "h"), None, (None, None)),
+        (TurnKey("sess-1", None), None, (None, None)),
+        (None, None, (None, None)),
+        (None, placed("$dm"), (None, "$dm")),
+        (None, placed("$m2", thread="$root"), ("$root", "$m2")),
+    ],
+)
+def test_a_notice_about_a_turn_goes_in_its_thread_in_reply_to_its_message(
+    key: TurnKey | None, message: SeenMessage | None, place: tuple[str | None, str | None]
+) -> None:
+    assert notice_place(key, message) == place
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.none() | st.sampled_from(["$q1", "$root", "sess-1", ""]),
+    st.none() | st.sampled_from(["h", "other"]),
+    st.none() | st.tuples(st.sampled_from(["$m1", "$q1"]), st.none() | st.just("$root")),
+)
+def test_a_notice_in_a_thread_always_replies_to_something(
+    turn_id: str | None, hash_: str | None, message: tuple[str, str | None] | None
+) -> None:
+    key = TurnKey(turn_id, hash_) if turn_id or hash_ else None
+    seen_message = placed(*message) if message is not None else None
+    thread, reply_to = notice_place(key, seen_message)
+    if thread is not None:
+        assert reply_to is not None
+    if seen_message is not None:
+        assert reply_to == seen_message.event_id
+    for event in (thread, reply_to):
+        assert event is None or event.startswith("$"), "only event ids relate a notice"

@@ -164,8 +164,8 @@ class RouteFilter:
             if last is None:
                 return {"action": "skip", "reason": NOTHING_TO_REASK}
             return {"action": "rewrite", "text": last.text}
-        if asked is not None:  # the multi-line form: its question
-            return {"action": "rewrite", "text": asked}
+        if isinstance(command, commands.RouteTo) and command.question:
+            return {"action": "rewrite", "text": command.question}  # the multi-line form
         # Every other command, malformed ones included: the side-car's reply says what to do.
         return {"action": "skip", "reason": SKIP_REASON}
 

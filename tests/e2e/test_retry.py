@@ -87,6 +87,14 @@ async def test_a_failed_turn_gets_one_suggestion_and_again_answers_it_on_cloud(
     events = await alice.events(room, limit=200)
     assert len(suggestions(events, question)) == 1
     assert len(receipts_in(events, command)) == 1  # the receipt of the re-asked turn
+    # History: the re-asked turn (routed, served by cloud) above the failed one.
+    shown = await alice.say(room, "!route history")
+    lines = (await alice.wait_reply(room, shown))["content"]["body"].splitlines()
+    routed = next(i for i, line in enumerate(lines) if "routed to cloud" in line)
+    failed = next(i for i, line in enumerate(lines) if "failed on automatic routing" in line)
+    assert routed < failed
+    assert ModelStack.CLOUD in lines[routed] and "2 call(s)" in lines[routed]
+    assert ModelStack.LOCAL in lines[failed] and "@alice:localhost" in lines[failed]
     # No question text anywhere in the side-car's files (database and its WAL).
     for path in sidecar.db_path.parent.iterdir():
         if path.name.startswith(sidecar.db_path.name):
