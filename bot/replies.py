@@ -211,12 +211,6 @@ def rate_limited(limit: int) -> Text:
     )
 
 
-def not_available(what: str, prefix: str) -> Text:
-    return render(
-        f"`{prefix} {what}` is not available in this version. `{prefix} help` lists the commands."
-    )
-
-
 def receipt(
     intent: Intent, served_models: Sequence[str], statuses: Sequence[str], latency_ms: int | None
 ) -> Text:

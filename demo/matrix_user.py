@@ -137,3 +137,18 @@ def reactions_on(events: list[dict[str, Any]], event_id: str, bot: str = BOT) ->
         and e.get("sender") == bot
         and e["content"].get("m.relates_to", {}).get("event_id") == event_id
     ]
+
+
+def in_thread(thread: str, sender: str) -> Callable[[dict[str, Any]], bool]:
+    """A matcher for a message `sender` posted in `thread` (Hermes answers in the thread;
+    the bot's receipts and suggestions are posted there too)."""
+
+    def match(event: dict[str, Any]) -> bool:
+        relates = event.get("content", {}).get("m.relates_to", {})
+        return (
+            event.get("sender") == sender
+            and relates.get("rel_type") == "m.thread"
+            and relates.get("event_id") == thread
+        )
+
+    return match

@@ -29,7 +29,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from demo.agent import StandInAgent
-from demo.matrix_user import BOT, MatrixUser, edits_of
+from demo.matrix_user import BOT, MatrixUser, edits_of, in_thread
 from demo.upstream import ModelStack, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,26 +107,6 @@ def show(who: str, text: str) -> None:
 FAILING = "Why is the disk on the build host full?"
 
 
-def answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
-    def match(event: dict[str, Any]) -> bool:
-        relates = event.get("content", {}).get("m.relates_to", {})
-        return event.get("sender") == agent_id and relates.get("event_id") == thread
-
-    return match
-
-
-def in_thread_from_bot(thread: str):  # type: ignore[no-untyped-def]
-    def match(event: dict[str, Any]) -> bool:
-        relates = event.get("content", {}).get("m.relates_to", {})
-        return (
-            event.get("sender") == BOT
-            and relates.get("rel_type") == "m.thread"
-            and relates.get("event_id") == thread
-        )
-
-    return match
-
-
 async def conversation(
     alice: MatrixUser, agent_id: str, room: str, models: ModelStack
 ) -> list[str]:
@@ -138,7 +118,7 @@ async def conversation(
     async def ask(text: str) -> str:
         show("alice", text)
         event_id = await alice.say(room, text)
-        answer = await alice.wait_for(room, answer_in(event_id, agent_id), 30, "the answer")
+        answer = await alice.wait_for(room, in_thread(event_id, agent_id), 30, "the answer")
         show("agent", answer["content"]["body"])
         return event_id
 
@@ -157,7 +137,7 @@ async def conversation(
     print("\n  (the local model now fails one question)\n")
     models.local.fail_on = FAILING
     failed = await ask(FAILING)
-    suggestion = await alice.wait_for(room, in_thread_from_bot(failed), 30, "the bot's suggestion")
+    suggestion = await alice.wait_for(room, in_thread(failed, BOT), 30, "the bot's suggestion")
     show("route", suggestion["content"]["body"])
     suggested = next(
         line.split("`")[1]
@@ -165,7 +145,7 @@ async def conversation(
         if "again`" in line and "cloud" in line
     )
     event_id = await command(suggested)
-    answer = await alice.wait_for(room, answer_in(event_id, agent_id), 30, "the answer")
+    answer = await alice.wait_for(room, in_thread(event_id, agent_id), 30, "the answer")
     show("agent", answer["content"]["body"])
     routed_turns.append(event_id)
     models.local.fail_on = None
@@ -176,15 +156,7 @@ async def receipts(alice: MatrixUser, room: str, turns: list[str]) -> list[str]:
     """The bot's receipt for each routed turn, as it finally reads (after edits)."""
     shown = []
     for turn in turns:
-        receipt = await alice.wait_for(
-            room,
-            lambda e, t=turn: (
-                e.get("sender") == BOT
-                and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-                and e["content"]["m.relates_to"].get("event_id") == t
-            ),
-            what="the receipt",
-        )
+        receipt = await alice.wait_for(room, in_thread(turn, BOT), what="the receipt")
         await asyncio.sleep(0.5)  # a later outcome of the turn edits it in place
         edits = edits_of(await alice.events(room), receipt["event_id"])
         shown.append(

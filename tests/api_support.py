@@ -204,6 +204,15 @@ class Api:
             sent["Content-Type"] = content_type
         return await self.client.post(path, content=content, headers=sent)
 
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a table, in insertion order (read-only, beside the side-car)."""
+        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+        finally:
+            db.close()
+
     async def snapshot(self, room_id: str = ROOM) -> Snapshot:
         response = await self.client.get(room_path(room_id), headers=AUTH)
         intent = (response.status_code, response.json())

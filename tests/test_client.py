@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import subprocess
 import sys
 import time
@@ -49,15 +48,6 @@ def hermes_request(room_id: str, thread: str, question: str) -> dict[str, Any]:
 
 
 # ---- against the real side-car -----------------------------------------------------------
-
-
-def outcome_rows(api: Api) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{api.db_path}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in db.execute("SELECT * FROM outcomes ORDER BY id")]
-    finally:
-        db.close()
 
 
 def api_url(api: Api) -> str:
@@ -117,7 +107,7 @@ async def test_report_sends_a_routed_calls_outcome_to_its_intent(
     decision = await client.claim(request=body)
     assert decision.override
     assert await client.report(decision, model=CLOUD, status="ok", request=body) is True
-    rows = outcome_rows(api)
+    rows = api.rows("outcomes")
     assert [(r["intent_id"], r["model"], r["status"]) for r in rows] == [(intent_id, CLOUD, "ok")]
 
 
@@ -132,7 +122,7 @@ async def test_report_sends_an_unrouted_failure_to_the_turn_outcome(
         decision, model="glm-4.7-flash:q4_K_M", status="error", request=body, latency_ms=40
     )
     assert reported is True
-    rows = outcome_rows(api)
+    rows = api.rows("outcomes")
     assert [(r["intent_id"], r["room_id"], r["status"], r["asker"]) for r in rows] == [
         (None, ROOM, "error", ALICE)
     ]

@@ -63,15 +63,6 @@ def reply_to(api: Api, event_id: str) -> str:
     return row["content"]["body"]
 
 
-def outcome_rows(api: Api) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{api.db_path}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM outcomes ORDER BY id")]
-    finally:
-        db.close()
-
-
 async def live_intent(api: Api) -> dict[str, Any] | None:
     response = await api.client.get(room_path(ROOM), headers=AUTH)
     return response.json() if response.status_code == 200 else None
@@ -240,7 +231,7 @@ async def test_a_failed_turn_gets_one_suggestion_in_its_thread(api: Api) -> None
     # Held back until the turn has been quiet for routing.failure_grace (15 s).
     held = datetime.fromtimestamp(suggestion["not_before"] / 1000, UTC)
     assert started + timedelta(seconds=14) < held < datetime.now(UTC) + timedelta(seconds=16)
-    rows = outcome_rows(api)
+    rows = api.rows("outcomes")
     assert [(r["intent_id"], r["status"], r["model"], r["asker"]) for r in rows] == [
         (None, "error", LOCAL, ALICE)
     ] * 3
@@ -252,7 +243,7 @@ async def test_a_later_successful_call_withdraws_the_suggestion(api: Api) -> Non
     assert len(effects(api, "suggest:")) == 1
     await report(api, "$question", QUESTION, "ok")
     assert effects(api, "suggest:") == []
-    assert [r["status"] for r in outcome_rows(api)] == ["error", "ok"]
+    assert [r["status"] for r in api.rows("outcomes")] == ["error", "ok"]
 
 
 async def test_each_failed_turn_gets_its_own_suggestion(api: Api) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +22,7 @@ import httpx
 from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
     MatrixUser,
     edits_of,
+    in_thread,
     is_bot_reply_to,
     reactions_on,
 )
@@ -218,26 +220,11 @@ def hermes_request(room_id: str, thread: str | None, user_text: str) -> dict[str
     }
 
 
-def agent_answer_in(thread: str, agent_id: str):  # type: ignore[no-untyped-def]
+def agent_answer_in(thread: str, agent_id: str) -> Callable[[dict[str, Any]], bool]:
     """A matcher for the agent's answer in a thread (Hermes answers in the thread)."""
-
-    def match(event: dict) -> bool:
-        relates = event.get("content", {}).get("m.relates_to", {})
-        return (
-            event.get("sender") == agent_id
-            and relates.get("rel_type") == "m.thread"
-            and relates.get("event_id") == thread
-        )
-
-    return match
+    return in_thread(thread, agent_id)
 
 
 def receipts_in(events: list[dict], thread: str) -> list[dict]:
     """The bot's notices in a thread (receipts, suggestions), edits excluded."""
-    return [
-        e
-        for e in events
-        if e.get("sender") == BOT
-        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-        and e["content"]["m.relates_to"].get("event_id") == thread
-    ]
+    return [e for e in events if in_thread(thread, BOT)(e)]
