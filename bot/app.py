@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ class Sidecar:
     store: Store
     service: RouteService
     bot: MatrixBot
+    crypto: Any = None  # bot.crypto.BotCrypto when encryption is on
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -47,6 +49,9 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.bot.close()
+        if self.crypto is not None:
+            with contextlib.suppress(Exception):
+                await self.crypto.close()
         await self.store.close()
         log.info("stopped")
 
@@ -67,17 +72,35 @@ async def start_sidecar(config: Config) -> Sidecar:
         if instance is None:
             instance = new_salt()[:12]
             await tx.set_meta("instance", instance)
+        pickle_key = await tx.meta("crypto_pickle_key")
+        if pickle_key is None:
+            pickle_key = new_salt()
+            await tx.set_meta("crypto_pickle_key", pickle_key)
     metrics = Metrics()
     service = RouteService(config, store, bytes.fromhex(salt), metrics)
     await service.load()
+    crypto = None
+    if config.encryption.enabled:
+        from .crypto import BotCrypto  # python-olm: only when encryption is on
+
+        crypto = BotCrypto(config, config.database_path, pickle_key)
     bot = MatrixBot(
-        config, store, metrics, instance, unstored=service.unstored, clock=service.clock
+        config,
+        store,
+        metrics,
+        instance,
+        unstored=service.unstored,
+        clock=service.clock,
+        crypto=crypto,
     )
     await bot.start()
-    sidecar = Sidecar(config, store, service, bot)
+    sidecar = Sidecar(config, store, service, bot, crypto)
     for app, listen in (
         (LookupApi(config, service, metrics).make_app(), config.api.listen),
-        (AppserviceShell(config, service, bot, metrics).make_app(), config.appservice.listen),
+        (
+            AppserviceShell(config, service, bot, metrics, crypto).make_app(),
+            config.appservice.listen,
+        ),
     ):
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -91,13 +114,31 @@ async def start_sidecar(config: Config) -> Sidecar:
         log.info("listening host=%s port=%d", listen.host, listen.port)
     stop = sidecar.stopping
     sidecar.tasks += [
-        asyncio.create_task(bot.ensure_registered(stop)),
+        asyncio.create_task(_register(bot, crypto, stop)),
         asyncio.create_task(run_outbox(bot, service.outbox_changed, stop)),
         asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
         asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_messages, stop)),
     ]
     log.info("started bot=%s live_intents=%d", config.bot_user_id, len(service.live))
     return sidecar
+
+
+async def _register(bot: MatrixBot, crypto: Any, stop: asyncio.Event) -> None:
+    """Register the bot user, then set up its device when encryption is on (both retried
+    while the homeserver is unreachable)."""
+    await bot.ensure_registered(stop)
+    delay = 1.0
+    while crypto is not None and not stop.is_set():
+        try:
+            await crypto.start()
+            return
+        except Exception as error:  # any failure: retry later
+            log.warning(
+                "encryption setup failed, retrying in %.0fs error=%s", delay, type(error).__name__
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 60)
 
 
 async def _every(seconds: float, job, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]

@@ -14,19 +14,23 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from .auth import bearer_token, token_matches
 from .config import Config
-from .events import Invite, Redaction, RoomMessage, parse_event
+from .events import EncryptedMessage, Invite, Redaction, RoomMessage, Undecryptable, parse_event
 from .matrix import MatrixBot
 from .metrics import Metrics
 from .service import RouteService, utcnow
 
+if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
+    from .crypto import BotCrypto
+
 log = logging.getLogger("route_sidecar.appservice")
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+CRYPTO_READY_SECONDS = 30.0
 
 
 def _matrix_error(status: int, errcode: str, error: str) -> web.Response:
@@ -35,12 +39,19 @@ def _matrix_error(status: int, errcode: str, error: str) -> web.Response:
 
 class AppserviceShell:
     def __init__(
-        self, config: Config, service: RouteService, bot: MatrixBot, metrics: Metrics
+        self,
+        config: Config,
+        service: RouteService,
+        bot: MatrixBot,
+        metrics: Metrics,
+        crypto: BotCrypto | None = None,
     ) -> None:
         self.config = config
         self.service = service
         self.bot = bot
         self.metrics = metrics
+        self.crypto = crypto
+        self._waiting: set[asyncio.Task[None]] = set()  # messages waiting for their key
         self._hs_token = config.appservice.hs_token.encode()
         # Transaction ids are the homeserver's counter for one registration: a new
         # registration (new hs_token) may count from 1 again, so ids are kept per token.
@@ -93,6 +104,11 @@ class AppserviceShell:
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _matrix_error(400, "M_BAD_JSON", "`events` must be a list")
+        if self.crypto is not None and not self.crypto.ready.is_set():
+            try:  # the bot's device is being set up: keys and messages wait for it
+                await asyncio.wait_for(self.crypto.ready.wait(), CRYPTO_READY_SECONDS)
+            except TimeoutError:
+                return _matrix_error(503, "M_UNKNOWN", "Encryption is starting; retry")
         async with self._order:
             async with self.service.store.atomic() as tx:
                 duplicate = await tx.has_transaction(f"{self._txn_scope}:{txn_id}")
@@ -102,7 +118,11 @@ class AppserviceShell:
                 log.info("transaction duplicate txn=%s", txn_id)
                 return web.json_response({})
             try:
+                if self.crypto is not None:
+                    await self.crypto.receive(body)
                 for raw in events:
+                    if self.crypto is not None and isinstance(raw, dict):
+                        await self.crypto.track_state(raw)
                     await self.handle_event(raw)
             except Exception:
                 # Nothing is acknowledged: the homeserver retries, and events already
@@ -123,11 +143,61 @@ class AppserviceShell:
                 await self.service.on_message(event)
             case Redaction():
                 await self.service.on_redaction(event)
+            case EncryptedMessage():
+                await self._encrypted(raw, event)
             case Invite() if event.invitee == self.config.bot_user_id:
                 if self.service.accepts_invite(event):
-                    await self.bot.join(event.room_id)
+                    if await self.bot.join(event.room_id) and self.crypto is not None:
+                        await self.crypto.joined(event.room_id)
                 else:
                     log.info("invite refused room=%s sender=%s", event.room_id, event.sender)
                     await self.bot.decline(event.room_id, "Not invited by a permitted user")
             case _:
                 return
+
+    async def _encrypted(self, raw: Any, event: EncryptedMessage) -> None:
+        """Decrypt and handle like a plain event. A message whose room key has not
+        arrived waits for it off the transaction (the key comes in a later one); one
+        that cannot be read at all gets a notice, never silence."""
+        if event.sender == self.config.bot_user_id:
+            return
+        if self.crypto is None:
+            await self.service.on_unreadable_room(event)
+            return
+        try:
+            decrypted = await self.crypto.decrypt(raw)
+        except Undecryptable as error:
+            if error.session_id is None:
+                log.warning(
+                    "event not decrypted room=%s event=%s reason=%s",
+                    event.room_id,
+                    event.event_id,
+                    error.reason,
+                )
+                await self.service.on_undecryptable(event)
+                return
+            waiting = asyncio.create_task(self._await_key(raw, event, error.session_id))
+            self._waiting.add(waiting)
+            waiting.add_done_callback(self._waiting.discard)
+            return
+        await self.handle_event(decrypted)
+
+    async def _await_key(self, raw: Any, event: EncryptedMessage, session_id: str) -> None:
+        assert self.crypto is not None
+        log.info("event waits for its key room=%s event=%s", event.room_id, event.event_id)
+        wait = self.config.encryption.key_wait.total_seconds()
+        arrived = await self.crypto.wait_for_key(event.room_id, session_id, wait)
+        async with self._order:
+            try:
+                decrypted = await self.crypto.decrypt(raw) if arrived else None
+            except Undecryptable:
+                decrypted = None
+            if decrypted is None:
+                log.warning(
+                    "event not decrypted room=%s event=%s reason=no-key",
+                    event.room_id,
+                    event.event_id,
+                )
+                await self.service.on_undecryptable(event)
+                return
+            await self.handle_event(decrypted)

@@ -73,9 +73,21 @@ def setup_logging(level: str) -> None:
     )
     # mautrix logs request URLs at DEBUG, aiohttp access logs are off: no token leaks.
     # Libraries that log SQL parameters or request URLs stay quiet: no tokens, no text.
-    for noisy in ("aiosqlite", "route_sidecar.mautrix", "aiohttp.access", "asyncio"):
+    for noisy in (
+        "aiosqlite",
+        "route_sidecar.mautrix",
+        "route_sidecar.crypto.client",  # request bodies: message text
+        "route_sidecar.crypto.db",
+        "aiohttp.access",
+        "asyncio",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    # mautrix warns on every message that an unverified device is not cross-signed: a
+    # bot's normal state, not news.
+    logging.getLogger("route_sidecar.crypto.olm").addFilter(
+        lambda record: "cross-sign" not in record.getMessage()
+    )
 
 
 def registration_for(config: Config) -> dict[str, Any]:
@@ -95,6 +107,19 @@ def registration_for(config: Config) -> dict[str, Any]:
             "aliases": [],
             "rooms": [],
         },
+        # End-to-end encryption without /sync (see synapse-example/homeserver-snippet.yaml):
+        # to-device events and device lists pushed in transactions (MSC2409, MSC3202), and
+        # the bot's device created by the appservice itself (MSC4190).
+        **(
+            {
+                "de.sorunome.msc2409.push_ephemeral": True,
+                "receive_ephemeral": True,
+                "org.matrix.msc3202": True,
+                "io.element.msc4190": True,
+            }
+            if config.encryption.enabled
+            else {}
+        ),
     }
 
 

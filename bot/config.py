@@ -99,6 +99,15 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    enabled: bool = False
+    device_name: str = "route-sidecar"
+    # How long an encrypted message waits for its room key before the bot says it
+    # cannot read it.
+    key_wait: timedelta = timedelta(seconds=10)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     homeserver: HomeserverConfig
     appservice: AppserviceConfig
@@ -111,6 +120,7 @@ class Config:
     agents: frozenset[str]
     routes_per_hour: int
     log_level: str = "INFO"
+    encryption: EncryptionConfig = EncryptionConfig()
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -183,6 +193,7 @@ def parse_config(
     agents = frozenset(reader.string_list("agents", prefix="@"))
     routes_per_hour = reader.integer("limits.routes_per_hour", 30, minimum=0)
     log_level = reader.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+    encryption = _encryption(reader)
     reader.no_unknown_keys()
     return Config(
         homeserver=homeserver,
@@ -196,7 +207,36 @@ def parse_config(
         agents=agents,
         routes_per_hour=routes_per_hour,
         log_level=log_level,
+        encryption=encryption,
         path=path,
+    )
+
+
+def encryption_available() -> bool:
+    """python-olm and the rest of mautrix's crypto dependencies are installed."""
+    try:
+        import olm  # noqa: F401
+        from mautrix.crypto import PgCryptoStore  # None without asyncpg
+    except ImportError:
+        return False
+    return PgCryptoStore is not None
+
+
+def _encryption(reader: _Reader) -> EncryptionConfig:
+    """On by default when the dependencies are present; `false` turns it off."""
+    enabled = reader.get("encryption.enabled", None)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ConfigError("encryption.enabled", "must be true or false")
+    available = encryption_available()
+    if enabled and not available:
+        raise ConfigError(
+            "encryption.enabled",
+            "needs python-olm: pip install 'route-sidecar[encryption]', or set it to false",
+        )
+    return EncryptionConfig(
+        enabled=available if enabled is None else enabled,
+        device_name=reader.string("encryption.device_name", "route-sidecar"),
+        key_wait=reader.duration("encryption.key_wait", timedelta(seconds=10)),
     )
 
 
@@ -229,6 +269,7 @@ _KNOWN = {
     "agents": None,
     "limits": {"routes_per_hour"},
     "logging": {"level"},
+    "encryption": {"enabled", "device_name", "key_wait"},
 }
 _KNOWN_NESTED = {
     "appservice.listen": {"host", "port"},

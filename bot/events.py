@@ -53,6 +53,15 @@ class EncryptedMessage:
 RoomEvent = RoomMessage | Invite | Redaction | EncryptedMessage
 
 
+class Undecryptable(Exception):
+    """An encrypted event the bot cannot read (yet): `session_id` is the key it waits for."""
+
+    def __init__(self, reason: str, session_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.session_id = session_id
+
+
 def _str(mapping: Mapping[str, Any], key: str) -> str | None:
     """A non-empty identifier string; one no UTF-8 store could hold (a lone surrogate
     from a JSON escape) counts as absent."""

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientSession
 from mautrix.appservice import AppServiceAPI, IntentAPI
@@ -22,6 +22,9 @@ from mautrix.types import EventType, RoomID, UserID
 
 from .config import Config
 from .metrics import Metrics
+
+if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
+    from .crypto import BotCrypto
 from .store import Store
 
 log = logging.getLogger("route_sidecar.matrix")
@@ -46,8 +49,10 @@ class MatrixBot:
         instance: str,
         unstored: dict[str, dict[str, Any]] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        crypto: BotCrypto | None = None,
     ) -> None:
         self.clock = clock
+        self.crypto = crypto  # None: encryption off; events go out as they are
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -102,12 +107,14 @@ class MatrixBot:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 60)
 
-    async def join(self, room_id: RoomID) -> None:
+    async def join(self, room_id: RoomID) -> bool:
         try:
             await self.intent.join_room_by_id(room_id)
-            log.info("room joined room=%s", room_id)
         except MatrixRequestError as error:
             log.warning("room join failed room=%s error=%s", room_id, error.errcode)
+            return False
+        log.info("room joined room=%s", room_id)
+        return True
 
     async def decline(self, room_id: RoomID, reason: str) -> None:
         try:
@@ -132,10 +139,15 @@ class MatrixBot:
                     continue  # the event it edits is not sent yet (or failed): later
                 content["m.relates_to"]["event_id"] = target
             txn_id = f"rs-{self.instance}-{row['id']}"
+            event_type = row["event_type"]
             try:
+                if self.crypto is not None and await self.crypto.is_encrypted(row["room_id"]):
+                    event_type, content = await self.crypto.encrypt(
+                        row["room_id"], event_type, content
+                    )
                 event_id = await self.intent.send_message_event(
                     RoomID(row["room_id"]),
-                    EventType.find(row["event_type"]),
+                    EventType.find(event_type),
                     content,
                     txn_id=txn_id,
                 )

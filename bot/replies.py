@@ -319,3 +319,20 @@ def _past_turn(turn: PastTurn) -> str:
     if {c.model for c in turn.calls} != {turn.model}:
         return f"{routed}: ⚠ asked for `{turn.model}`, served {served}, {calls} call(s){seconds}"
     return f"{routed}: served {served}, {calls} call(s){failed}{seconds}"
+
+
+def cannot_decrypt(sender: str, prefix: str) -> Text:
+    return render(
+        f"🔒 I could not decrypt a message from {sender} here, so if it was a `{prefix}` "
+        "command it did nothing. Send it again. If this keeps happening, your client is "
+        "not sharing its room keys with my device: allow sending keys to unverified "
+        "sessions in this room, or verify my session."
+    )
+
+
+def encryption_off() -> Text:
+    return render(
+        "🔒 This room is encrypted and my encryption support is switched off, so I cannot "
+        "read `/route` commands here. Ask the admin to set `encryption.enabled: true` (with "
+        "python-olm installed), or use a room without encryption."
+    )

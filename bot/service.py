@@ -25,7 +25,7 @@ from . import history as past
 from . import intents as core
 from . import policy, replies
 from .config import Config
-from .events import Invite, Redaction, RoomMessage
+from .events import EncryptedMessage, Invite, Redaction, RoomMessage
 from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
 from .metrics import Metrics
 from .questions import LastQuestions, Question
@@ -46,7 +46,12 @@ log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
 METADATA_VALUE_MAX = 512
 SUGGESTION = "suggest"  # key prefix of the outbox's failure suggestions
+# At most one "I cannot decrypt" notice per room in this long: a device that never gets
+# keys would otherwise answer every message.
+UNDECRYPTABLE_NOTICE_EVERY = timedelta(minutes=10)
 HISTORY_CALLS = 200  # reported calls without an intent read to find the failed turns
+ARRIVALS_KEPT = 200_000  # event ids and thread roots remembered for claims to wait on
+CLAIM_WAIT_SECONDS = 0.5  # the longest a claim waits for its turn's message to arrive
 
 
 def utcnow() -> datetime:
@@ -79,6 +84,53 @@ class ClaimAnswer:
         return {k: v[:METADATA_VALUE_MAX] for k, v in data.items()}
 
 
+class Arrivals:
+    """The room messages the side-car has received (event ids and thread roots, in
+    memory), and the claims waiting for theirs: an agent that syncs can see a message
+    before the homeserver has pushed it here, and its first claim must not overtake the
+    `/route` it answers."""
+
+    def __init__(self, limit: int = ARRIVALS_KEPT) -> None:
+        self.limit = limit
+        self.rooms: set[str] = set()
+        self._ids: dict[str, None] = {}  # insertion-ordered: the oldest go first
+        self._waiting: dict[str, asyncio.Event] = {}
+
+    def add(self, room_id: str, event_id: str, thread_id: str | None) -> None:
+        self.rooms.add(room_id)
+        for key in (event_id, thread_id):
+            if key is None:
+                continue
+            self._ids.pop(key, None)
+            self._ids[key] = None
+            waiter = self._waiting.pop(key, None)
+            if waiter is not None:
+                waiter.set()
+        while len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
+
+    def should_wait(self, turn: Turn) -> bool:
+        """A claim in a room the bot is in, for a turn whose message has not arrived."""
+        return (
+            turn.turn_id is not None
+            and turn.turn_id.startswith("$")
+            and turn.room_id in self.rooms
+            and turn.turn_id not in self._ids
+        )
+
+    async def wait(self, turn_id: str, timeout: float) -> bool:
+        waiter = self._waiting.setdefault(turn_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+            return True
+        except TimeoutError:
+            # Not coming (a thread older than the bot's memory, an id the agent made up):
+            # the turn's other calls do not wait again.
+            self._waiting.pop(turn_id, None)
+            self._ids[turn_id] = None
+            return False
+
+
 class RouteService:
     def __init__(
         self,
@@ -103,6 +155,7 @@ class RouteService:
         # Failure suggestions of recent failed turns (outbox key → last error), so a
         # later successful call of the turn can withdraw one not yet sent.
         self.failures: dict[str, datetime] = {}
+        self.arrivals = Arrivals()
         self._unsaved: set[str] = set()  # rooms whose live intent has unwritten claim times
         self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
         self.outbox_changed = asyncio.Event()
@@ -111,6 +164,8 @@ class RouteService:
         await self._reload_live()
         async with self.store.atomic(durable=False) as tx:
             held = await tx.held_effects(f"{SUGGESTION}:")
+            for room_id, event_id, thread_id in await tx.recent_arrivals(ARRIVALS_KEPT):
+                self.arrivals.add(room_id, event_id, thread_id)
         self.failures = {row["key"]: self.clock() for row in held}
         log.info("live intents loaded count=%d", len(self.live))
 
@@ -141,6 +196,12 @@ class RouteService:
         )
 
     async def on_message(self, message: RoomMessage) -> None:
+        try:
+            await self._on_message(message)
+        finally:  # handled (or ignored): claims waiting for this message go on
+            self.arrivals.add(message.room_id, message.event_id, message.thread_root)
+
+    async def _on_message(self, message: RoomMessage) -> None:
         config = self.config
         if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
             return
@@ -312,6 +373,40 @@ class RouteService:
         )
         return text, intent, "routed"
 
+    async def on_undecryptable(self, message: EncryptedMessage) -> None:
+        """An encrypted message the bot could not read: say so (it may have been a
+        command), once per room and UNDECRYPTABLE_NOTICE_EVERY."""
+        now = self.clock()
+        bucket = int(now.timestamp() // UNDECRYPTABLE_NOTICE_EVERY.total_seconds())
+        text = replies.cannot_decrypt(message.sender, self.prefix)
+        async with self.store.atomic() as tx:
+            added = await tx.add_effect(
+                f"undecryptable:{message.room_id}:{bucket}",
+                message.room_id,
+                "m.room.message",
+                replies.notice_content(text, message.event_id),
+                now,
+            )
+        if added:
+            self.outbox_changed.set()
+
+    async def on_unreadable_room(self, message: EncryptedMessage) -> None:
+        """An encrypted room while encryption is off: say it once, in a plain notice."""
+        if not policy.room_allowed(message.room_id, self.config):
+            return
+        now = self.clock()
+        async with self.store.atomic() as tx:
+            added = await tx.add_effect(
+                f"unreadable:{message.room_id}",
+                message.room_id,
+                "m.room.message",
+                replies.notice_content(replies.encryption_off()),
+                now,
+            )
+        if added:
+            log.info("encrypted room unreadable room=%s", message.room_id)
+            self.outbox_changed.set()
+
     async def on_redaction(self, redaction: Redaction) -> None:
         now = self.clock()
         async with self._lock, self._writing() as tx:
@@ -333,6 +428,10 @@ class RouteService:
 
     async def claim(self, turn: Turn) -> ClaimAnswer:
         """The routing decision for one LLM call; binds a pending intent to its turn."""
+        if self.arrivals.should_wait(turn):
+            assert turn.turn_id is not None
+            arrived = await self.arrivals.wait(turn.turn_id, CLAIM_WAIT_SECONDS)
+            log.info("claim waited for its message turn=%s arrived=%s", turn.turn_id, arrived)
         room_id = turn.room_id
         if (room_id is not None or not self.live) and room_id not in self.live:
             # The common case, answered before any hashing: nothing is set for the room.

@@ -364,6 +364,15 @@ class Tx:
         )
         return [_seen(row) for row in rows]
 
+    async def recent_arrivals(self, limit: int) -> list[tuple[str, str, str | None]]:
+        """(room, event id, thread root) of the last messages seen, oldest first."""
+        rows = await self._all(
+            """SELECT room_id, event_id, thread_id FROM seen_messages
+               ORDER BY sent_at DESC LIMIT ?""",
+            (limit,),
+        )
+        return [(row[0], row[1], row[2]) for row in reversed(rows)]
+
     async def rooms_with_hash(self, message_hash: str) -> list[str]:
         rows = await self._all(
             "SELECT DISTINCT room_id FROM seen_messages WHERE message_hash = ? LIMIT 2",

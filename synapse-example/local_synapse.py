@@ -197,7 +197,12 @@ def write_config(
         "presence": {"enabled": False},
         "url_preview_enabled": False,
         "enable_metrics": False,
-        "experimental_features": {},
+        # Appservice end-to-end encryption (route-sidecar's `encryption`): transactions
+        # carry to-device events, device list changes and one-time key counts.
+        "experimental_features": {
+            "msc3202_transaction_extensions": True,
+            "msc2409_to_device_messages_enabled": True,
+        },
     }
     for key in _SECRET_KEYS:
         value = old.get(key)

@@ -255,6 +255,8 @@ def sidecar_config(tmp_path: Path) -> Any:
             },
             "permissions": {"*": 0},
             "agents": [AGENT],
+            # No homeserver here: the bot's device could not be created (tests/e2e has it).
+            "encryption": {"enabled": False},
             "limits": {"routes_per_hour": 0},
         },
         {},

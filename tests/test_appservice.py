@@ -1,9 +1,12 @@
 """The transaction listener in-process (the end-to-end tests drive it through Synapse):
-transaction ids are remembered per registration, across restarts."""
+transaction ids are remembered per registration, across restarts; an encrypted room
+with encryption switched off gets one plain notice."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -58,3 +61,42 @@ async def test_transaction_ids_are_remembered_per_registration_across_restarts(
     await push(port, new_token, "1", "$third")
     assert sidecar.service.live[ROOM].command_event_id == "$third"
     await sidecar.stop()
+
+
+async def test_with_encryption_off_an_encrypted_room_gets_one_plain_notice(
+    tmp_path: Path,
+) -> None:
+    config = sidecar_config(tmp_path)  # encryption.enabled: false
+    assert config.encryption.enabled is False
+    sidecar = await start_sidecar(config)
+    try:
+        encrypted = [
+            {
+                "type": "m.room.encrypted",
+                "room_id": ROOM,
+                "sender": "@alice:example.org",
+                "event_id": f"$secret{i}",
+                "origin_server_ts": int(time.time() * 1000),
+                "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA"},
+            }
+            for i in range(3)
+        ]
+        async with httpx.AsyncClient() as client:
+            for txn, event in enumerate(encrypted):
+                response = await client.put(
+                    f"http://127.0.0.1:{config.appservice.listen.port}"
+                    f"/_matrix/app/v1/transactions/{txn}",
+                    json={"events": [event]},
+                    headers={"Authorization": f"Bearer {config.appservice.hs_token}"},
+                )
+                assert response.status_code == 200, response.text
+        db = sqlite3.connect(f"file:{config.database_path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT key, content FROM effects").fetchall()
+        finally:
+            db.close()
+        assert [key for key, _ in rows] == [f"unreadable:{ROOM}"]
+        content = json.loads(rows[0][1])
+        assert content["msgtype"] == "m.notice" and "encryption.enabled" in content["body"]
+    finally:
+        await sidecar.stop()

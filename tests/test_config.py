@@ -143,6 +143,7 @@ def test_example_documents_every_section() -> None:
         "agents",
         "limits",
         "logging",
+        "encryption",
     }
 
 
@@ -653,3 +654,60 @@ def test_generate_registration_on_a_bad_config_exits_2_and_writes_nothing(
     assert len(lines) == 1 and "homeserver.domain" in lines[0], result.stderr
     assert config_path.read_text(encoding="utf-8") == text
     assert not (tmp_path / "reg.yaml").exists()
+
+
+def test_encryption_is_on_by_default_when_python_olm_is_installed() -> None:
+    from bot.config import encryption_available
+
+    config = parse_config(example(), {})
+    assert config.encryption.enabled is encryption_available()
+    assert config.encryption.key_wait.total_seconds() == 10
+
+
+def test_encryption_can_be_switched_off_and_its_keys_are_checked() -> None:
+    off = parse_config(example() | {"encryption": {"enabled": False}}, {})
+    assert off.encryption.enabled is False
+    assert error_of(example() | {"encryption": {"enabled": "yes"}}, {}).key == (
+        "encryption.enabled"
+    )
+    assert error_of(example() | {"encryption": {"key_wait": "soon"}}, {}).key == (
+        "encryption.key_wait"
+    )
+    assert error_of(example() | {"encryption": {"enabeld": True}}, {}).key == ("encryption.enabeld")
+
+
+def test_encryption_asked_for_without_python_olm_is_refused_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bot.config
+
+    monkeypatch.setattr(bot.config, "encryption_available", lambda: False)
+    error = error_of(example() | {"encryption": {"enabled": True}}, {})
+    assert error.key == "encryption.enabled" and "python-olm" in str(error)
+    assert parse_config(example(), {}).encryption.enabled is False  # the default follows
+
+
+ENCRYPTION_FLAGS = {
+    "org.matrix.msc3202": True,
+    "io.element.msc4190": True,
+    "de.sorunome.msc2409.push_ephemeral": True,
+    "receive_ephemeral": True,
+}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_registration_asks_for_what_encryption_needs_only_when_it_is_on(
+    tmp_path: Path, enabled: bool
+) -> None:
+    from bot.config import encryption_available
+
+    if enabled and not encryption_available():
+        pytest.fail("python-olm is part of the test environment (.[test,encryption])")
+    raw = example()
+    raw["encryption"]["enabled"] = enabled
+    config_path = dump(raw, tmp_path / "config.yaml")
+    result = cli("generate-registration", "-c", str(config_path), "-o", "reg.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    registration = load_yaml(tmp_path / "reg.yaml")
+    shown = {key: registration.get(key) for key in ENCRYPTION_FLAGS}
+    assert shown == (ENCRYPTION_FLAGS if enabled else dict.fromkeys(ENCRYPTION_FLAGS))

@@ -79,6 +79,7 @@ def base_config(hs_url: str, as_port: int, api_port: int, db: Path) -> dict[str,
         "agents": ["@agent:localhost"],
         "limits": {"routes_per_hour": 1000},
         "logging": {"level": "DEBUG"},
+        "encryption": {"enabled": True, "key_wait": "2s"},
     }
 
 

@@ -48,7 +48,9 @@ async def test_route_cloud_sends_every_call_of_the_next_turn_to_cloud_then_back_
             "2 call" in event["content"]["m.new_content"]["body"]
         )
 
-    final = await alice.wait_for(room, shows_both_calls, what="the receipt counting both calls")
+    final = await alice.wait_for(
+        room, shows_both_calls, timeout=30, what="the receipt counting both calls"
+    )
     assert ModelStack.CLOUD in final["content"].get("m.new_content", final["content"])["body"]
     assert len(receipts_in(await alice.events(room), routed)) == 1
 

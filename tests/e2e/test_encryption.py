@@ -1,0 +1,143 @@
+"""Encrypted rooms on a real Synapse (appservice encryption: MSC2409, MSC3202, MSC4190)
+with a real encrypting client as the user (demo/encrypted_user.py: mautrix's OlmMachine).
+`/route` works there exactly as in a plain room: the bot decrypts the command, its reply
+decrypts for the user, the claim gets the override; the bot keeps its device and keys
+across a restart; a room switched to encryption midway keeps working; a message it
+cannot decrypt gets one notice."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from mautrix.types import EventType, RoomID, UserID
+
+from demo.encrypted_user import EncryptedUser
+
+from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+CLOUD = "ollama-cloud/glm-5.1"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def alice(hs_url: str, users: dict[str, MatrixUser]) -> AsyncIterator[EncryptedUser]:
+    """Alice on a new, encrypting device (the `users` fixture registered her)."""
+    person = await EncryptedUser.login(hs_url, "alice", "pw-alice-secret", key_wait=10.0)
+    yield person
+    await person.close()
+
+
+async def room_with_bot(alice: EncryptedUser, encrypted: bool) -> str:
+    room_id = await alice.create_room(invite=[BOT], encrypted=encrypted, name="encrypted test")
+    await alice.wait_for(
+        room_id,
+        lambda e: (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == BOT
+            and e["content"].get("membership") == "join"
+        ),
+        timeout=20,
+        what="the bot to join",
+    )
+    return room_id
+
+
+async def command(alice: EncryptedUser, room_id: str, text: str) -> dict[str, Any]:
+    """Send a command; the bot's reply as alice's client decrypted it."""
+    event_id = await alice.say(room_id, text)
+    return await alice.wait_reply(room_id, event_id, timeout=20)
+
+
+async def bot_devices(alice: EncryptedUser) -> list[str]:
+    keys = await alice.client.query_keys([UserID(BOT)])
+    return sorted(keys.device_keys.get(UserID(BOT), {}))
+
+
+async def test_route_in_a_room_created_encrypted_decrypts_both_ways_and_routes(
+    alice: EncryptedUser, lookup: LookupClient
+) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    reply = await command(alice, room, "!route cloud")
+    assert reply["encrypted"] is True, reply  # sent encrypted, and alice's client read it
+    assert reply["type"] == "m.room.message"
+    assert reply["content"]["msgtype"] == "m.notice"
+    assert "Routing the next turn" in reply["content"]["body"]
+    intent = await lookup.room_intent(room)
+    assert intent is not None and intent["target"] == "cloud"
+    # The turn key from a decrypted body: the room is resolved from the message's hash.
+    question = "Which node runs the encrypted build?"
+    await alice.say(room, question)
+    await asyncio.sleep(1)
+    answer = await lookup.claim(last_user_message=f"[alice] {question}")
+    assert (answer["override"], answer["room_id"], answer["model"]) == (True, room, CLOUD)
+
+
+async def test_the_bot_keeps_its_device_and_keys_across_a_restart(
+    alice: EncryptedUser, sidecar: Sidecar
+) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    first = await command(alice, room, "!route status")
+    assert first["encrypted"] is True
+    devices = await bot_devices(alice)
+    assert len(devices) == 1
+    sidecar.restart()
+    second = await command(alice, room, "!route cloud")
+    assert second["encrypted"] is True and "Routing" in second["content"]["body"]
+    assert await bot_devices(alice) == devices  # no new device per start
+    sidecar.restart()  # and once more: a command after the restart decrypts both ways
+    third = await command(alice, room, "!route auto")
+    assert third["encrypted"] is True and "Automatic routing" in third["content"]["body"]
+    assert await bot_devices(alice) == devices
+    assert not [e for e in await alice.events(room) if e.get("decryption_error")]
+
+
+async def test_a_room_switched_to_encryption_midway_keeps_working(
+    alice: EncryptedUser, lookup: LookupClient
+) -> None:
+    room = await room_with_bot(alice, encrypted=False)
+    plain = await command(alice, room, "!route status")
+    assert plain["encrypted"] is False
+    await alice.enable_encryption(room)
+    await asyncio.sleep(1)
+    reply = await command(alice, room, "!route cloud --turns 2")
+    assert reply["encrypted"] is True and "next 2 turns" in reply["content"]["body"]
+    assert (await lookup.room_intent(room) or {}).get("target") == "cloud"
+
+
+async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: EncryptedUser) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    await command(alice, room, "!route status")  # the bot reads this room
+    # Ciphertext under a session the bot never received a key for.
+    broken = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "x" * 43,
+        "device_id": alice.device_id,
+        "session_id": "no-such-session-" + "s" * 27,
+        "ciphertext": "AwgAEnB" + "A" * 100,
+    }
+    sent = []
+    for _ in range(2):
+        event_id = await alice.client.send_message_event(
+            RoomID(room), EventType.ROOM_ENCRYPTED, broken
+        )
+        sent.append(str(event_id))
+    notice = await alice.wait_for(
+        room,
+        lambda e: is_bot_reply_to(e, sent[0]) and "could not decrypt" in e["content"]["body"],
+        timeout=20,
+        what="the notice about the message the bot cannot read",
+    )
+    assert notice["encrypted"] is True
+    assert re.search(r"Send it again", notice["content"]["body"])
+    await asyncio.sleep(4)  # past the key wait of the second one
+    notices = [
+        e
+        for e in await alice.events(room)
+        if e.get("sender") == BOT and "could not decrypt" in e["content"].get("body", "")
+    ]
+    assert len(notices) == 1  # one per room and ten minutes, not one per message
