@@ -29,6 +29,9 @@ from .store import Store
 
 log = logging.getLogger("route_sidecar.matrix")
 MAX_ATTEMPTS = 8
+# Notices about what the bot cannot read go out unencrypted: when keys do not reach the
+# bot, its encrypted messages may not reach the sender either.
+SENT_IN_CLEAR = ("undecryptable:", "unreadable:")
 
 
 class _MemoryASStateStore(MemoryStateStore, ASStateStore):
@@ -141,7 +144,11 @@ class MatrixBot:
             txn_id = f"rs-{self.instance}-{row['id']}"
             event_type = row["event_type"]
             try:
-                if self.crypto is not None and await self.crypto.is_encrypted(row["room_id"]):
+                if (
+                    self.crypto is not None
+                    and not row["key"].startswith(SENT_IN_CLEAR)
+                    and await self.crypto.is_encrypted(row["room_id"])
+                ):
                     event_type, content = await self.crypto.encrypt(
                         row["room_id"], event_type, content
                     )
