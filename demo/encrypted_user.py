@@ -41,7 +41,7 @@ from mautrix.types import (
 )
 from mautrix.util.logging import TraceLogger  # noqa: F401 (mautrix's loggers need .trace)
 
-from demo.matrix_user import BOT, is_bot_reply_to
+from demo.matrix_user import BOT, is_bot_reply_to, text_content
 
 __all__ = ["BOT", "EncryptedUser"]
 
@@ -239,15 +239,7 @@ class EncryptedUser:
     async def say(
         self, room_id: str, body: str, thread_root: str | None = None, msgtype: str = "m.text"
     ) -> str:
-        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
-        if thread_root is not None:
-            content["m.relates_to"] = {
-                "rel_type": "m.thread",
-                "event_id": thread_root,
-                "is_falling_back": True,
-                "m.in_reply_to": {"event_id": thread_root},
-            }
-        return await self.send(room_id, content)
+        return await self.send(room_id, text_content(body, thread_root, msgtype))
 
     async def react(self, room_id: str, event_id: str, key: str) -> str:
         relates = {"rel_type": "m.annotation", "event_id": event_id, "key": key}

@@ -55,15 +55,7 @@ class MatrixUser:
     async def say(
         self, room_id: str, body: str, thread_root: str | None = None, msgtype: str = "m.text"
     ) -> str:
-        content: dict[str, Any] = {"msgtype": msgtype, "body": body}
-        if thread_root is not None:
-            content["m.relates_to"] = {
-                "rel_type": "m.thread",
-                "event_id": thread_root,
-                "is_falling_back": True,
-                "m.in_reply_to": {"event_id": thread_root},
-            }
-        return await self.send(room_id, content)
+        return await self.send(room_id, text_content(body, thread_root, msgtype))
 
     async def redact(self, room_id: str, event_id: str) -> None:
         path = f"/rooms/{quote(room_id)}/redact/{quote(event_id)}/{uuid.uuid4().hex}"
@@ -149,6 +141,34 @@ def in_thread(thread: str, sender: str) -> Callable[[dict[str, Any]], bool]:
             event.get("sender") == sender
             and relates.get("rel_type") == "m.thread"
             and relates.get("event_id") == thread
+        )
+
+    return match
+
+
+def text_content(
+    body: str, thread_root: str | None = None, msgtype: str = "m.text"
+) -> dict[str, Any]:
+    """A text message as Element sends it, inside `thread_root`'s thread when given."""
+    content: dict[str, Any] = {"msgtype": msgtype, "body": body}
+    if thread_root is not None:
+        content["m.relates_to"] = {
+            "rel_type": "m.thread",
+            "event_id": thread_root,
+            "is_falling_back": True,
+            "m.in_reply_to": {"event_id": thread_root},
+        }
+    return content
+
+
+def joined(user_id: str) -> Callable[[dict[str, Any]], bool]:
+    """A matcher for `user_id` joining the room."""
+
+    def match(event: dict[str, Any]) -> bool:
+        return (
+            event.get("type") == "m.room.member"
+            and event.get("state_key") == user_id
+            and event.get("content", {}).get("membership") == "join"
         )
 
     return match

@@ -20,6 +20,7 @@ from .harness import (
     Sidecar,
     base_config,
     free_port,
+    joined,
     local_synapse,
     synapse_python,
 )
@@ -95,11 +96,7 @@ async def open_room(
         await users[other].join(room_id)
     await owner.wait_for(
         room_id,
-        lambda e: (
-            e.get("type") == "m.room.member"
-            and e.get("state_key") == BOT
-            and e["content"].get("membership") == "join"
-        ),
+        joined(BOT),
         what="the bot to join",
     )
     return room_id

@@ -24,6 +24,7 @@ from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
     edits_of,
     in_thread,
     is_bot_reply_to,
+    joined,
     reactions_on,
 )
 

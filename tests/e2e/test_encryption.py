@@ -18,7 +18,7 @@ from mautrix.types import EventType, RoomID, UserID
 
 from demo.encrypted_user import EncryptedUser
 
-from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to
+from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to, joined
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 CLOUD = "ollama-cloud/glm-5.1"
@@ -36,11 +36,7 @@ async def room_with_bot(alice: EncryptedUser, encrypted: bool) -> str:
     room_id = await alice.create_room(invite=[BOT], encrypted=encrypted, name="encrypted test")
     await alice.wait_for(
         room_id,
-        lambda e: (
-            e.get("type") == "m.room.member"
-            and e.get("state_key") == BOT
-            and e["content"].get("membership") == "join"
-        ),
+        joined(BOT),
         timeout=20,
         what="the bot to join",
     )
