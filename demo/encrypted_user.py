@@ -371,9 +371,13 @@ class EncryptedUser:
         return [e for e in await self.events(room_id, 1000) if is_bot_reply_to(e, event_id)]
 
     async def wait_reply(self, room_id: str, event_id: str, timeout: float = 15.0) -> Event:
-        return await self.wait_for(
+        """The bot's reply to a command: its first reply (a turn the command started, as
+        `again` does, gets a receipt in reply to the command too, later)."""
+        await self.wait_for(
             room_id, lambda e: is_bot_reply_to(e, event_id), timeout, "the bot's reply"
         )
+        replies = [e for e in await self.events(room_id) if is_bot_reply_to(e, event_id)]
+        return min(replies, key=lambda e: e.get("origin_server_ts", 0))
 
     def _raise_if_sync_stopped(self) -> None:
         if self._sync_error is not None:
