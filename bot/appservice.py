@@ -21,6 +21,7 @@ from aiohttp import web
 from .auth import bearer_token, token_matches
 from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage, Undecryptable, parse_event
+from .faults import crash_point
 from .matrix import MatrixBot
 from .metrics import Metrics
 from .service import RouteService, utcnow
@@ -117,6 +118,7 @@ class AppserviceShell:
                 self.metrics.transactions.labels("duplicate").inc()
                 log.info("transaction duplicate txn=%s", txn_id)
                 return web.json_response({})
+            crash_point("transaction-received")
             try:
                 if self.crypto is not None:
                     await self.crypto.receive(body)
@@ -130,6 +132,7 @@ class AppserviceShell:
                 log.exception("transaction failed txn=%s", txn_id)
                 self.metrics.transactions.labels("error").inc()
                 return _matrix_error(500, "M_UNKNOWN", "Transaction failed; retry")
+            crash_point("transaction-handled")
             async with self.service.store.atomic() as tx:
                 await tx.record_transaction(f"{self._txn_scope}:{txn_id}", utcnow())
         self.metrics.transactions.labels("ok").inc()

@@ -21,6 +21,7 @@ from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import EventType, RoomID, UserID
 
 from .config import Config
+from .faults import crash_point
 from .metrics import Metrics
 
 if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
@@ -168,6 +169,7 @@ class MatrixBot:
                     row, row["attempts"] + 1 >= MAX_ATTEMPTS, type(error).__name__
                 )
                 continue
+            crash_point("event-sent")
             async with self.store.atomic() as tx:
                 await tx.mark_effect_sent(row["id"], event_id)
             self.unstored.pop(row["key"], None)

@@ -26,6 +26,7 @@ from . import intents as core
 from . import policy, replies
 from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage
+from .faults import crash_point
 from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
 from .metrics import Metrics
 from .questions import LastQuestions, Question
@@ -273,6 +274,7 @@ class RouteService:
                 replies.notice_content(text, message.event_id, message.thread_root),
                 now,
             )
+        crash_point("command-committed")
         self.metrics.commands.labels(_command_name(parsed), result).inc()
         self.metrics.active_intents.set(len(self.live))
         log.info(
@@ -471,6 +473,7 @@ class RouteService:
                         now,
                     )
         if claimed.result is ClaimResult.BOUND:
+            crash_point("claim-bound")
             log.info(
                 "turn bound room=%s intent=%s turn=%s position=%s",
                 room_id,
@@ -536,6 +539,7 @@ class RouteService:
             await self._follow_failure(
                 tx, intent.room_id, key, ref, placed, model, status, detail, intent, now
             )
+        crash_point("outcome-committed")
         self.metrics.outcomes.labels(status).inc()
         log.info(
             "outcome recorded room=%s intent=%s position=%s status=%s",
