@@ -95,12 +95,10 @@ async def start_sidecar(config: Config) -> Sidecar:
     )
     await bot.start()
     sidecar = Sidecar(config, store, service, bot, crypto)
+    appservice = AppserviceShell(config, service, bot, metrics, crypto)
     for app, listen in (
         (LookupApi(config, service, metrics).make_app(), config.api.listen),
-        (
-            AppserviceShell(config, service, bot, metrics, crypto).make_app(),
-            config.appservice.listen,
-        ),
+        (appservice.make_app(), config.appservice.listen),
     ):
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -114,7 +112,7 @@ async def start_sidecar(config: Config) -> Sidecar:
         log.info("listening host=%s port=%d", listen.host, listen.port)
     stop = sidecar.stopping
     sidecar.tasks += [
-        asyncio.create_task(_register(bot, crypto, stop)),
+        asyncio.create_task(_register(bot, crypto, appservice, stop)),
         asyncio.create_task(run_outbox(bot, service.outbox_changed, stop)),
         asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
         asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_messages, stop)),
@@ -123,7 +121,9 @@ async def start_sidecar(config: Config) -> Sidecar:
     return sidecar
 
 
-async def _register(bot: MatrixBot, crypto: Any, stop: asyncio.Event) -> None:
+async def _register(
+    bot: MatrixBot, crypto: Any, appservice: AppserviceShell, stop: asyncio.Event
+) -> None:
     """Register the bot user, then set up its device when encryption is on (both retried
     while the homeserver is unreachable)."""
     await bot.ensure_registered(stop)
@@ -131,6 +131,7 @@ async def _register(bot: MatrixBot, crypto: Any, stop: asyncio.Event) -> None:
     while crypto is not None and not stop.is_set():
         try:
             await crypto.start()
+            await appservice.resume_undecrypted()
             return
         except Exception as error:  # any failure: retry later
             log.warning(

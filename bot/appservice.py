@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -160,8 +161,8 @@ class AppserviceShell:
 
     async def _encrypted(self, raw: Any, event: EncryptedMessage) -> None:
         """Decrypt and handle like a plain event. A message whose room key has not
-        arrived waits for it off the transaction (the key comes in a later one); one
-        that cannot be read at all gets a notice, never silence."""
+        arrived is stored (ciphertext only) and waits for it off the transaction (the
+        key comes in a later one); one that cannot be read at all gets a notice."""
         if event.sender == self.config.bot_user_id:
             return
         if self.crypto is None:
@@ -179,20 +180,31 @@ class AppserviceShell:
                 )
                 await self.service.on_undecryptable(event)
                 return
-            waiting = asyncio.create_task(self._await_key(raw, event, error.session_id))
-            self._waiting.add(waiting)
-            waiting.add_done_callback(self._waiting.discard)
+            now = utcnow()
+            async with self.service.store.atomic() as tx:
+                await tx.hold_undecrypted(event.event_id, event.room_id, error.session_id, raw, now)
+            self._wait_for_key(raw, event, error.session_id, now)
             return
         await self.handle_event(decrypted)
 
-    async def _await_key(self, raw: Any, event: EncryptedMessage, session_id: str) -> None:
+    def _wait_for_key(
+        self, raw: Any, event: EncryptedMessage, session_id: str, received_at: datetime
+    ) -> None:
+        waiting = asyncio.create_task(self._await_key(raw, event, session_id, received_at))
+        self._waiting.add(waiting)
+        waiting.add_done_callback(self._waiting.discard)
+
+    async def _await_key(
+        self, raw: Any, event: EncryptedMessage, session_id: str, received_at: datetime
+    ) -> None:
         assert self.crypto is not None
         log.info("event waits for its key room=%s event=%s", event.room_id, event.event_id)
-        wait = self.config.encryption.key_wait.total_seconds()
+        deadline = received_at + self.config.encryption.key_wait
+        wait = max(0.0, (deadline - utcnow()).total_seconds())
         arrived = await self.crypto.wait_for_key(event.room_id, session_id, wait)
         async with self._order:
             try:
-                decrypted = await self.crypto.decrypt(raw) if arrived else None
+                decrypted = await self.crypto.decrypt(raw) if arrived or wait == 0 else None
             except Undecryptable:
                 decrypted = None
             if decrypted is None:
@@ -202,5 +214,19 @@ class AppserviceShell:
                     event.event_id,
                 )
                 await self.service.on_undecryptable(event)
-                return
-            await self.handle_event(decrypted)
+            else:
+                await self.handle_event(decrypted)
+            async with self.service.store.atomic() as tx:
+                await tx.drop_undecrypted(event.event_id)
+
+    async def resume_undecrypted(self) -> None:
+        """After a restart: the events that were waiting for their key wait on (or, their
+        time up, are tried once more and get their notice)."""
+        async with self.service.store.atomic() as tx:
+            waiting = await tx.undecrypted()
+        for raw, session_id, received_at in waiting:
+            event = parse_event(raw)
+            if isinstance(event, EncryptedMessage):
+                self._wait_for_key(raw, event, session_id, received_at)
+        if waiting:
+            log.info("events waiting for their key resumed count=%d", len(waiting))

@@ -458,6 +458,28 @@ class Tx:
             for row in reversed(rows)
         ]
 
+    # encrypted events waiting for their key
+
+    async def hold_undecrypted(
+        self, event_id: str, room_id: str, session_id: str, event: dict[str, Any], now: datetime
+    ) -> None:
+        await self.db.execute(
+            """INSERT INTO undecrypted (event_id, room_id, session_id, event, received_at)
+               VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+            (event_id, room_id, session_id, json.dumps(event), to_ms(now)),
+        )
+
+    async def drop_undecrypted(self, event_id: str) -> None:
+        await self.db.execute("DELETE FROM undecrypted WHERE event_id = ?", (event_id,))
+
+    async def undecrypted(self) -> list[tuple[dict[str, Any], str, datetime]]:
+        """(event, session id, received at) of every event still waiting, oldest first."""
+        rows = await self._all("SELECT * FROM undecrypted ORDER BY received_at")
+        return [
+            (json.loads(row["event"]), row["session_id"], _from_ms(row["received_at"]))
+            for row in rows
+        ]
+
     # effects (the outbox)
 
     async def add_effect(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,17 +107,21 @@ async def test_a_room_switched_to_encryption_midway_keeps_working(
     assert (await lookup.room_intent(room) or {}).get("target") == "cloud"
 
 
-async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: EncryptedUser) -> None:
-    room = await room_with_bot(alice, encrypted=True)
-    await command(alice, room, "!route status")  # the bot reads this room
-    # Ciphertext under a session the bot never received a key for.
-    broken = {
+def broken_content(alice: EncryptedUser, name: str) -> dict[str, Any]:
+    """Ciphertext under a session the bot never received a key for."""
+    return {
         "algorithm": "m.megolm.v1.aes-sha2",
         "sender_key": "x" * 43,
         "device_id": alice.device_id,
-        "session_id": "no-such-session-" + "s" * 27,
+        "session_id": f"no-such-session-{name}-" + "s" * 20,
         "ciphertext": "AwgAEnB" + "A" * 100,
     }
+
+
+async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: EncryptedUser) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    await command(alice, room, "!route status")  # the bot reads this room
+    broken = broken_content(alice, "notice")
     sent = []
     for _ in range(2):
         event_id = await alice.client.send_message_event(
@@ -137,3 +143,37 @@ async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: Encrypted
         if e.get("sender") == BOT and "could not decrypt" in e["content"].get("body", "")
     ]
     assert len(notices) == 1  # one per room and ten minutes, not one per message
+
+
+def waiting_for_key(sidecar: Sidecar) -> list[str]:
+    db = sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT event_id FROM undecrypted")]
+    finally:
+        db.close()
+
+
+async def test_a_message_waiting_for_its_key_is_not_lost_in_a_crash(
+    alice: EncryptedUser, sidecar: Sidecar
+) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    await command(alice, room, "!route status")
+    event_id = str(
+        await alice.client.send_message_event(
+            RoomID(room), EventType.ROOM_ENCRYPTED, broken_content(alice, "crash")
+        )
+    )
+    for _ in range(50):  # the transaction is acknowledged once the event is stored
+        if event_id in waiting_for_key(sidecar):
+            break
+        await asyncio.sleep(0.1)
+    assert event_id in waiting_for_key(sidecar)
+    sidecar.restart(signal.SIGKILL)  # during the key wait
+    notice = await alice.wait_for(
+        room,
+        lambda e: is_bot_reply_to(e, event_id) and "could not decrypt" in e["content"]["body"],
+        timeout=20,
+        what="the notice, after the restart",
+    )
+    assert notice["encrypted"] is False
+    assert waiting_for_key(sidecar) == []
