@@ -168,6 +168,10 @@ class AppserviceShell:
         if self.crypto is None:
             await self.service.on_unreadable_room(event)
             return
+        if not await self.crypto.is_encrypted(event.room_id):
+            # Joined before encryption was on here (or the state was missed): learn it now,
+            # so the reply goes out encrypted.
+            await self.crypto.joined(event.room_id)
         try:
             decrypted = await self.crypto.decrypt(raw)
         except Undecryptable as error:

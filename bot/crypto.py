@@ -107,23 +107,20 @@ class BotCrypto:
 
     async def receive(self, transaction: Mapping[str, Any]) -> None:
         """The transaction's encryption extras, before its room events: room keys sent
-        with a message must be known when the message is decrypted."""
+        with a message must be known when the message is decrypted. A failure here (the
+        homeserver refusing a key upload) is logged, never a reason to refuse commands."""
         counts = transaction.get(OTK_COUNT_KEY)
         if isinstance(counts, Mapping):
-            await self.machine.handle_as_otk_counts(
-                {
-                    UserID(user): {
-                        device: DeviceOTKCount.deserialize(count)
-                        for device, count in devices.items()
-                        if isinstance(count, Mapping)
-                    }
-                    for user, devices in counts.items()
-                    if isinstance(devices, Mapping)
-                }
-            )
+            try:
+                await self.machine.handle_as_otk_counts(_otk_counts(counts))
+            except Exception as error:
+                log.warning("one-time keys not replenished error=%s", type(error).__name__)
         lists = transaction.get(DEVICE_LISTS_KEY)
         if isinstance(lists, Mapping):
-            await self.machine.handle_as_device_lists(DeviceLists.deserialize(dict(lists)))
+            try:
+                await self.machine.handle_as_device_lists(DeviceLists.deserialize(dict(lists)))
+            except Exception as error:
+                log.warning("device lists not handled error=%s", type(error).__name__)
         for key in TO_DEVICE_KEYS:
             events = transaction.get(key)
             if not isinstance(events, list):
@@ -196,3 +193,15 @@ class BotCrypto:
                 room, EventType.find(event_type), content
             )
         return "m.room.encrypted", encrypted.serialize()
+
+
+def _otk_counts(counts: Mapping[str, Any]) -> dict[UserID, dict[Any, DeviceOTKCount]]:
+    return {
+        UserID(user): {
+            device: DeviceOTKCount.deserialize(count)
+            for device, count in devices.items()
+            if isinstance(count, Mapping)
+        }
+        for user, devices in counts.items()
+        if isinstance(devices, Mapping)
+    }
