@@ -30,6 +30,7 @@ from mautrix.types import (
     EventType,
     RoomID,
     StateEvent,
+    TrustState,
     UserID,
 )
 from mautrix.util.async_db import Database
@@ -95,8 +96,22 @@ class BotCrypto:
             log.info("bot device created device=%s", self.client.device_id)
         if not device_id or not self.machine.account.shared:
             await self.machine.share_keys()
+        await self._cross_sign_own_device()
         self.ready.set()
         log.info("encryption ready device=%s", self.client.device_id)
+
+    async def _cross_sign_own_device(self) -> None:
+        """Sign the bot's device with its own cross-signing keys, once: Element then shows
+        its messages as from a device its owner verified, not with a warning. The
+        recovery key is not kept: the bot never needs to restore the keys elsewhere."""
+        try:
+            own = self.machine.own_identity
+            if await self.machine.resolve_trust(own) >= TrustState.CROSS_SIGNED_UNTRUSTED:
+                return
+            await self.machine.generate_recovery_key()
+            log.info("bot device cross-signed device=%s", self.client.device_id)
+        except Exception as error:  # a homeserver that refuses it: messages still work
+            log.warning("bot device not cross-signed error=%s", type(error).__name__)
 
     async def close(self) -> None:
         await self.crypto_store.close()

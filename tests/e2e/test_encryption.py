@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from mautrix.types import EventType, RoomID, UserID
+from mautrix.types import DeviceID, EventType, RoomID, TrustState, UserID
 
 from demo.encrypted_user import EncryptedUser
 
@@ -92,6 +92,11 @@ async def test_the_bot_keeps_its_device_and_keys_across_a_restart(
     assert third["encrypted"] is True and "Automatic routing" in third["content"]["body"]
     assert await bot_devices(alice) == devices
     assert not [e for e in await alice.events(room) if e.get("decryption_error")]
+    # Its device is cross-signed by its owner: Element shows no "not verified by its
+    # owner" warning on the bot's messages.
+    device = await alice.crypto.get_or_fetch_device(UserID(BOT), DeviceID(devices[0]))
+    assert device is not None
+    assert await alice.crypto.resolve_trust(device) >= TrustState.CROSS_SIGNED_UNTRUSTED
 
 
 async def test_a_room_switched_to_encryption_midway_keeps_working(
