@@ -123,10 +123,22 @@ class AppserviceShell:
             try:
                 if self.crypto is not None:
                     await self.crypto.receive(body)
+                # Runs of plain room messages are handed over together: the side-car
+                # writes what it saw of them in one database transaction, not one each.
+                messages: list[RoomMessage] = []
                 for raw in events:
                     if self.crypto is not None and isinstance(raw, dict):
                         await self.crypto.track_state(raw)
+                    event = parse_event(raw)
+                    if isinstance(event, RoomMessage):
+                        messages.append(event)
+                        continue
+                    if messages:
+                        await self.service.on_messages(messages)
+                        messages = []
                     await self.handle_event(raw)
+                if messages:
+                    await self.service.on_messages(messages)
             except Exception:
                 # Nothing is acknowledged: the homeserver retries, and events already
                 # handled are recognised by their event id.

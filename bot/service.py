@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -197,16 +197,48 @@ class RouteService:
         )
 
     async def on_message(self, message: RoomMessage) -> None:
+        await self.on_messages([message])
+
+    async def on_messages(self, messages: Sequence[RoomMessage]) -> None:
+        """Room messages in the order the homeserver sent them (one transaction). The
+        plain ones are only seen: written together, in one database transaction; each
+        command is handled on its own, after everything before it is written."""
+        seen: list[SeenMessage] = []
+        arrived: list[RoomMessage] = []
         try:
-            await self._on_message(message)
-        finally:  # handled (or ignored): claims waiting for this message go on
+            for message in messages:
+                arrived.append(message)
+                observed = self._observe(message)
+                if observed is None:
+                    continue
+                parsed, record, reask = observed
+                if parsed is None:
+                    seen.append(record)
+                    continue
+                await self._write_seen(seen, arrived[:-1])
+                seen, arrived = [], [message]
+                await self._on_command(message, parsed, record, reask)
+            await self._write_seen(seen, arrived)
+            arrived = []
+        finally:  # handled (or ignored): claims waiting for these messages go on
+            for message in arrived:
+                self.arrivals.add(message.room_id, message.event_id, message.thread_root)
+
+    async def _write_seen(self, seen: list[SeenMessage], arrived: list[RoomMessage]) -> None:
+        if seen:
+            async with self.store.atomic(durable=False) as tx:
+                await tx.add_seen_many(seen)
+        for message in arrived:
             self.arrivals.add(message.room_id, message.event_id, message.thread_root)
 
-    async def _on_message(self, message: RoomMessage) -> None:
+    def _observe(
+        self, message: RoomMessage
+    ) -> tuple[cmd.Command | cmd.CommandError | None, SeenMessage, Question | None] | None:
+        """What a message is (a command or not), how the side-car records it, and the
+        question an `again` would re-ask; None for messages the bot does not read."""
         config = self.config
         if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
-            return
-        now = self.clock()
+            return None
         prefixes = config.routing.prefixes
         parsed = cmd.parse_command(message.body, prefixes)
         asked = cmd.asked_question(message.body, prefixes, message.msgtype)
@@ -218,14 +250,14 @@ class RouteService:
                 ),
             )
         reask = (
-            self.questions.last(message.room_id, now)
+            self.questions.last(message.room_id, self.clock())
             if isinstance(parsed, cmd.RouteTo) and parsed.again
             else None
         )
         # What the agent sees of this message: its question (the multi-line form, or the
         # question `again` re-asks, which the agent plugin puts in its place), else itself.
         stands_for = asked if asked is not None else reask.text if reask is not None else None
-        seen = SeenMessage(
+        record = SeenMessage(
             room_id=message.room_id,
             event_id=message.event_id,
             thread_id=message.thread_root,
@@ -234,10 +266,17 @@ class RouteService:
             is_command=stands_for is None,
             sender=message.sender,
         )
-        if parsed is None:
-            async with self.store.atomic(durable=False) as tx:
-                await tx.add_seen(seen)
-            return
+        return parsed, record, reask
+
+    async def _on_command(
+        self,
+        message: RoomMessage,
+        parsed: cmd.Command | cmd.CommandError,
+        seen: SeenMessage,
+        reask: Question | None,
+    ) -> None:
+        config = self.config
+        now = self.clock()
         if not policy.room_allowed(message.room_id, config):
             log.info(
                 "command ignored room=%s event=%s reason=room-not-allowed",

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -341,18 +341,24 @@ class Tx:
     # seen messages
 
     async def add_seen(self, message: SeenMessage) -> None:
-        await self.db.execute(
+        await self.add_seen_many([message])
+
+    async def add_seen_many(self, messages: Sequence[SeenMessage]) -> None:
+        await self.db.executemany(
             """INSERT INTO seen_messages (event_id, room_id, thread_id, sent_at, message_hash,
                    is_command, sender) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-            (
-                message.event_id,
-                message.room_id,
-                message.thread_id,
-                to_ms(message.sent_at),
-                message.message_hash,
-                int(message.is_command),
-                message.sender,
-            ),
+            [
+                (
+                    m.event_id,
+                    m.room_id,
+                    m.thread_id,
+                    to_ms(m.sent_at),
+                    m.message_hash,
+                    int(m.is_command),
+                    m.sender,
+                )
+                for m in messages
+            ],
         )
 
     async def seen_for_turn(self, room_id: str, key: TurnKey) -> list[SeenMessage]:
