@@ -41,7 +41,7 @@ setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed \
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,encryption]'
+	$(VENV)/bin/pip install --quiet -e '.[test,encryption,fuzz]'
 	touch $@
 
 $(SYNAPSE_VENV)/.installed:
