@@ -127,6 +127,7 @@ async def _register(
     """Register the bot user, then set up its device when encryption is on (both retried
     while the homeserver is unreachable)."""
     await bot.ensure_registered(stop)
+    await bot.leave_rooms_not_allowed()
     delay = 1.0
     while crypto is not None and not stop.is_set():
         try:

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from . import policy
 from .auth import bearer_token, token_matches
 from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage, Undecryptable, parse_event
 from .faults import crash_point
-from .matrix import MatrixBot
+from .matrix import NOT_ALLOWED, MatrixBot
 from .metrics import Metrics
 from .service import RouteService, utcnow
 
@@ -54,6 +55,7 @@ class AppserviceShell:
         self.metrics = metrics
         self.crypto = crypto
         self._waiting: set[asyncio.Task[None]] = set()  # messages waiting for their key
+        self._left: set[str] = set()  # rooms off the allow-list already left
         self._hs_token = config.appservice.hs_token.encode()
         # Transaction ids are the homeserver's counter for one registration: a new
         # registration (new hs_token) may count from 1 again, so ids are kept per token.
@@ -130,6 +132,7 @@ class AppserviceShell:
                     if self.crypto is not None and isinstance(raw, dict):
                         await self.crypto.track_state(raw)
                     event = parse_event(raw)
+                    await self._leave_if_not_allowed(event)
                     if isinstance(event, RoomMessage):
                         messages.append(event)
                         continue
@@ -151,6 +154,20 @@ class AppserviceShell:
         self.metrics.transactions.labels("ok").inc()
         log.debug("transaction handled txn=%s events=%d", txn_id, len(events))
         return web.json_response({})
+
+    async def _leave_if_not_allowed(self, event: Any) -> None:
+        """An event from a room off the allow-list (the bot joined before the list was
+        set): leave it, once."""
+        room_id = getattr(event, "room_id", None)
+        if (
+            room_id is None
+            or isinstance(event, Invite)
+            or policy.room_allowed(room_id, self.config)
+            or room_id in self._left
+        ):
+            return
+        self._left.add(room_id)
+        await self.bot.leave(room_id, NOT_ALLOWED)
 
     async def handle_event(self, raw: Any) -> None:
         event = parse_event(raw)

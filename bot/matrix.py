@@ -20,6 +20,7 @@ from mautrix.client.state_store import MemoryStateStore
 from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import EventType, RoomID, UserID
 
+from . import policy
 from .config import Config
 from .faults import crash_point
 from .metrics import Metrics
@@ -30,6 +31,7 @@ from .store import Store
 
 log = logging.getLogger("route_sidecar.matrix")
 MAX_ATTEMPTS = 8
+NOT_ALLOWED = "This room is not on the route side-car's allow-list (`rooms` in its config)"
 # Notices about what the bot cannot read go out unencrypted: when keys do not reach the
 # bot, its encrypted messages may not reach the sender either.
 SENT_IN_CLEAR = ("undecryptable:", "unreadable:")
@@ -119,6 +121,26 @@ class MatrixBot:
             return False
         log.info("room joined room=%s", room_id)
         return True
+
+    async def leave_rooms_not_allowed(self) -> None:
+        """With an allow-list (`rooms`), leave every joined room that is not on it."""
+        if not self.config.rooms:
+            return
+        try:
+            joined = await self.intent.get_joined_rooms()
+        except MatrixRequestError as error:
+            log.warning("joined rooms not listed error=%s", error.errcode)
+            return
+        for room_id in joined:
+            if not policy.room_allowed(room_id, self.config):
+                await self.leave(room_id, NOT_ALLOWED)
+
+    async def leave(self, room_id: RoomID, reason: str) -> None:
+        try:
+            await self.intent.leave_room(room_id, reason=reason)
+            log.info("room left room=%s reason=not-allowed", room_id)
+        except MatrixRequestError as error:
+            log.warning("room leave failed room=%s error=%s", room_id, error.errcode)
 
     async def decline(self, room_id: RoomID, reason: str) -> None:
         try:

@@ -236,3 +236,73 @@ async def test_neither_the_log_nor_the_database_holds_a_token_or_message_text(
     with sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True) as db:
         dump = "\n".join(db.iterdump())
     assert "CREATE TABLE intents" in dump and "payroll" not in dump
+
+
+async def test_commands_queued_while_down_apply_in_order_the_later_one_wins(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    alice, bob = users["alice"], users["bob"]
+    sidecar.stop(signal.SIGKILL)
+    try:  # Synapse queues both and retries: they arrive in the homeserver's order
+        first = await alice.say(room, "!route cloud")
+        second = await bob.say(room, "!route local")
+    finally:
+        sidecar.start()
+    await alice.wait_reply(room, first, timeout=60)
+    await alice.wait_reply(room, second, timeout=60)
+    intent = await lookup.room_intent(room)
+    assert intent is not None
+    assert (intent["target"], intent["command_event_id"]) == ("local", second)
+
+    first_reply = await alice.wait_reply(room, first)
+
+    def superseded(event: dict) -> bool:
+        return any(
+            "replaced by a newer route" in e["content"]["m.new_content"]["body"]
+            for e in edits_of([event], first_reply["event_id"])
+        )
+
+    await alice.wait_for(room, superseded, timeout=20, what="the first route marked superseded")
+
+
+@pytest.fixture
+def allow_list(sidecar: Sidecar):  # type: ignore[no-untyped-def]
+    """The side-car restarted with an allow-list that does not hold the test's room."""
+    original = sidecar.config
+    sidecar.stop()
+    sidecar.write_config({**original, "rooms": ["!only-this-room:localhost"]})
+    sidecar.start()
+    yield sidecar
+    sidecar.stop()
+    sidecar.write_config(original)
+    sidecar.start()
+
+
+async def test_with_an_allow_list_the_bot_leaves_rooms_not_on_it(
+    users: dict[str, MatrixUser], room: str, allow_list: Sidecar
+) -> None:
+    alice = users["alice"]
+    left = await alice.wait_for(
+        room,
+        lambda e: (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == "@route:localhost"
+            and e["content"].get("membership") == "leave"
+        ),
+        timeout=20,
+        what="the bot to leave the room off the allow-list",
+    )
+    assert "allow-list" in left["content"].get("reason", "")
+    # And an invite to a room off the list is declined.
+    other = await alice.create_room(invite=["@route:localhost"])
+    declined = await alice.wait_for(
+        other,
+        lambda e: (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == "@route:localhost"
+            and e["content"].get("membership") == "leave"
+        ),
+        timeout=20,
+        what="the invite to be declined",
+    )
+    assert declined["sender"] == "@route:localhost"
