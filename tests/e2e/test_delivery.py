@@ -306,3 +306,23 @@ async def test_with_an_allow_list_the_bot_leaves_rooms_not_on_it(
         what="the invite to be declined",
     )
     assert declined["sender"] == "@route:localhost"
+
+
+async def test_a_command_that_synapse_retries_after_the_ttl_is_not_applied(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient, short_timers: Sidecar
+) -> None:
+    alice = users["alice"]
+    short_timers.stop(signal.SIGKILL)
+    try:
+        stale = await alice.say(room, "!route cloud")
+        await asyncio.sleep(4)  # down for longer than the 3 s intent TTL
+    finally:
+        short_timers.start()
+    # Synapse retries the queued transaction first, then sends the new one: once the fresh
+    # command is answered, the stale one has arrived too, and was ignored.
+    fresh = await alice.say(room, "!route status")
+    reply = await alice.wait_reply(room, fresh, timeout=60)
+    assert "no route is set" in reply["content"]["body"]
+    assert await lookup.room_intent(room) is None
+    assert await alice.bot_replies(room, stale) == []
+    assert db_count(short_timers, "SELECT count(*) FROM commands WHERE event_id = ?", stale) == 0
