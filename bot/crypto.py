@@ -30,7 +30,6 @@ from mautrix.types import (
     EventType,
     RoomID,
     StateEvent,
-    TrustState,
     UserID,
 )
 from mautrix.util.async_db import Database
@@ -105,8 +104,10 @@ class BotCrypto:
         its messages as from a device its owner verified, not with a warning. The
         recovery key is not kept: the bot never needs to restore the keys elsewhere."""
         try:
-            own = self.machine.own_identity
-            if await self.machine.resolve_trust(own) >= TrustState.CROSS_SIGNED_UNTRUSTED:
+            # Keys already published: this device was signed when they were made (a trust
+            # check here can fail before mautrix has fetched them, and a second set of
+            # keys would be a device-list change for every member).
+            if await self.machine.get_own_cross_signing_public_keys() is not None:
                 return
             await self.machine.generate_recovery_key()
             log.info("bot device cross-signed device=%s", self.client.device_id)

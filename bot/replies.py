@@ -324,9 +324,10 @@ def _past_turn(turn: PastTurn) -> str:
 def cannot_decrypt(sender: str, prefix: str) -> Text:
     return render(
         f"🔒 I could not decrypt a message from {sender} here, so if it was a `{prefix}` "
-        "command it did nothing. Send it again. If this keeps happening, your client is "
-        "not sharing its room keys with my device: allow sending keys to unverified "
-        "sessions in this room, or verify my session."
+        "command it did nothing. Its room key did not reach my device (a key sent while I "
+        "was down is lost). In Element, type `/discardsession` in this room, then send the "
+        "command again. If this keeps happening, allow sending keys to unverified sessions "
+        "in this room, or verify my session."
     )
 
 

@@ -1,6 +1,8 @@
 """The crash loop's tools (issue 6, point 1): the side-car started with a kill point
 (`ROUTE_SIDECAR_CRASH_AT`, see bot/faults.py), the plan of kill points and counts, the
-traffic one run drives, and the read-only look at the side-car's database."""
+traffic one run drives, and the read-only look at the side-car's database. The users who
+post are pluggable (`CrashRun.senders`): the encrypted loop (issue 6, point 6) drives the
+same traffic from one encrypting client."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import signal
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -41,9 +43,9 @@ REACH = {
 assert set(REACH) == set(faults.POINTS)
 
 
-def run_count() -> int:
-    raw = os.environ.get(RUNS_ENV, "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_RUNS
+def run_count(env: str = RUNS_ENV, default: int = DEFAULT_RUNS) -> int:
+    raw = os.environ.get(env, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else default
 
 
 def plan(runs: int) -> list[tuple[str, int]]:
@@ -113,6 +115,14 @@ async def room_events(user: MatrixUser, room: str) -> list[dict[str, Any]]:
     return events
 
 
+class Speaker(Protocol):
+    """Who posts in a run's room: a plain `MatrixUser` or an encrypting `EncryptedUser`."""
+
+    async def say(self, room_id: str, body: str) -> str: ...
+
+    async def events(self, room_id: str, limit: int = ...) -> list[dict[str, Any]]: ...
+
+
 @dataclass
 class Answer:
     """One claim answered over HTTP, as the dispatcher saw it."""
@@ -140,13 +150,16 @@ class CrashRun:
     point: str
     n: int
     room: str
-    users: dict[str, MatrixUser]
+    users: dict[str, Speaker]
     sidecar: Sidecar
     commands: list[str] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     stage: str = "start"
     cut: int = 0  # HTTP requests the kill cut off
+    # Who sends the commands (in turn) and the questions (one per name of SENDERS, taken
+    # from these in turn): all three users in a plain room, alice alone in an encrypted one.
+    senders: tuple[str, ...] = SENDERS
 
     async def drive(self) -> None:
         lookup = LookupClient(self.sidecar.api_url)
@@ -159,7 +172,7 @@ class CrashRun:
             await lookup.close()
 
     async def _round(self, lookup: LookupClient, number: int) -> bool:
-        sender = self.users[SENDERS[(self.index + number) % len(SENDERS)]]
+        sender = self.users[self.senders[(self.index + number) % len(self.senders)]]
         self.stage = f"round {number}: command"
         if dead(self.sidecar):
             return False
@@ -169,8 +182,11 @@ class CrashRun:
             return False
         self.stage = f"round {number}: questions"
         turns = []
-        for name in SENDERS:
+        for k in range(len(SENDERS)):
+            name = self.senders[k % len(self.senders)]
             text = f"question {self.index}.{number} from {name}"
+            if len(self.senders) < len(SENDERS):
+                text += f" #{k + 1}"  # one sender asks several: distinct texts
             turns.append(Turn(await self.users[name].say(self.room, text), text, name))
         self.turns += turns
         self.stage = f"round {number}: concurrent claims"
@@ -199,7 +215,7 @@ class CrashRun:
             assert response.status_code == 204, response.text
         return not dead(self.sidecar)
 
-    async def _wait_reply(self, user: MatrixUser, command: str, timeout: float = 30) -> bool:
+    async def _wait_reply(self, user: Speaker, command: str, timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if dead(self.sidecar):
@@ -229,6 +245,7 @@ def bot_room_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 __all__ = [
     "Answer",
     "CrashRun",
+    "Speaker",
     "bot_room_events",
     "dead",
     "killed",

@@ -159,7 +159,8 @@ def short_timers(sidecar: Sidecar):  # type: ignore[no-untyped-def]
     original = sidecar.config
     changed = {
         **original,
-        "routing": {"intent_ttl": "3s", "turn_idle": "2s"},
+        # Short, but not so short that a loaded CI machine misses the window.
+        "routing": {"intent_ttl": "6s", "turn_idle": "2s"},
         "limits": {"routes_per_hour": 2},
     }
     sidecar.stop()
@@ -178,7 +179,7 @@ async def test_an_unused_intent_expires_and_its_confirmation_is_edited_to_say_so
     command = await bob.say(room, "!route cloud")
     reply = await bob.wait_reply(room, command)
     edit = await bob.wait_for(
-        room, lambda e: bool(edits_of([e], reply["event_id"])), timeout=10, what="the expiry edit"
+        room, lambda e: bool(edits_of([e], reply["event_id"])), timeout=20, what="the expiry edit"
     )
     assert "expired unused" in edit["content"]["m.new_content"]["body"]
     assert await lookup.room_intent(room) is None
@@ -315,7 +316,7 @@ async def test_a_command_that_synapse_retries_after_the_ttl_is_not_applied(
     short_timers.stop(signal.SIGKILL)
     try:
         stale = await alice.say(room, "!route cloud")
-        await asyncio.sleep(4)  # down for longer than the 3 s intent TTL
+        await asyncio.sleep(7)  # down for longer than the 6 s intent TTL
     finally:
         short_timers.start()
     # Synapse retries the queued transaction first, then sends the new one: once the fresh
