@@ -28,8 +28,10 @@ test: setup
 	$(HERMES_VENV)/bin/python -m pytest -q tests/test_hermes_plugin.py
 	LITELLM_LOCAL_MODEL_COST_MAP=True $(LITELLM_VENV)/bin/python -m pytest -q tests/test_litellm_hook.py
 
+# Every figure of issue 7 in one table (installs wrk with apt-get if missing); a smoke run
+# with `make bench ARGS=--quick`, more options with `ARGS=--help`.
 bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
-	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python bench/claims.py $(ARGS)
+	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python -m bench $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations

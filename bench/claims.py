@@ -1,255 +1,223 @@
-"""Benchmark of `POST /v1/claim`: throughput and latency for a room with no intent and
-for a room with an active turn, at a fixed rate, and the side-car's resident memory.
+"""`POST /v1/claim` against the yardstick (figures 1, 2 and 4), in one set of alternating
+rounds: the bare aiohttp endpoint, the side-car for a room with no intent, for a claim
+inside an active turn, and with a 200 KB OpenAI request body instead of explicit fields.
 
-Not a test: it prints figures. Run with `make bench` (or `.venv/bin/python
-bench/claims.py --seconds 5`). The side-car runs as its own process, exactly as
-deployed; the load generator is another process (aiohttp client, keep-alive). No
-homeserver is needed: the intent is created by pushing a transaction to the
-appservice listener, as Synapse would.
+The active turn is set up as in production: `!route cloud --for 4h` and the user's
+question pushed as an appservice transaction, then one claim binds the turn; every claim
+measured after that is a later call of the same turn.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
-import multiprocessing
-import os
-import secrets
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import aiohttp
+from .http import Case, Load, Summary, Wrk, alternate, p50, p99, paired, rps
+from .ingest import message_event, put_transaction
+from .report import AT_LEAST, AT_MOST, Row, Target
+from .servers import Server
 
-REPO = Path(__file__).resolve().parent.parent
 ROOM_IDLE = "!idle-room:bench"
 ROOM_ACTIVE = "!active-room:bench"
 TURN = "$turn-event"
+QUESTION = "why did the deploy fail on the build host?"
+LAST_USER_MESSAGE = f"[alice] {QUESTION}"
+LATENCY_CONNECTIONS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def explicit_body(room_id: str) -> dict[str, Any]:
+    """A claim as the reference dispatcher sends it when it knows the fields."""
+    return {"room_id": room_id, "turn_id": TURN, "last_user_message": LAST_USER_MESSAGE}
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def start_sidecar(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    api_port, as_port = free_port(), free_port()
-    config = {
-        "homeserver": {"address": f"http://127.0.0.1:{free_port()}", "domain": "bench"},
-        "appservice": {
-            "address": f"http://127.0.0.1:{as_port}",
-            "listen": {"host": "127.0.0.1", "port": as_port},
-            "as_token": secrets.token_hex(16),
-            "hs_token": secrets.token_hex(16),
-        },
-        "api": {
-            "listen": {"host": "127.0.0.1", "port": api_port},
-            "tokens": [secrets.token_hex(16)],
-        },
-        "database": f"sqlite:///{work / 'bench.db'}",
-        "targets": {"cloud": {"model": "ollama-cloud/glm-5.1"}},
-        "permissions": {"*": 0},
-        "limits": {"routes_per_hour": 0},
-        "logging": {"level": "WARNING"},
-    }
-    path = work / "config.yaml"
-    path.write_text(json.dumps(config))
-    log = (work / "sidecar.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "run", "-c", str(path)], cwd=REPO, stdout=log, stderr=log
+def openai_body(room_id: str, size: int) -> dict[str, Any]:
+    """A claim carrying only the agent's chat-completions request: a Hermes system prompt
+    (room and thread lines), a conversation of about `size` bytes, the question last."""
+    system = (
+        "You are Hermes, a helpful agent in a Matrix room.\n\n"
+        f"**Matrix Room ID:** {room_id}\n**Matrix Thread:** {TURN}\n"
     )
-    return process, config
-
-
-async def wait_healthy(url: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise SystemExit("side-car did not start")
-
-
-async def seed_active_turn(config: dict[str, Any], api: str, headers: dict[str, str]) -> None:
-    """`/route cloud --for 4h` pushed as Synapse would, then one claim binds the turn."""
-    as_url = config["appservice"]["address"]
-    event = {
-        "type": "m.room.message",
-        "room_id": ROOM_ACTIVE,
-        "sender": "@alice:bench",
-        "event_id": "$command",
-        "origin_server_ts": int(time.time() * 1000) - 1000,
-        "content": {"msgtype": "m.text", "body": "!route cloud --for 4h"},
-    }
-    async with aiohttp.ClientSession() as session:
-        async with session.put(
-            f"{as_url}/_matrix/app/v1/transactions/seed",
-            json={"events": [event]},
-            headers={"Authorization": f"Bearer {config['appservice']['hs_token']}"},
-        ) as response:
-            assert response.status == 200, await response.text()
-        async with session.post(
-            api + "/v1/claim", json=claim_body(ROOM_ACTIVE), headers=headers
-        ) as response:
-            answer = await response.json()
-            assert answer["override"] is True, answer
-
-
-def claim_body(room: str) -> dict[str, Any]:
-    return {"room_id": room, "turn_id": TURN, "last_user_message": "[alice] a hard question"}
-
-
-async def load(
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    seconds: float,
-    connections: int,
-    rate: float | None,
-) -> list[float]:
-    """Closed loop over `connections` keep-alive connections, or an open loop at `rate`."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-
-        async def one() -> None:
-            started = time.perf_counter()
-            async with session.post(url, data=body) as response:
-                await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"status {response.status}")
-            latencies.append(time.perf_counter() - started)
-
-        if rate is None:
-
-            async def worker() -> None:
-                while time.perf_counter() < deadline:
-                    await one()
-
-            await asyncio.gather(*(worker() for _ in range(connections)))
-        else:
-            interval, tasks = 1.0 / rate, []
-            next_at = time.perf_counter()
-            while next_at < deadline:
-                tasks.append(asyncio.create_task(one()))
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            await asyncio.gather(*tasks)
-    return latencies
-
-
-def _run_load(args: tuple[Any, ...], queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    queue.put(asyncio.run(load(*args)))
-
-
-def measure(
-    url: str,
-    headers: dict[str, str],
-    room: str,
-    seconds: float,
-    connections: int,
-    rate: float | None = None,
-) -> dict[str, float]:
-    """Run the load generator in its own process so it does not share the side-car's core."""
-    body = json.dumps(claim_body(room)).encode()
-    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
-    started = time.perf_counter()
-    worker = multiprocessing.Process(
-        target=_run_load, args=((url, headers, body, seconds, connections, rate), queue)
-    )
-    worker.start()
-    latencies = queue.get()
-    worker.join()
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "rps": len(latencies) / min(elapsed, seconds + 0.5),
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-    }
-
-
-async def count_claims(url: str, headers: dict[str, str], room: str, n: int) -> None:
-    body = json.dumps(claim_body(room)).encode()
-    connector = aiohttp.TCPConnector(limit=8)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-
-        async def batch(count: int) -> None:
-            for _ in range(count):
-                async with session.post(url, data=body) as response:
-                    await response.read()
-
-        await asyncio.gather(*(batch(n // 8) for _ in range(8)))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        process, config = start_sidecar(work)
-        try:
-            api = f"http://127.0.0.1:{config['api']['listen']['port']}"
-            headers = {
-                "Authorization": f"Bearer {config['api']['tokens'][0]}",
-                "Content-Type": "application/json",
-            }
-            asyncio.run(wait_healthy(api))
-            time.sleep(0.5)
-            rss_start = rss_mb(process.pid)
-            asyncio.run(seed_active_turn(config, api, headers))
-            url = api + "/v1/claim"
-            rows = []
-            for label, room in (("no intent", ROOM_IDLE), ("active turn", ROOM_ACTIVE)):
-                measure(url, headers, room, 1.0, args.connections)  # warm-up
-                for conns in (args.connections, 4):
-                    r = measure(url, headers, room, args.seconds, conns)
-                    rows.append((label, f"closed loop, {conns} conns", r))
-                r = measure(url, headers, room, args.seconds, 64, rate=1000)
-                rows.append((label, "open loop, 1000/s", r))
-            asyncio.run(count_claims(url, headers, ROOM_IDLE, 10_000))
-            rss_after = rss_mb(process.pid)
-        finally:
-            process.terminate()
-            process.wait(10)
-    print(
-        f"POST /v1/claim on {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-        f"{args.seconds:.0f} s per row"
-    )
-    print(f"{'room':<12} {'load':<24} {'requests':>9} {'claims/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    for label, load_name, r in rows:
-        print(
-            f"{label:<12} {load_name:<24} {r['requests']:>9.0f} {r['rps']:>9.0f} "
-            f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    n = 0
+    while len(json.dumps(messages)) < size:
+        n += 1
+        text = " ".join(
+            f"line {n}.{k}: the build log says step {k} took {n * k % 97} s" for k in range(40)
         )
-    print(
-        f"resident memory: {rss_start:.1f} MB after start, "
-        f"{rss_after:.1f} MB after the runs above + 10,000 more claims"
-    )
-    return 0
+        messages.append({"role": "user" if n % 2 else "assistant", "content": text})
+    messages.append({"role": "user", "content": LAST_USER_MESSAGE})
+    return {"request": {"model": "glm-4.7-flash:q4_K_M", "messages": messages, "stream": True}}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def seed_active_turn(sidecar: Server) -> None:
+    """`!route cloud --for 4h`, then the question (the turn's message), as Synapse would
+    push them; then the first claim of the turn, which binds it."""
+    events = [
+        message_event(ROOM_ACTIVE, "@alice:bench", "$command", "!route cloud --for 4h", 2000),
+        message_event(ROOM_ACTIVE, "@alice:bench", TURN, QUESTION, 1000),
+    ]
+    put_transaction(sidecar, "seed-active-turn", events)
+    answer = claim(sidecar, explicit_body(ROOM_ACTIVE))
+    if not answer.get("override"):
+        raise RuntimeError(f"the active turn was not bound: {answer}")
+
+
+def claim(server: Server, body: dict[str, Any]) -> dict[str, Any]:
+    status, raw = server.post("/v1/claim", json.dumps(body).encode())
+    if status != 200:
+        raise RuntimeError(f"{server.name}: claim answered {status}: {raw[:300]!r}")
+    return json.loads(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsPlan:
+    rounds: int
+    seconds: int
+    connections: int
+    warmup_requests: int
+    body_bytes: int = 200 * 1024
+
+
+def claims_figures(
+    wrk: Wrk, bare: Server, sidecar: Server, plan: ClaimsPlan
+) -> tuple[list[Row], dict[str, Any]]:
+    full_idle = json.dumps(openai_body(ROOM_IDLE, plan.body_bytes)).encode()
+    full_active = json.dumps(openai_body(ROOM_ACTIVE, plan.body_bytes)).encode()
+    bare.resume()
+    sidecar.resume()
+    seed_active_turn(sidecar)  # here: a bound turn ends after `turn_idle` without claims
+    # Every load is checked once before it is measured: the answer must be the right one.
+    checks = [
+        (bare, explicit_body(ROOM_IDLE), False, None),
+        (sidecar, explicit_body(ROOM_IDLE), False, ROOM_IDLE),
+        (sidecar, explicit_body(ROOM_ACTIVE), True, ROOM_ACTIVE),
+        (sidecar, json.loads(full_idle), False, ROOM_IDLE),
+        (sidecar, json.loads(full_active), True, ROOM_ACTIVE),
+    ]
+    for server, body, override, room in checks:
+        answer = claim(server, body)
+        if answer.get("override") is not override or (room and answer.get("room_id") != room):
+            raise RuntimeError(f"{server.name}: unexpected answer {answer}")
+    idle = json.dumps(explicit_body(ROOM_IDLE)).encode()
+    active = json.dumps(explicit_body(ROOM_ACTIVE)).encode()
+    c, c4 = plan.connections, LATENCY_CONNECTIONS
+    cases = [
+        Case("bare", Load(bare, idle, c)),
+        Case("idle", Load(sidecar, idle, c)),
+        Case("active", Load(sidecar, active, c)),
+        Case("bare4", Load(bare, idle, c4)),
+        Case("idle4", Load(sidecar, idle, c4)),
+        Case("active4", Load(sidecar, active, c4)),
+        Case("full_idle4", Load(sidecar, full_idle, c4)),
+        Case("full_active4", Load(sidecar, full_active, c4)),
+    ]
+    got = alternate(wrk, cases, plan.rounds, plan.seconds, plan.warmup_requests)
+    rows = claim_rows(got, c, len(full_idle), plan)
+    raw = {name: [asdict(r) for r in summary.rounds] for name, summary in got.items()}
+    return rows, raw
+
+
+def _errors(*summaries: Summary) -> str:
+    errors = sum(s.errors for s in summaries)
+    return f"{errors} errors or non-2xx answers" if errors else ""
+
+
+def claim_rows(got: dict[str, Summary], c: int, full_size: int, plan: ClaimsPlan) -> list[Row]:
+    """Values are medians over the rounds; ratios are medians of the per-round ratios."""
+    bare, idle, active = got["bare"], got["idle"], got["active"]
+    bare4, idle4, active4 = got["bare4"], got["idle4"], got["active4"]
+    full_idle4, full_active4 = got["full_idle4"], got["full_active4"]
+    rounds = f"median of {plan.rounds} rounds × {plan.seconds} s (ratio: of per-round ratios)"
+    how, how4 = f"{rounds}, wrk -t1 -c{c}", f"{rounds}, wrk -t1 -c{LATENCY_CONNECTIONS}"
+    size = f"{full_size / 1024:.0f} KB"
+    c4 = LATENCY_CONNECTIONS
+    return [
+        Row(
+            f"1 yardstick: bare aiohttp, claims/s ({c} conns)",
+            bare.rps,
+            "req/s",
+            note=(
+                f"{how}; p50 {bare.p50_ms:.2f} ms, p99 {bare.p99_ms:.2f} ms; at {c4} conns "
+                f"p50 {bare4.p50_ms:.2f} ms, p99 {bare4.p99_ms:.2f} ms"
+            ),
+            failed=_errors(bare, bare4),
+        ),
+        Row(
+            f"2a claim, room with no intent: claims/s ({c} conns)",
+            idle.rps,
+            "req/s",
+            baseline=bare.rps,
+            baseline_label="bare",
+            ratio=paired(idle, bare, rps),
+            target=Target(AT_LEAST, 1.0),
+            note=f"{how}; p50 {idle.p50_ms:.2f} ms, p99 {idle.p99_ms:.2f} ms",
+            failed=_errors(idle),
+        ),
+        Row(
+            f"2b claim inside an active turn: claims/s ({c} conns)",
+            active.rps,
+            "req/s",
+            baseline=bare.rps,
+            baseline_label="bare",
+            ratio=paired(active, bare, rps),
+            target=Target(AT_LEAST, 0.8),
+            note=f"{how}; p50 {active.p50_ms:.2f} ms, p99 {active.p99_ms:.2f} ms",
+            failed=_errors(active),
+        ),
+        Row(
+            f"2c claim, no intent: p50 at {c4} conns",
+            idle4.p50_ms,
+            "ms",
+            baseline=bare4.p50_ms,
+            baseline_label="bare",
+            ratio=paired(idle4, bare4, p50),
+            target=Target(AT_MOST, 1.1),
+            note=f"{how4}; wrk's own percentiles",
+            failed=_errors(idle4, bare4),
+        ),
+        Row(
+            f"2d claim, no intent: p99 at {c4} conns",
+            idle4.p99_ms,
+            "ms",
+            baseline=bare4.p99_ms,
+            baseline_label="bare",
+            ratio=paired(idle4, bare4, p99),
+            note=how4,
+        ),
+        Row(
+            f"2e claim inside an active turn: p50 at {c4} conns",
+            active4.p50_ms,
+            "ms",
+            baseline=bare4.p50_ms,
+            baseline_label="bare",
+            ratio=paired(active4, bare4, p50),
+            note=f"{how4}; p99 {active4.p99_ms:.2f} ms (bare {bare4.p99_ms:.2f} ms)",
+            failed=_errors(active4),
+        ),
+        Row(
+            f"4a {size} OpenAI body vs explicit fields, no intent: p50",
+            full_idle4.p50_ms,
+            "ms",
+            baseline=idle4.p50_ms,
+            baseline_label="explicit",
+            ratio=paired(full_idle4, idle4, p50),
+            target=Target(AT_MOST, 3.0),
+            note=(
+                f"{how4}; room and turn read from the body's system prompt; "
+                f"{full_idle4.rps:,.0f} vs {idle4.rps:,.0f} claims/s"
+            ),
+            failed=_errors(full_idle4),
+        ),
+        Row(
+            f"4b {size} OpenAI body vs explicit fields, active turn: p50",
+            full_active4.p50_ms,
+            "ms",
+            baseline=active4.p50_ms,
+            baseline_label="explicit",
+            ratio=paired(full_active4, active4, p50),
+            target=Target(AT_MOST, 3.0),
+            note=f"{how4}; {full_active4.rps:,.0f} vs {active4.rps:,.0f} claims/s",
+            failed=_errors(full_active4),
+        ),
+    ]

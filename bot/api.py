@@ -7,8 +7,9 @@ rejected here never reaches the service, so it changes nothing.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,7 +31,7 @@ from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
 log = logging.getLogger("route_sidecar.api")
 MAX_MODEL_LENGTH = 255
 MAX_DETAIL_LENGTH = 2000
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Endpoint = Callable[..., Awaitable[web.StreamResponse]]  # (request, *path segment values)
 
 
 class ApiError(Exception):
@@ -40,8 +42,13 @@ class ApiError(Exception):
         self.message = message
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """orjson, a third of the time of `web.json_response`'s json.dumps for a claim."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 def bad_request(field: str, problem: str) -> ApiError:
@@ -49,17 +56,10 @@ def bad_request(field: str, problem: str) -> ApiError:
 
 
 def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _check_unicode(body: Any) -> None:
-    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 store (SQLite) accepts."""
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request("", "strings must be Unicode text, without lone surrogates") from None
-    except RecursionError:
-        raise bad_request("", "body is nested too deeply") from None
+    """`2026-11-26T02:30:00Z` (the side-car's datetimes are all UTC)."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=None, microsecond=0).isoformat() + "Z"
 
 
 # ---- typed requests ------------------------------------------------------------------
@@ -184,60 +184,133 @@ def intent_json(intent: Intent, timing: Timing) -> dict[str, Any]:
 # ---- the application -------------------------------------------------------------------
 
 
+# Every endpoint: method, path (`{}` stands for one path segment, given to the handler),
+# the LookupApi method that answers it, and whether it needs an API token.
+ROUTES: tuple[tuple[str, str, str, bool], ...] = (
+    ("POST", "/v1/claim", "claim", True),
+    ("POST", "/v1/intents/{intent_id}/outcome", "outcome", True),
+    ("POST", "/v1/outcome", "turn_outcome", True),
+    ("GET", "/v1/rooms/{room_id}/intent", "get_intent", True),
+    ("DELETE", "/v1/rooms/{room_id}/intent", "delete_intent", True),
+    ("GET", "/v1/openapi.json", "openapi", False),
+    ("GET", "/healthz", "healthz", False),
+    ("GET", "/metrics", "metrics_page", False),
+)
+_SEGMENT = re.compile(r"\{[a-z_]+\}")
+
+
+@dataclass
+class _Path:
+    """One path of ROUTES: its handlers by method (HEAD wherever GET), and what a 405
+    lists."""
+
+    template: tuple[str, ...]
+    methods: dict[str, Endpoint]
+
+    @property
+    def allow(self) -> str:
+        return ",".join(sorted(self.methods))
+
+
 class LookupApi:
+    """Served by aiohttp's low-level `web.Server`, routed here by one dict lookup (the
+    claim path) or a segment match: no Application, router, middleware or signals run per
+    request, which the claim path measurably pays for (docs/performance.md)."""
+
     def __init__(self, config: Config, service: RouteService, metrics: Metrics) -> None:
         self.config = config
         self.service = service
         self.metrics = metrics
         self._tokens = [t.encode() for t in config.api.tokens]
         self._openapi = resources.files("bot").joinpath("openapi.json").read_bytes()
-
-    def make_app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=self.config.api.max_body_bytes,
-            middlewares=[self._errors],
-        )
-        app.router.add_post("/v1/claim", self._authed(self.claim))
-        app.router.add_post("/v1/intents/{intent_id}/outcome", self._authed(self.outcome))
-        app.router.add_post("/v1/outcome", self._authed(self.turn_outcome))
-        app.router.add_get("/v1/rooms/{room_id}/intent", self._authed(self.get_intent))
-        app.router.add_delete("/v1/rooms/{room_id}/intent", self._authed(self.delete_intent))
-        app.router.add_get("/v1/openapi.json", self.openapi)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.metrics_page)
-        return app
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as error:
-            return error_response(error.status, error.code, error.message)
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                413,
-                "payload_too_large",
-                f"body over the limit of {self.config.api.max_body_bytes} bytes",
+        self._exact: dict[str, _Path] = {}
+        self._templated: list[_Path] = []
+        for method, path, name, authed in ROUTES:
+            template = tuple(_SEGMENT.sub("{}", path).split("/"))
+            found = self._exact.get(path) or next(
+                (p for p in self._templated if p.template == template), None
             )
-        except web.HTTPException as error:
-            if error.status < 400:
-                raise
-            code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
-            response = error_response(error.status, code, error.reason)
-            if "Allow" in error.headers:  # a 405 must say which methods the path serves
-                response.headers["Allow"] = error.headers["Allow"]
+            if found is None:
+                found = _Path(template, {})
+                if "{}" in template:
+                    self._templated.append(found)
+                else:
+                    self._exact[path] = found
+            endpoint = self._endpoint(getattr(self, name), authed)
+            found.methods[method] = endpoint
+            if method == "GET":
+                found.methods["HEAD"] = endpoint
+
+    def make_runner(self) -> web.BaseRunner:
+        loop = asyncio.get_running_loop()
+        limit = self.config.api.max_body_bytes
+
+        def make_request(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=limit
+            )
+
+        server = web.Server(self.route, request_factory=make_request, access_log=None)
+        return web.ServerRunner(server, handle_signals=False)
+
+    async def route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = self._exact.get(request.path)
+        values: list[str] = []
+        if path is None:
+            path, values = self._match(request.rel_url.parts)
+            if path is None:
+                return error_response(404, "not_found", "Not Found")
+        endpoint = path.methods.get(request.method)
+        if endpoint is None:
+            response = error_response(405, "method_not_allowed", "Method Not Allowed")
+            response.headers["Allow"] = path.allow  # a 405 says which methods the path serves
             return response
+        return await endpoint(request, *values)
 
-    def _authed(self, handler: Handler) -> Handler:
-        async def authed(request: web.Request) -> web.StreamResponse:
-            given = bearer_token(request.headers)
-            if given is None or not token_matches(given, self._tokens):
-                raise ApiError(401, "unauthorized", "missing or wrong bearer token")
-            return await handler(request)
+    def _match(self, parts: tuple[str, ...]) -> tuple[_Path | None, list[str]]:
+        """The templated path whose literal segments are `parts`' (decoded, as aiohttp's
+        router reads them), with the values of its `{}` segments (none empty)."""
+        segments = ("", *parts[1:]) if parts[:1] == ("/",) else parts
+        for path in self._templated:
+            if len(path.template) != len(segments):
+                continue
+            values = []
+            for want, got in zip(path.template, segments, strict=True):
+                if want == "{}":
+                    if not got:
+                        break
+                    values.append(got)
+                elif want != got:
+                    break
+            else:
+                return path, values
+        return None, []
 
-        return authed
+    def _endpoint(self, handler: Endpoint, authed: bool) -> Endpoint:
+        """The one wrapper of every endpoint: the bearer token (when `authed`), then the
+        handler, with its ApiError (or a body over the limit) as a JSON error."""
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        async def endpoint(request: web.BaseRequest, *values: str) -> web.StreamResponse:
+            try:
+                if authed:
+                    given = bearer_token(request.headers)
+                    if given is None or not token_matches(given, self._tokens):
+                        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+                return await handler(request, *values)
+            except ApiError as error:
+                return error_response(error.status, error.code, error.message)
+            except web.HTTPRequestEntityTooLarge:
+                return error_response(
+                    413,
+                    "payload_too_large",
+                    f"body over the limit of {self.config.api.max_body_bytes} bytes",
+                )
+
+        return endpoint
+
+    async def _json_body(self, request: web.BaseRequest) -> dict[str, Any]:
         if request.content_length is not None and (
             request.content_length > self.config.api.max_body_bytes
         ):
@@ -246,28 +319,25 @@ class LookupApi:
             )
         if request.content_type != "application/json":
             raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
-        raw = await request.read()
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "bad_request", "body is not valid JSON") from None
+            # orjson also refuses what no UTF-8 store accepts: lone surrogates (\ud800),
+            # invalid UTF-8, NaN, and nesting deeper than 1,024.
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as error:
+            raise ApiError(400, "bad_request", f"body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "body must be a JSON object")
-        if b"\\ud" in raw or b"\\uD" in raw:  # only a \uD800-\uDFFF escape can hide one
-            _check_unicode(body)
         return body
 
-    async def claim(self, request: web.Request) -> web.Response:
+    async def claim(self, request: web.BaseRequest) -> web.Response:
         started = time.perf_counter()
         parsed = parse_claim(await self._json_body(request), self.config.api.max_body_bytes)
         answer = await self.service.claim(parsed.turn)
-        self.metrics.claims.labels(answer.result.value).inc()
-        self.metrics.claim_seconds.observe(time.perf_counter() - started)
-        return web.json_response(claim_json(answer))
+        self.metrics.claims.record(answer.result.value, time.perf_counter() - started)
+        return json_response(claim_json(answer))
 
-    async def outcome(self, request: web.Request) -> web.Response:
+    async def outcome(self, request: web.BaseRequest, intent_id: str) -> web.Response:
         parsed = parse_outcome(await self._json_body(request))
-        intent_id = request.match_info["intent_id"]
         found = await self.service.record_outcome(
             intent_id,
             parsed.model,
@@ -280,7 +350,7 @@ class LookupApi:
             raise ApiError(404, "not_found", f"no intent with id {intent_id[:64]!r}")
         return web.Response(status=204)
 
-    async def turn_outcome(self, request: web.Request) -> web.Response:
+    async def turn_outcome(self, request: web.BaseRequest) -> web.Response:
         body = await self._json_body(request)
         outcome = parse_outcome(body)  # the outcome's fields first: `model` is required
         turn = parse_turn(body, self.config.api.max_body_bytes)
@@ -289,31 +359,31 @@ class LookupApi:
         )
         return web.Response(status=204)
 
-    def _room_id(self, request: web.Request) -> str:
-        room_id = request.match_info["room_id"]
+    @staticmethod
+    def _room_id(room_id: str) -> str:
         if not room_id.startswith("!") or len(room_id) > MAX_ID_LENGTH:
             raise bad_request("room_id", "must be a room id starting with '!'")
         return room_id
 
-    async def get_intent(self, request: web.Request) -> web.Response:
-        room_id = self._room_id(request)
+    async def get_intent(self, request: web.BaseRequest, room_id: str) -> web.Response:
+        room_id = self._room_id(room_id)
         intent = await self.service.room_intent(room_id)
         if intent is None:
             raise ApiError(404, "not_found", "no live intent in this room")
-        return web.json_response(intent_json(intent, self.service.timing))
+        return json_response(intent_json(intent, self.service.timing))
 
-    async def delete_intent(self, request: web.Request) -> web.Response:
-        room_id = self._room_id(request)
+    async def delete_intent(self, request: web.BaseRequest, room_id: str) -> web.Response:
+        room_id = self._room_id(room_id)
         if await self.service.cancel_room_intent(room_id) is None:
             raise ApiError(404, "not_found", "no live intent in this room")
         return web.Response(status=204)
 
-    async def openapi(self, request: web.Request) -> web.Response:
+    async def openapi(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         database_ok = await self.service.store.ping()
-        return web.json_response(
+        return json_response(
             {
                 "status": "ok" if database_ok else "degraded",
                 "database": "ok" if database_ok else "unavailable",
@@ -321,6 +391,6 @@ class LookupApi:
             status=200 if database_ok else 503,
         )
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
+    async def metrics_page(self, request: web.BaseRequest) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

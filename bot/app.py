@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,13 +95,16 @@ async def start_sidecar(config: Config) -> Sidecar:
         crypto=crypto,
     )
     await bot.start()
+    service.room_powers = bot.power_levels
     sidecar = Sidecar(config, store, service, bot, crypto)
     appservice = AppserviceShell(config, service, bot, metrics, crypto)
-    for app, listen in (
-        (LookupApi(config, service, metrics).make_app(), config.api.listen),
-        (appservice.make_app(), config.appservice.listen),
+    for runner, listen in (
+        (LookupApi(config, service, metrics).make_runner(), config.api.listen),
+        (
+            web.AppRunner(appservice.make_app(), access_log=None, handle_signals=False),
+            config.appservice.listen,
+        ),
     ):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         sidecar.runners.append(runner)
         try:
@@ -153,6 +157,15 @@ async def _every(seconds: float, job, stop: asyncio.Event) -> None:  # type: ign
             await job()
         except Exception:
             log.exception("periodic job failed job=%s", getattr(job, "__name__", job))
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when installed (a dependency on Linux and macOS), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def run(config: Config) -> None:

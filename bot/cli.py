@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         setup_logging(config.log_level)
-        from .app import run
+        from .app import event_loop_factory, run
 
-        asyncio.run(run(config))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(run(config))
         return 0
     except ConfigError as error:
         print(f"route-sidecar: config error: {error}", file=sys.stderr)

@@ -16,7 +16,9 @@ DEFAULT_PREFIXES = ("/route", "!route")
 CLEAR_WORDS = ("auto", "off", "cancel")
 AGAIN_WORDS = ("again", "retry")
 # Words that can never name a target: the config refuses them as target names or aliases.
-RESERVED_WORDS = frozenset({"status", "help", "targets", "history", *CLEAR_WORDS, *AGAIN_WORDS})
+RESERVED_WORDS = frozenset(
+    {"status", "help", "targets", "history", "leave", *CLEAR_WORDS, *AGAIN_WORDS}
+)
 RAW_MODEL_PREFIX = "model:"
 # Messages that can be a question: a caption or a file name is not one.
 QUESTION_MSGTYPES = ("m.text",)
@@ -82,6 +84,11 @@ class ShowHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaveRoom:
+    """`/route leave`: a room admin asks the bot to leave (SPEC "The appservice side")."""
+
+
+@dataclass(frozen=True, slots=True)
 class ClearIntent:
     word: str = "auto"
 
@@ -104,7 +111,7 @@ class RouteTo:
         return self.target[len(RAW_MODEL_PREFIX) :] if self.is_raw_model else None
 
 
-Command = ShowStatus | ShowHelp | ListTargets | ShowHistory | ClearIntent | RouteTo
+Command = ShowStatus | ShowHelp | ListTargets | ShowHistory | LeaveRoom | ClearIntent | RouteTo
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +189,7 @@ def parse_command(
         return _no_question(ShowStatus(), question, p)
     word = words[0].lower()
     rest = words[1:]
-    if word in ("status", "help", "targets", "history", *CLEAR_WORDS):
+    if word in ("status", "help", "targets", "history", "leave", *CLEAR_WORDS):
         if rest:
             return CommandError(f"`{p} {word}` takes no arguments. Type `{p} help` for usage.")
         command: Command = {
@@ -190,6 +197,7 @@ def parse_command(
             "help": ShowHelp(),
             "targets": ListTargets(),
             "history": ShowHistory(),
+            "leave": LeaveRoom(),
         }.get(word) or ClearIntent(word)
         return _no_question(command, question, p)
     if word in AGAIN_WORDS:
@@ -326,6 +334,8 @@ def format_command(command: Command, prefix: str = DEFAULT_PREFIXES[0]) -> str:
             return f"{prefix} targets"
         case ShowHistory():
             return f"{prefix} history"
+        case LeaveRoom():
+            return f"{prefix} leave"
         case ClearIntent(word=word):
             return f"{prefix} {word}"
         case RouteTo(target=target, scope=scope, question=question, again=again):

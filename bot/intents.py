@@ -205,14 +205,27 @@ class Claimed:
         return self.result.override
 
 
-def continues_bound_turn(
+def continue_turn(
     intent: Intent, key: TurnKey | None, now: datetime, timing: Timing
-) -> bool:
-    """A later call of a turn the intent is bound to: its placement among the room's
-    messages no longer matters (the shell may skip looking it up)."""
-    return key is not None and any(
-        bound.key == key and bound.is_open(now, timing) for bound in intent.bound_turns
-    )
+) -> Claimed | None:
+    """`claim` for a later call of a bound turn that is still open, in one scan; None when
+    the call is not one. (A live intent with an open turn cannot have ended: `expires_at`
+    is never before the end of an open turn, so `advance` is skipped.)"""
+    if key is None or not intent.state.is_live:
+        return None
+    turns = intent.bound_turns
+    for position in range(len(turns) - 1, -1, -1):
+        bound = turns[position]
+        if bound.key == key:
+            if not bound.is_open(now, timing):
+                return None
+            continued = BoundTurn(bound.key, bound.bound_at, now, bound.claims + 1)
+            return Claimed(
+                replace(intent, bound_turns=(*turns[:position], continued, *turns[position + 1 :])),
+                ClaimResult.CONTINUED,
+                position,
+            )
+    return None
 
 
 def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> Claimed:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientSession
+from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceAPI, IntentAPI
 from mautrix.appservice.state_store import ASStateStore
 from mautrix.client.state_store import MemoryStateStore
@@ -27,10 +28,13 @@ from .metrics import Metrics
 
 if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
     from .crypto import BotCrypto
+from .service import LEAVE_EFFECT
 from .store import Store
 
 log = logging.getLogger("route_sidecar.matrix")
 MAX_ATTEMPTS = 8
+LEFT_ROOM = "(left)"  # what a leave's outbox row records in place of an event id
+ASKED_TO_LEAVE = "Asked to leave by a room admin (`/route leave`)"
 NOT_ALLOWED = "This room is not on the route side-car's allow-list (`rooms` in its config)"
 # Notices about what the bot cannot read go out unencrypted: when keys do not reach the
 # bot, its encrypted messages may not reach the sender either.
@@ -135,10 +139,20 @@ class MatrixBot:
             if not policy.room_allowed(room_id, self.config):
                 await self.leave(room_id, NOT_ALLOWED)
 
+    async def power_levels(self, room_id: str, user_id: str) -> tuple[int, int] | None:
+        """The user's power level in the room and the level needed to kick; None when
+        the homeserver cannot say."""
+        try:
+            state = await self.intent.api.request(Method.GET, Path.v3.rooms[room_id].state)
+        except Exception as error:  # network or homeserver trouble
+            log.warning("power levels not read room=%s error=%s", room_id, type(error).__name__)
+            return None
+        return policy.room_power(user_id, state if isinstance(state, list) else [])
+
     async def leave(self, room_id: RoomID, reason: str) -> None:
         try:
             await self.intent.leave_room(room_id, reason=reason)
-            log.info("room left room=%s reason=not-allowed", room_id)
+            log.info("room left room=%s", room_id)
         except MatrixRequestError as error:
             log.warning("room leave failed room=%s error=%s", room_id, error.errcode)
 
@@ -156,40 +170,50 @@ class MatrixBot:
         async with self.store.atomic() as tx:
             pending = await tx.unsent_effects(self.clock())
         sent = 0
+        unsent_rooms: set[str] = set()  # rooms with an earlier event not sent in this pass
         for row in pending:
+            if row["event_type"] == LEAVE_EFFECT and row["room_id"] in unsent_rooms:
+                continue  # leave only once everything before it is sent
             content: dict[str, Any] = self.unstored.get(row["key"]) or json.loads(row["content"])
             if row["edits"]:
                 async with self.store.atomic() as tx:
                     target = await tx.effect_event_id(row["edits"])
                 if target is None:
+                    unsent_rooms.add(row["room_id"])
                     continue  # the event it edits is not sent yet (or failed): later
                 content["m.relates_to"]["event_id"] = target
             txn_id = f"rs-{self.instance}-{row['id']}"
             event_type = row["event_type"]
             try:
-                if (
-                    self.crypto is not None
-                    and not row["key"].startswith(SENT_IN_CLEAR)
-                    and await self.crypto.is_encrypted(row["room_id"])
-                ):
-                    event_type, content = await self.crypto.encrypt(
-                        row["room_id"], event_type, content
+                if event_type == LEAVE_EFFECT:  # `/route leave`, after its reply
+                    await self.intent.leave_room(RoomID(row["room_id"]), reason=ASKED_TO_LEAVE)
+                    event_id = LEFT_ROOM
+                else:
+                    if (
+                        self.crypto is not None
+                        and not row["key"].startswith(SENT_IN_CLEAR)
+                        and await self.crypto.is_encrypted(row["room_id"])
+                    ):
+                        event_type, content = await self.crypto.encrypt(
+                            row["room_id"], event_type, content
+                        )
+                    event_id = await self.intent.send_message_event(
+                        RoomID(row["room_id"]),
+                        EventType.find(event_type),
+                        content,
+                        txn_id=txn_id,
                     )
-                event_id = await self.intent.send_message_event(
-                    RoomID(row["room_id"]),
-                    EventType.find(event_type),
-                    content,
-                    txn_id=txn_id,
-                )
             except MatrixStandardRequestError as error:
                 permanent = error.http_status < 500 and error.http_status != 429
                 give_up = permanent or row["attempts"] + 1 >= MAX_ATTEMPTS
                 await self._attempt_failed(row, give_up, error.errcode)
+                unsent_rooms.add(row["room_id"])
                 continue
             except Exception as error:  # network or homeserver trouble
                 await self._attempt_failed(
                     row, row["attempts"] + 1 >= MAX_ATTEMPTS, type(error).__name__
                 )
+                unsent_rooms.add(row["room_id"])
                 continue
             crash_point("event-sent")
             async with self.store.atomic() as tx:

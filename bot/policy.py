@@ -3,9 +3,10 @@ messages the bot listens to at all. Pure: config values and facts in, a decision
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from .commands import RouteTo, Scope, ScopeKind, format_duration
 from .config import Config, Target
@@ -25,6 +26,44 @@ def user_level(user_id: str, permissions: Mapping[str, int]) -> int | None:
 
 def may_invite(user_id: str, config: Config) -> bool:
     return user_level(user_id, config.permissions) is not None
+
+
+CREATOR_POWER = 2**53  # room versions 12+: a creator outranks every power level
+# Room versions whose creators hold only the power level the power_levels event gives.
+_CREATORS_NOT_PRIVILEGED = {str(version) for version in range(1, 12)}
+
+
+def _level(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def room_power(user_id: str, state: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """The user's power level in a room and the level needed to kick, read from the
+    room's state events as the homeserver returns them (`GET /rooms/{id}/state`)."""
+    create: Mapping[str, Any] = {}
+    levels: Mapping[str, Any] = {}
+    for event in state:
+        if event.get("state_key") != "":
+            continue
+        if event.get("type") == "m.room.create":
+            create = event
+        elif event.get("type") == "m.room.power_levels":
+            levels = event.get("content") or {}
+    content = create.get("content") or {}
+    if str(content.get("room_version", "1")) not in _CREATORS_NOT_PRIVILEGED:
+        additional = content.get("additional_creators")
+        creators = {create.get("sender"), *(additional if isinstance(additional, list) else ())}
+        if user_id in creators:
+            return CREATOR_POWER, _level(levels.get("kick"), 50)
+    users = levels.get("users") if isinstance(levels.get("users"), Mapping) else {}
+    level = _level(users.get(user_id), _level(levels.get("users_default"), 0))
+    return level, _level(levels.get("kick"), 50)
+
+
+def may_ask_to_leave(power_level: int, kick_level: int) -> bool:
+    """`/route leave` is for the room's admins: whoever could remove the bot (kick it)
+    may ask it to go."""
+    return power_level >= kick_level
 
 
 def room_allowed(room_id: str, config: Config) -> bool:

@@ -188,11 +188,36 @@ def help_text(prefix: str, prefixes: Sequence[str]) -> Text:
                 f"`{prefix} <target> again`: re-ask the room's last question there (also `retry`)",
                 f"`{prefix} targets`: the targets you may use",
                 f"`{prefix} history`: the last routed and failed turns",
+                f"`{prefix} leave`: the bot leaves this room (room admins: who may kick)",
                 f"`{prefix} help`: this text",
                 'In Element, `/route` opens an "Unknown command" dialog (choose '
                 '"Send as message"); `!route` always works.',
             ]
         )
+    )
+
+
+def leaving(previous: Intent | None) -> Text:
+    cancelled = (
+        f" The route to **{previous.target}** is cancelled: automatic routing."
+        if previous is not None
+        else ""
+    )
+    return render(f"👋 Leaving this room, as asked.{cancelled} Invite me again to use it.")
+
+
+def leave_refused(power_level: int, kick_level: int) -> Text:
+    return render(
+        f"⛔ Only a room admin may ask me to leave: it takes power level {kick_level} "
+        f"(the level to kick), and yours is {power_level}. You may still remove me yourself "
+        "if you can kick."
+    )
+
+
+def leave_unchecked() -> Text:
+    return render(
+        "⛔ I could not read this room's power levels from the homeserver, so I stay. "
+        "Try again in a moment."
     )
 
 

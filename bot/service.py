@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -47,6 +47,9 @@ log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
 METADATA_VALUE_MAX = 512
 SUGGESTION = "suggest"  # key prefix of the outbox's failure suggestions
+# The outbox row (event type and key prefix) of a `/route leave`: the bot leaves the room.
+LEAVE_EFFECT = "route_sidecar.leave"
+LEAVING = "leaving"  # the result label of a `/route leave` that is honoured
 # At most one "I cannot decrypt" notice per room in this long: a device that never gets
 # keys would otherwise answer every message.
 UNDECRYPTABLE_NOTICE_EVERY = timedelta(minutes=10)
@@ -157,6 +160,9 @@ class RouteService:
         # later successful call of the turn can withdraw one not yet sent.
         self.failures: dict[str, datetime] = {}
         self.arrivals = Arrivals()
+        # (room, user) → (the user's power level, the level to kick), from the homeserver;
+        # None when it cannot say. Set by the composition root (bot.matrix).
+        self.room_powers: Callable[[str, str], Awaitable[tuple[int, int] | None]] | None = None
         self._unsaved: set[str] = set()  # rooms whose live intent has unwritten claim times
         self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
         self.outbox_changed = asyncio.Event()
@@ -292,13 +298,16 @@ class RouteService:
             async with self.store.atomic(durable=False) as tx:
                 await tx.add_seen(seen)
             return
+        powers = None
+        if isinstance(parsed, cmd.LeaveRoom) and self.room_powers is not None:
+            powers = await self.room_powers(message.room_id, message.sender)  # before the lock
         async with self._lock, self._writing() as tx:
             if await tx.command_handled(message.event_id):
                 self.metrics.duplicates.labels("event").inc()
                 log.info("command duplicate room=%s event=%s", message.room_id, message.event_id)
                 return
             await tx.add_seen(seen)
-            text, intent, result = await self._run_command(tx, parsed, message, reask, now)
+            text, intent, result = await self._run_command(tx, parsed, message, reask, powers, now)
             await tx.record_command(
                 message.event_id,
                 message.room_id,
@@ -313,6 +322,10 @@ class RouteService:
                 replies.notice_content(text, message.event_id, message.thread_root),
                 now,
             )
+            if result == LEAVING:  # after the reply: the bot can no longer post once gone
+                await tx.add_effect(
+                    f"{LEAVE_EFFECT}:{message.event_id}", message.room_id, LEAVE_EFFECT, {}, now
+                )
         crash_point("command-committed")
         self.metrics.commands.labels(_command_name(parsed), result).inc()
         self.metrics.active_intents.set(len(self.live))
@@ -332,6 +345,7 @@ class RouteService:
         parsed: cmd.Command | cmd.CommandError,
         message: RoomMessage,
         reask: Question | None,
+        powers: tuple[int, int] | None,
         now: datetime,
     ) -> tuple[replies.Text, Intent | None, str]:
         """The reply, the intent created (if any) and a result label for one command."""
@@ -356,6 +370,14 @@ class RouteService:
                 calls = await tx.unrouted_calls(message.room_id, HISTORY_CALLS)
                 turns = past.latest(routed, past.failed_turns(calls))
                 return replies.history(turns, prefix), None, "ok"
+            case cmd.LeaveRoom():
+                if powers is None:
+                    return replies.leave_unchecked(), None, "error"
+                if not policy.may_ask_to_leave(*powers):
+                    return replies.leave_refused(*powers), None, "refused"
+                if current is not None:
+                    await self._end(tx, current, EndReason.CLEARED, now)
+                return replies.leaving(current), None, LEAVING
             case cmd.ClearIntent():
                 if current is not None:
                     await self._end(tx, current, EndReason.CLEARED, now)
@@ -483,18 +505,20 @@ class RouteService:
                 room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
         if room_id is None or room_id not in self.live:
             return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+        if not self._lock.locked():
+            # No writer is between a read and a write: a later call of a bound turn is
+            # answered here, in memory, with nothing awaited (the common case in a turn).
+            continued = self._continue_bound_turn(room_id, key, turn)
+            if continued is not None:
+                return continued
         async with self._lock:
+            continued = self._continue_bound_turn(room_id, key, turn)
+            if continued is not None:
+                return continued
             now = self.clock()
             intent = self.live.get(room_id)
             if intent is None:
                 return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
-            if core.continues_bound_turn(intent, key, now, self.timing):
-                # Only the turn's last-claim time changes: kept in memory, written by the
-                # next sweep (the binding itself is already durable).
-                claimed = core.claim(intent, core.ClaimedTurn(key), now, self.timing)
-                self.live[room_id] = claimed.intent
-                self._unsaved.add(room_id)
-                return self._answer(claimed, room_id, turn)
             async with self._writing() as tx:
                 seen = await tx.seen_for_turn(room_id, key) if key is not None else []
                 placement = place_turn(key, seen)
@@ -521,6 +545,20 @@ class RouteService:
                 claimed.turn_position,
             )
             self.outbox_changed.set()
+        return self._answer(claimed, room_id, turn)
+
+    def _continue_bound_turn(
+        self, room_id: str, key: TurnKey | None, turn: Turn
+    ) -> ClaimAnswer | None:
+        """A later call of a turn the room's intent is bound to. Only the turn's last-claim
+        time changes: kept in memory, written by the next sweep (the binding itself is
+        already durable). None: not such a call."""
+        intent = self.live.get(room_id)
+        claimed = core.continue_turn(intent, key, self.clock(), self.timing) if intent else None
+        if claimed is None:
+            return None
+        self.live[room_id] = claimed.intent
+        self._unsaved.add(room_id)
         return self._answer(claimed, room_id, turn)
 
     def _answer(self, claimed: core.Claimed, room_id: str, turn: Turn) -> ClaimAnswer:
@@ -721,16 +759,17 @@ class RouteService:
     # ---- time ---------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Apply the passing of time to every live intent (expiry edits the confirmation)."""
+        """Write the claim times kept in memory, then apply the passing of time to every
+        live intent (expiry edits the confirmation)."""
         now = self.clock()
-        async with self._lock:
-            await self._save_claim_times()
-            changed = [
-                (intent, advanced)
-                for intent in list(self.live.values())
-                if (advanced := core.advance(intent, now, self.timing)) != intent
-            ]
-            if changed:
+        await self._save_claim_times()
+        if any(core.advance(i, now, self.timing) != i for i in list(self.live.values())):
+            async with self._lock:
+                changed = [
+                    (intent, advanced)
+                    for intent in list(self.live.values())
+                    if (advanced := core.advance(intent, now, self.timing)) != intent
+                ]
                 async with self._writing() as tx:
                     for before, after in changed:
                         await self._record_change(tx, before, after, now)
@@ -749,16 +788,22 @@ class RouteService:
 
     async def flush(self) -> None:
         """Write what is only in memory (at shutdown)."""
-        async with self._lock:
-            await self._save_claim_times()
+        await self._save_claim_times()
 
     async def _save_claim_times(self) -> None:
-        rooms = [room for room in self._unsaved if room in self.live]
+        """Claim times of bound turns, taken from memory at once and written without the
+        service lock: the write touches only those columns (never the intent's state),
+        so claims go on while it runs, and an older copy never undoes a newer one."""
+        turns = [
+            (intent.id, position, turn)
+            for room in self._unsaved
+            if (intent := self.live.get(room)) is not None
+            for position, turn in enumerate(intent.bound_turns)
+        ]
         self._unsaved.clear()
-        if rooms:
+        if turns:
             async with self.store.atomic(durable=False) as tx:
-                for room in rooms:
-                    await tx.save_intent(self.live[room])
+                await tx.save_claim_times(turns)
 
     async def forget_old_messages(self) -> None:
         async with self.store.atomic(durable=False) as tx:
@@ -846,6 +891,7 @@ def _command_name(parsed: cmd.Command | cmd.CommandError) -> str:
         cmd.ShowHelp: "help",
         cmd.ListTargets: "targets",
         cmd.ShowHistory: "history",
+        cmd.LeaveRoom: "leave",
         cmd.ClearIntent: "auto",
         cmd.RouteTo: "route",
         cmd.CommandError: "malformed",

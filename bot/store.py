@@ -232,6 +232,16 @@ class Tx:
 
     # intents
 
+    async def save_claim_times(self, turns: Sequence[tuple[str, int, BoundTurn]]) -> None:
+        """The last-claim time and claim count of bound turns already stored (by intent id
+        and position); never moved back, so an older copy written late changes nothing."""
+        await self.db.executemany(
+            """UPDATE bound_turns SET last_claim_at = MAX(last_claim_at, ?),
+                   claims = MAX(claims, ?)
+               WHERE intent_id = ? AND position = ?""",
+            [(to_ms(t.last_claim_at), t.claims, intent_id, pos) for intent_id, pos, t in turns],
+        )
+
     async def save_intent(self, intent: Intent) -> None:
         scope = intent.scope
         await self.db.execute(
@@ -267,7 +277,8 @@ class Tx:
                        request_scoped, bound_at, last_claim_at, claims)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (intent_id, position) DO UPDATE SET
-                       last_claim_at = excluded.last_claim_at, claims = excluded.claims""",
+                       last_claim_at = MAX(last_claim_at, excluded.last_claim_at),
+                       claims = MAX(claims, excluded.claims)""",
                 (
                     intent.id,
                     position,
@@ -281,10 +292,18 @@ class Tx:
             )
 
     async def live_intents(self) -> list[Intent]:
+        """Every live intent, in two queries (not one per intent: start-up time)."""
         rows = await self._all(
             "SELECT * FROM intents WHERE state IN ('pending', 'active') ORDER BY created_at"
         )
-        return [await self._intent(row) for row in rows]
+        turns: dict[str, list[aiosqlite.Row]] = {}
+        for turn in await self._all(
+            """SELECT * FROM bound_turns WHERE intent_id IN
+                   (SELECT id FROM intents WHERE state IN ('pending', 'active'))
+               ORDER BY intent_id, position"""
+        ):
+            turns.setdefault(turn["intent_id"], []).append(turn)
+        return [_intent_from(row, turns.get(row["id"], [])) for row in rows]
 
     async def intent(self, intent_id: str) -> Intent | None:
         row = await self._one("SELECT * FROM intents WHERE id = ?", (intent_id,))
@@ -305,38 +324,7 @@ class Tx:
         turns = await self._all(
             "SELECT * FROM bound_turns WHERE intent_id = ? ORDER BY position", (row["id"],)
         )
-        kind = ScopeKind(row["scope_kind"])
-        seconds = row["scope_seconds"]
-        scope = Scope(
-            kind, row["scope_turns"], timedelta(seconds=seconds) if seconds is not None else None
-        )
-        return Intent(
-            id=row["id"],
-            room_id=row["room_id"],
-            target=row["target"],
-            model=row["model"],
-            scope=scope,
-            sender=row["sender"],
-            command_event_id=row["command_event_id"],
-            command_thread_id=row["command_thread_id"],
-            command_at=_from_ms(row["command_at"]),
-            created_at=_from_ms(row["created_at"]),
-            state=IntentState(row["state"]),
-            bound_turns=tuple(
-                BoundTurn(
-                    key=None
-                    if t["request_scoped"]
-                    else TurnKey(turn_id=t["turn_id"], message_hash=t["message_hash"]),
-                    bound_at=_from_ms(t["bound_at"]),
-                    last_claim_at=_from_ms(t["last_claim_at"]),
-                    claims=t["claims"],
-                )
-                for t in turns
-            ),
-            question_hash=row["question_hash"],
-            ended_at=from_ms(row["ended_at"]),
-            end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
-        )
+        return _intent_from(row, turns)
 
     # seen messages
 
@@ -587,4 +575,39 @@ def _seen(row: aiosqlite.Row) -> SeenMessage:
         message_hash=row["message_hash"],
         is_command=bool(row["is_command"]),
         sender=row["sender"],
+    )
+
+
+def _intent_from(row: aiosqlite.Row, turns: Sequence[aiosqlite.Row]) -> Intent:
+    kind = ScopeKind(row["scope_kind"])
+    seconds = row["scope_seconds"]
+    scope = Scope(
+        kind, row["scope_turns"], timedelta(seconds=seconds) if seconds is not None else None
+    )
+    return Intent(
+        id=row["id"],
+        room_id=row["room_id"],
+        target=row["target"],
+        model=row["model"],
+        scope=scope,
+        sender=row["sender"],
+        command_event_id=row["command_event_id"],
+        command_thread_id=row["command_thread_id"],
+        command_at=_from_ms(row["command_at"]),
+        created_at=_from_ms(row["created_at"]),
+        state=IntentState(row["state"]),
+        bound_turns=tuple(
+            BoundTurn(
+                key=None
+                if t["request_scoped"]
+                else TurnKey(turn_id=t["turn_id"], message_hash=t["message_hash"]),
+                bound_at=_from_ms(t["bound_at"]),
+                last_claim_at=_from_ms(t["last_claim_at"]),
+                claims=t["claims"],
+            )
+            for t in turns
+        ),
+        question_hash=row["question_hash"],
+        ended_at=from_ms(row["ended_at"]),
+        end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
     )

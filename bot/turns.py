@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from .commands import is_single_line_command
@@ -67,7 +68,7 @@ def content_text(content: Any) -> str | None:
         parts = [
             part["text"]
             for part in content
-            if isinstance(part, Mapping)
+            if _is_mapping(part)
             and part.get("type", "text") == "text"
             and isinstance(part.get("text"), str)
         ]
@@ -78,25 +79,34 @@ def content_text(content: Any) -> str | None:
 def extract_turn(body: Any) -> Turn:
     """Room id, turn id and last user message from an OpenAI chat-completions body.
 
-    Never raises: anything it cannot read is simply absent from the result.
+    Never raises: anything it cannot read is simply absent from the result. The last user
+    message is looked for from the end, so a long conversation costs only its tail.
     """
-    messages = body.get("messages") if isinstance(body, Mapping) else None
+    messages = body.get("messages") if _is_mapping(body) else None
     if not isinstance(messages, list):
         return Turn()
-    room_id = turn_id = last_user = None
+    last_user = None
+    for message in reversed(messages):
+        if _is_mapping(message) and message.get("role") == "user":
+            last_user = content_text(message.get("content"))
+            if last_user is not None:
+                break
+    room_id = turn_id = None
     for message in messages:
-        if not isinstance(message, Mapping):
+        if not (_is_mapping(message) and message.get("role") in SYSTEM_ROLES):
             continue
-        role = message.get("role")
         text = content_text(message.get("content"))
-        if text is None:
-            continue
-        if role in SYSTEM_ROLES:
+        if text is not None:
             room_id = room_id or _first_match(_ROOM_LINE, text)
             turn_id = turn_id or _first_match(_THREAD_LINE, text)
-        elif role == "user":
-            last_user = text
+            if room_id and turn_id:
+                break
     return Turn(room_id=room_id, turn_id=turn_id, last_user_message=last_user)
+
+
+def _is_mapping(value: Any) -> bool:
+    """A dict (what JSON gives) at once; any other Mapping by the slower ABC check."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def merge_turn(given: Turn, extracted: Turn) -> Turn:
@@ -143,12 +153,27 @@ def _strip_bracketed_notes(text: str) -> str:
     return (reversed_text[trailing.end() :] if trailing else reversed_text)[::-1]
 
 
+# Every LLM call of a turn carries the same last user message: its hash is remembered
+# (in memory, for messages up to this length) instead of normalised again per call.
+HASH_CACHE_TEXT_CHARS = 4096
+HASH_CACHE_SIZE = 4096
+
+
 def message_hash(salt: bytes, text: str) -> str | None:
     """Salted hash of the normalised text; None when nothing is left to compare."""
+    if len(text) <= HASH_CACHE_TEXT_CHARS:
+        return _remembered_hash(salt, text)
+    return _message_hash(salt, text)
+
+
+def _message_hash(salt: bytes, text: str) -> str | None:
     normal = normalise_message(text)
     if not normal:
         return None
     return hashlib.sha256(salt + normal.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_remembered_hash = lru_cache(maxsize=HASH_CACHE_SIZE)(_message_hash)
 
 
 def turn_key(turn: Turn, salt: bytes) -> TurnKey | None:

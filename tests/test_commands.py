@@ -19,6 +19,7 @@ from bot.commands import (
     ClearIntent,
     Command,
     CommandError,
+    LeaveRoom,
     ListTargets,
     RouteTo,
     Scope,
@@ -72,6 +73,7 @@ valid_commands: st.SearchStrategy[Command] = st.one_of(
     st.just(ShowHelp()),
     st.just(ListTargets()),
     st.just(ShowHistory()),
+    st.just(LeaveRoom()),
     st.sampled_from(CLEAR_WORDS).map(ClearIntent),
     route_commands(),
 )
@@ -116,7 +118,14 @@ def test_parse_command_never_raises_on_any_text(body: str) -> None:
     result = parse_command(body)
     assert result is None or isinstance(
         result,
-        CommandError | ShowStatus | ShowHelp | ListTargets | ShowHistory | ClearIntent | RouteTo,
+        CommandError
+        | ShowStatus
+        | ShowHelp
+        | ListTargets
+        | ShowHistory
+        | LeaveRoom
+        | ClearIntent
+        | RouteTo,
     )
 
 
@@ -131,6 +140,7 @@ COMMAND_VOCABULARY = [
     "help",
     "targets",
     "history",
+    "leave",
     "auto",
     "off",
     "cancel",
@@ -404,6 +414,8 @@ EXAMPLES: list[tuple[str, Command]] = [
     ("/route help", ShowHelp()),
     ("/route targets", ListTargets()),
     ("/route history", ShowHistory()),
+    ("/route leave", LeaveRoom()),
+    ("!route LEAVE", LeaveRoom()),
     ("/route auto", ClearIntent("auto")),
     ("/route OFF", ClearIntent("off")),
     ("!route cancel", ClearIntent("cancel")),
@@ -454,7 +466,15 @@ def test_raw_model_id_keeps_its_case_and_exposes_the_model() -> None:
 
 
 def test_reserved_words_are_the_command_words() -> None:
-    assert {"status", "help", "targets", "history", *CLEAR_WORDS, *AGAIN_WORDS} == RESERVED_WORDS
+    assert {
+        "status",
+        "help",
+        "targets",
+        "history",
+        "leave",
+        *CLEAR_WORDS,
+        *AGAIN_WORDS,
+    } == RESERVED_WORDS
     for word in RESERVED_WORDS:
         assert not isinstance(parse_command(f"/route {word}"), RouteTo)
 

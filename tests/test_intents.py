@@ -22,7 +22,7 @@ from bot.intents import (
     cancel,
     cancel_on_redaction,
     claim,
-    continues_bound_turn,
+    continue_turn,
     expires_at,
     new_intent,
 )
@@ -558,16 +558,20 @@ def test_advance_does_not_touch_an_ended_intent() -> None:
         assert advance(ended, at(minutes=500), TIMING) == ended
 
 
-# --- continues_bound_turn ----------------------------------------------------------------
+# --- continue_turn (the claim path's shortcut) ------------------------------------------
 
 
-def test_continues_bound_turn_only_for_an_open_bound_turn() -> None:
+def test_continue_turn_only_for_an_open_bound_turn() -> None:
     intent, _ = claims(make(scope=Scope.next_turns(2)), (turn("a"), at(seconds=5)))
-    assert continues_bound_turn(intent, key("a"), at(seconds=6), TIMING)
-    assert not continues_bound_turn(intent, key("b"), at(seconds=6), TIMING)
-    assert not continues_bound_turn(intent, None, at(seconds=6), TIMING)
-    assert not continues_bound_turn(intent, key("a"), at(seconds=5) + IDLE, TIMING)
-    assert not continues_bound_turn(make(), key("a"), at(seconds=6), TIMING)
+    continued = continue_turn(intent, key("a"), at(seconds=6), TIMING)
+    assert continued is not None
+    assert (continued.result, continued.turn_position) == (ClaimResult.CONTINUED, 0)
+    assert continued.intent.bound_turns[0].last_claim_at == at(seconds=6)
+    assert continued.intent.bound_turns[0].claims == 2
+    assert continue_turn(intent, key("b"), at(seconds=6), TIMING) is None
+    assert continue_turn(intent, None, at(seconds=6), TIMING) is None
+    assert continue_turn(intent, key("a"), at(seconds=5) + IDLE, TIMING) is None
+    assert continue_turn(make(), key("a"), at(seconds=6), TIMING) is None
 
 
 # --- results -----------------------------------------------------------------------------
@@ -680,3 +684,28 @@ def test_a_bound_turn_is_never_rebound_to_another_key() -> None:
     for name in ("b", "c", None):
         intent = claim(intent, turn(name), at(seconds=2), TIMING).intent
     assert intent.bound_turns == (bound,)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([Scope.once(), Scope.next_turns(3), Scope.lasting(timedelta(minutes=6))]),
+    steps,
+    st.integers(min_value=0, max_value=400),
+    st.sampled_from(TURN_NAMES),
+)
+def test_continue_turn_answers_exactly_as_claim_does(
+    scope: Scope,
+    sequence: list[tuple[int, str | None, int | None, bool]],
+    gap: int,
+    name: str | None,
+) -> None:
+    answered = run_sequence(make(scope=scope), sequence)
+    intent = answered[-1][1].intent if answered else make(scope=scope)
+    now = T0 + timedelta(seconds=sum(step[0] for step in sequence) + gap)
+    probe = key(name) if name is not None else None
+    full = claim(intent, ClaimedTurn(probe), now, TIMING)
+    short = continue_turn(intent, probe, now, TIMING)
+    if full.result is ClaimResult.CONTINUED:
+        assert short == full
+    else:
+        assert short is None

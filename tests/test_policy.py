@@ -19,11 +19,13 @@ from bot.policy import (
     find_target,
     is_stale,
     listens_to,
+    may_ask_to_leave,
     may_invite,
     rate_limited,
     resolve_route,
     retry_targets,
     room_allowed,
+    room_power,
     usable_targets,
     user_level,
 )
@@ -97,6 +99,44 @@ def test_user_level_is_exact_user_then_server_then_star(
     user: str, permissions: dict[str, int], level: int | None
 ) -> None:
     assert user_level(user, permissions) == level
+
+
+def state(version: str, users: dict[str, int], **extra: Any) -> list[dict[str, Any]]:
+    create = {"room_version": version, **extra}
+    return [
+        {"type": "m.room.create", "state_key": "", "sender": "@creator:x", "content": create},
+        {"type": "m.room.power_levels", "state_key": "", "content": {"users": users}},
+        {"type": "m.room.member", "state_key": "@creator:x", "content": {"membership": "join"}},
+    ]
+
+
+def test_room_power_reads_levels_and_the_kick_level() -> None:
+    levels = state("11", {"@creator:x": 100, "@mod:x": 50})
+    assert room_power("@creator:x", levels) == (100, 50)
+    assert room_power("@mod:x", levels) == (50, 50)
+    assert room_power("@nobody:x", levels) == (0, 50)
+    levels[1]["content"].update(kick=75, users_default=10)
+    assert room_power("@nobody:x", levels) == (10, 75)
+    assert room_power("@nobody:x", []) == (0, 50)
+    broken = [{"type": "m.room.power_levels", "state_key": "", "content": {"users": []}}]
+    assert room_power("@nobody:x", broken) == (0, 50)
+
+
+def test_room_power_gives_creators_of_version_12_rooms_more_than_any_level() -> None:
+    # Room versions 12+ leave the creators out of `users`: they outrank everyone.
+    levels = state("12", {"@mod:x": 50}, additional_creators=["@co:x"])
+    assert room_power("@creator:x", levels)[0] > 2**31
+    assert room_power("@co:x", levels)[0] > 2**31
+    assert room_power("@mod:x", levels) == (50, 50)
+    assert room_power("@creator:x", state("11", {}))[0] == 0  # not so before version 12
+
+
+def test_only_who_could_kick_the_bot_may_ask_it_to_leave() -> None:
+    assert may_ask_to_leave(100, 50)
+    assert may_ask_to_leave(50, 50)
+    assert not may_ask_to_leave(49, 50)
+    assert not may_ask_to_leave(0, 50)
+    assert may_ask_to_leave(0, 0)
 
 
 def test_only_permitted_users_may_invite() -> None:

@@ -4,6 +4,7 @@ concurrent claims bind one turn, what was committed survives a reopen."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,3 +133,48 @@ async def test_claim_times_kept_in_memory_are_written_by_the_sweep(
     reopened = await make_service(path, clock)
     assert (await reopened.claim(bound)).override is True
     await reopened.store.close()
+
+
+async def outbox(service: RouteService) -> list[tuple[str, str, dict]]:
+    async with service.store.atomic(durable=False) as tx:
+        rows = await tx.unsent_effects(service.clock() + timedelta(days=1))
+    return [(row["key"], row["event_type"], json.loads(row["content"])) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("powers", "leaves", "says"),
+    [
+        ((100, 50), True, "Leaving this room"),
+        ((50, 50), True, "Leaving this room"),
+        ((0, 50), False, "Only a room admin"),
+        (None, False, "could not read this room's power levels"),
+    ],
+    ids=["admin", "moderator-who-may-kick", "member", "homeserver-unreachable"],
+)
+async def test_route_leave_queues_the_leave_after_its_reply_for_who_may_kick_only(
+    tmp_path: Path, clock: Clock, powers: tuple[int, int] | None, leaves: bool, says: str
+) -> None:
+    service = await make_service(tmp_path / "db.sqlite", clock)
+    asked: list[tuple[str, str]] = []
+
+    async def room_powers(room_id: str, user_id: str) -> tuple[int, int] | None:
+        asked.append((room_id, user_id))
+        return powers
+
+    service.room_powers = room_powers
+    await service.on_message(message("!route cloud --for 1h", "$route", clock.now))
+    clock.now += timedelta(seconds=1)
+    await service.on_message(message("!route leave", "$leave", clock.now, sender="@bob:test"))
+    assert asked == [(ROOM, "@bob:test")]
+    effects = await outbox(service)
+    keys = [key for key, _, _ in effects]
+    reply = next(content for key, _, content in effects if key == "reply:$leave")
+    assert says in reply["body"]
+    if leaves:
+        assert keys[-2:] == ["reply:$leave", "route_sidecar.leave:$leave"]
+        assert effects[-1][1] == "route_sidecar.leave"
+        assert ROOM not in service.live, "the room's route ends when the bot leaves"
+    else:
+        assert not any(key.startswith("route_sidecar.leave") for key in keys)
+        assert ROOM in service.live, "a refused leave changes nothing"
+    await service.store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.turns import (
+    MAX_ID_LENGTH,
     Placement,
     SeenMessage,
     Turn,
     TurnKey,
+    content_text,
     extract_turn,
     is_command_turn,
     merge_turn,
@@ -206,6 +209,58 @@ def test_extract_turn_never_raises_on_arbitrary_json(value: Any) -> None:
     turn = extract_turn(value)
     for field in (turn.room_id, turn.turn_id, turn.last_user_message):
         assert field is None or isinstance(field, str)
+
+
+def reference_extract_turn(value: Any) -> Turn:
+    """The plain one-pass reading extract_turn must agree with: every message in order,
+    the first room and thread lines of system messages, the last user message with text."""
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if not isinstance(messages, list):
+        return Turn()
+    room_id = turn_id = last_user = None
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        text = content_text(message.get("content"))
+        if text is None:
+            continue
+        if message.get("role") in ("system", "developer"):
+            room = re.search(r"\*\*Matrix Room ID:\*\*[ \t]*`?(![^\s`]+)`?", text)
+            thread = re.search(r"\*\*Matrix Thread:\*\*[ \t]*`?(\$[^\s`]+)`?", text)
+            if room_id is None and room and len(room.group(1)) <= MAX_ID_LENGTH:
+                room_id = room.group(1)
+            if turn_id is None and thread and len(thread.group(1)) <= MAX_ID_LENGTH:
+                turn_id = thread.group(1)
+        elif message.get("role") == "user":
+            last_user = text
+    return Turn(room_id=room_id, turn_id=turn_id, last_user_message=last_user)
+
+
+hermes_lines = st.sampled_from(
+    ["**Matrix Room ID:** !a:x", "**Matrix Room ID:** `!b:y`", "**Matrix Thread:** $t1", ""]
+)
+conversation_message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+        "content": st.lists(hermes_lines, max_size=2).map("\n".join)
+        | st.text(max_size=8)
+        | st.none(),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(conversation_message | message_like | json_values, max_size=12))
+def test_extract_turn_reads_what_one_plain_pass_reads(messages: list[Any]) -> None:
+    value = {"messages": messages}
+    assert extract_turn(value) == reference_extract_turn(value)
+
+
+def test_room_and_thread_lines_may_be_in_different_system_messages() -> None:
+    turn = extract_turn(
+        body(system("**Matrix Room ID:** !a:x"), user("q"), system("**Matrix Thread:** $t"))
+    )
+    assert turn == Turn(room_id="!a:x", turn_id="$t", last_user_message="q")
 
 
 @settings(max_examples=50, deadline=None)

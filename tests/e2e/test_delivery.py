@@ -350,3 +350,43 @@ async def test_a_command_that_synapse_retries_after_the_ttl_is_not_applied(
     assert await lookup.room_intent(room) is None
     assert await alice.bot_replies(room, stale) == []
     assert db_count(short_timers, "SELECT count(*) FROM commands WHERE event_id = ?", stale) == 0
+
+
+def bot_membership(event: dict, membership: str) -> bool:
+    return (
+        event.get("type") == "m.room.member"
+        and event.get("state_key") == "@route:localhost"
+        and event["content"].get("membership") == membership
+    )
+
+
+async def test_route_leave_is_for_room_admins_and_cancels_the_route_before_leaving(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    """SPEC "The appservice side": the bot leaves when a room admin asks. alice created
+    the room (power level 100), bob is a member (0); kicking takes 50."""
+    alice, bob = users["alice"], users["bob"]
+    route = await alice.say(room, "!route cloud --for 1h")
+    await alice.wait_reply(room, route)
+    refused = await bob.say(room, "!route leave")
+    reply = await bob.wait_reply(room, refused)
+    assert "Only a room admin" in reply["content"]["body"]
+    assert "power level 50" in reply["content"]["body"]
+    assert (await alice.members(room))["@route:localhost"] == "join"
+    probe = await alice.say(room, "still routed?")
+    answer = await claim_for(lookup, room, probe, "still routed?")
+    assert answer["override"] is True, "a refused leave changed the room's route"
+
+    asked = await alice.say(room, "!route leave")
+    reply = await alice.wait_reply(room, asked)
+    assert "Leaving this room" in reply["content"]["body"]
+    assert "The route to cloud is cancelled" in reply["content"]["body"]
+    left = await alice.wait_for(
+        room, lambda e: bot_membership(e, "leave"), timeout=20, what="the bot to leave"
+    )
+    assert "route leave" in left["content"].get("reason", "")
+    assert left["origin_server_ts"] >= reply["origin_server_ts"], "left before replying"
+    # The route ended with the bot's presence: no override for the room's next turn.
+    after = await alice.say(room, "and now?")
+    answer = await claim_for(lookup, room, after, "and now?")
+    assert answer["override"] is False
