@@ -13,7 +13,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -56,10 +57,18 @@ def bad_request(field: str, problem: str) -> ApiError:
 
 
 def iso(moment: datetime | None) -> str | None:
-    """`2026-11-26T02:30:00Z` (the side-car's datetimes are all UTC)."""
+    """`2026-11-26T02:30:00Z` (the side-car's datetimes are all UTC). A claim's answer
+    carries one per call, and within a second it is the same text: formatted once."""
     if moment is None:
         return None
-    return moment.replace(tzinfo=None, microsecond=0).isoformat() + "Z"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return _iso_second(int(moment.timestamp() // 1))
+
+
+@lru_cache(maxsize=1024)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 # ---- typed requests ------------------------------------------------------------------

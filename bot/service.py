@@ -73,19 +73,18 @@ class ClaimAnswer:
 
     def metadata(self) -> dict[str, str]:
         """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
+        cap = METADATA_VALUE_MAX
         data: dict[str, str] = {}
         if self.room_id:
-            data["matrix_room_id"] = self.room_id
+            data["matrix_room_id"] = self.room_id[:cap]
         if self.turn_id:
-            data["route_turn_id"] = self.turn_id
+            data["route_turn_id"] = self.turn_id[:cap]
         if self.override and self.intent is not None:
-            data.update(
-                matrix_sender=self.intent.sender,
-                route_target=self.intent.target,
-                route_intent_id=self.intent.id,
-                route_origin="/route",
-            )
-        return {k: v[:METADATA_VALUE_MAX] for k, v in data.items()}
+            data["matrix_sender"] = self.intent.sender[:cap]
+            data["route_target"] = self.intent.target[:cap]
+            data["route_intent_id"] = self.intent.id[:cap]
+            data["route_origin"] = "/route"
+        return data
 
 
 class Arrivals:
