@@ -223,16 +223,25 @@ class AppserviceShell:
     def _wait_for_key(
         self, raw: Any, event: EncryptedMessage, session_id: str, received_at: datetime
     ) -> None:
-        waiting = asyncio.create_task(self._await_key(raw, event, session_id, received_at))
+        name = f"key-wait {event.event_id}"
+        if any(task.get_name() == name for task in self._waiting):
+            return  # resumed after a restart, and now redelivered by a retried transaction
+        waiting = asyncio.create_task(
+            self._await_key(raw, event, session_id, received_at), name=name
+        )
         self._waiting.add(waiting)
         waiting.add_done_callback(self._waiting.discard)
 
     async def _await_key(
         self, raw: Any, event: EncryptedMessage, session_id: str, received_at: datetime
     ) -> None:
+        """Wait for the room key, asking the sender's device for it; the wait counts from
+        the request too (an event resumed after a restart asks again, and its answer gets
+        the whole `key_wait`)."""
         assert self.crypto is not None
         log.info("event waits for its key room=%s event=%s", event.room_id, event.event_id)
-        deadline = received_at + self.config.encryption.key_wait
+        asked_at = await self._request_key(raw, event, session_id)
+        deadline = max(received_at, asked_at or received_at) + self.config.encryption.key_wait
         wait = max(0.0, (deadline - utcnow()).total_seconds())
         arrived = await self.crypto.wait_for_key(event.room_id, session_id, wait)
         async with self._order:
@@ -251,6 +260,26 @@ class AppserviceShell:
                 await self.handle_event(decrypted)
             async with self.service.store.atomic() as tx:
                 await tx.drop_undecrypted(event.event_id)
+
+    async def _request_key(
+        self, raw: Any, event: EncryptedMessage, session_id: str
+    ) -> datetime | None:
+        """When the key was asked for (None: it was not); a failed request leaves the
+        event to its plain wait."""
+        assert self.crypto is not None
+        try:
+            return await self.crypto.request_key(
+                raw, self.config.encryption.key_wait.total_seconds()
+            )
+        except Exception as error:
+            log.warning(
+                "room key not requested room=%s event=%s session=%s error=%s",
+                event.room_id,
+                event.event_id,
+                session_id,
+                type(error).__name__,
+            )
+            return None
 
     async def resume_undecrypted(self) -> None:
         """After a restart: the events that were waiting for their key wait on (or, their

@@ -7,6 +7,9 @@ Same shape as `demo.matrix_user.MatrixUser` (create_room, join, say, events, wai
 wait_reply, close), so `is_bot_reply_to`, `edits_of`, `reactions_on` and `in_thread` work
 on its events. Every event carries `"encrypted"`: whether it arrived as `m.room.encrypted`;
 one that could not be decrypted keeps `type: m.room.encrypted` and has `"decryption_error"`.
+
+It answers room key requests (`m.room_key_request`) as Element does: see
+`ElementLikeMachine`.
 """
 
 from __future__ import annotations
@@ -16,26 +19,39 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import ClientSession
 from mautrix.client import Client, InternalEventType
 from mautrix.client.state_store import MemoryStateStore
 from mautrix.crypto import MemoryCryptoStore, OlmMachine
+from mautrix.crypto.key_share import RejectKeyShare
+from mautrix.crypto.sessions import InboundGroupSession, OutboundGroupSession
 from mautrix.crypto.store import StateStore as CryptoStateStore
 from mautrix.errors import MNotFound, SessionNotFound
 from mautrix.types import (
+    CrossSigner,
+    CrossSigningUsage,
+    DeviceID,
+    DeviceIdentity,
     EncryptedEvent,
     EncryptionAlgorithm,
     EventFilter,
     EventType,
     Filter,
+    ForwardedRoomKeyEventContent,
+    IdentityKey,
     Membership,
+    RequestedKeyInfo,
     RoomCreatePreset,
     RoomEncryptionStateEventContent,
     RoomEventFilter,
     RoomFilter,
     RoomID,
+    SessionID,
+    SigningKey,
+    TOFUSigningKey,
     TrustState,
     UserID,
 )
@@ -43,7 +59,7 @@ from mautrix.util.logging import TraceLogger  # noqa: F401 (mautrix's loggers ne
 
 from demo.matrix_user import BOT, is_bot_reply_to, text_content
 
-__all__ = ["BOT", "EncryptedUser"]
+__all__ = ["BOT", "ElementLikeMachine", "EncryptedUser"]
 
 Event = dict[str, Any]
 
@@ -67,6 +83,22 @@ _SYNC_FILTER = Filter(
 )
 
 
+class _MemoryCryptoStore(MemoryCryptoStore):
+    """mautrix 0.21's MemoryCryptoStore fails when a user's cross-signing keys are fetched a
+    second time (it assigns to a NamedTuple; `drop_signatures_by_key` takes `len(None)`),
+    which the bot's restarts cause (each one is a device-list change for its users)."""
+
+    async def put_cross_signing_key(
+        self, user_id: UserID, usage: CrossSigningUsage, key: SigningKey
+    ) -> None:
+        current = self._cross_signing_keys.setdefault(user_id, {}).get(usage)
+        first = current.first if current is not None else key
+        self._cross_signing_keys[user_id][usage] = TOFUSigningKey(key=key, first=first)
+
+    async def drop_signatures_by_key(self, signer: CrossSigner) -> int:
+        return len(self._signatures.pop(signer, None) or {})
+
+
 class _CryptoStateStore(MemoryStateStore, CryptoStateStore):
     """MemoryStateStore lacks `find_shared_rooms`, which OlmMachine calls whenever a user's
     device list changes (also the first time it fetches one)."""
@@ -81,11 +113,90 @@ class _CryptoStateStore(MemoryStateStore, CryptoStateStore):
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class _ShareInfo:
+    """What Element's outbound session records per device it sent the room key to."""
+
+    identity_key: IdentityKey  # the device's Curve25519 key then
+    message_index: int  # the session's next message index then
+
+
+class ElementLikeMachine(OlmMachine):
+    """mautrix's OlmMachine, answering room key requests as Element does (matrix-rust-sdk,
+    `GossipMachine::should_share_key` in crates/matrix-sdk-crypto/src/gossiping/machine.rs;
+    Element Web builds it with `automatic-room-key-forwarding` and leaves forwarding on,
+    turning off only its own requests: matrix-js-sdk src/rust-crypto/index.ts):
+
+    - the user's own verified device (cross-signed by a trusted identity, or verified
+      locally) gets the whole session, from its first known index;
+    - any other device, another user's too, gets it only if the session is the room's
+      current outbound session and it was shared with that very device (same Curve25519
+      key as now), from the message index at which it was shared: what that device could
+      read anyway;
+    - everything else is refused silently (no `m.room_key.withheld`).
+
+    mautrix alone answers the user's own devices only, and from the first known index.
+    `room_key_forwarding_enabled` is Element's `OlmMachine.roomKeyForwardingEnabled`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.room_key_forwarding_enabled = True
+        self.shared: dict[SessionID, dict[tuple[UserID, DeviceID], _ShareInfo]] = {}
+        self.forwarded: list[tuple[UserID, DeviceID, SessionID]] = []  # requests answered
+
+    async def _encrypt_and_share_group_session(
+        self, session: OutboundGroupSession, olm_sessions: Any
+    ) -> None:
+        shares = self.shared.setdefault(SessionID(session.id), {})
+        for user_id, devices in olm_sessions.items():
+            for device_id, (_, device) in devices.items():
+                shares[(user_id, device_id)] = _ShareInfo(
+                    device.identity_key, session.message_index
+                )
+        await super()._encrypt_and_share_group_session(session, olm_sessions)
+
+    async def _handle_room_key_request(
+        self, device: DeviceIdentity, request: RequestedKeyInfo
+    ) -> None:
+        if not self.room_key_forwarding_enabled:
+            raise RejectKeyShare("room key forwarding is off", code=None)
+        session = await self.crypto_store.get_group_session(request.room_id, request.session_id)
+        if session is None:
+            raise RejectKeyShare("no such session", code=None)
+        first = max(await self._shared_from(device, session), session.first_known_index)
+        content = ForwardedRoomKeyEventContent(
+            algorithm=EncryptionAlgorithm.MEGOLM_V1,
+            room_id=session.room_id,
+            session_id=SessionID(session.id),
+            session_key=session.export_session(first),
+            sender_key=session.sender_key,
+            forwarding_key_chain=session.forwarding_chain,
+            signing_key=session.signing_key,
+        )
+        await self.send_encrypted_to_device(device, EventType.FORWARDED_ROOM_KEY, content)
+        self.forwarded.append((device.user_id, device.device_id, SessionID(session.id)))
+
+    async def _shared_from(self, device: DeviceIdentity, session: InboundGroupSession) -> int:
+        """The first message index `device` may have (`should_share_key`), or RejectKeyShare."""
+        own = device.user_id == self.client.mxid
+        if own and await self.resolve_trust(device) >= TrustState.CROSS_SIGNED_TRUSTED:
+            return session.first_known_index
+        outbound = await self.crypto_store.get_outbound_group_session(session.room_id)
+        if outbound is None or outbound.id != session.id:
+            raise RejectKeyShare("not the room's current outbound session", code=None)
+        share = self.shared.get(SessionID(session.id), {}).get((device.user_id, device.device_id))
+        if share is None:
+            raise RejectKeyShare("session not shared with that device", code=None)
+        if share.identity_key != device.identity_key:
+            raise RejectKeyShare("the device's Curve25519 key changed", code=None)
+        return share.message_index
+
+
 class EncryptedUser:
     """A person in Element in (possibly) encrypted rooms: sends encrypted when the room is,
     reads what others send, decrypted. Build with `login` or `from_session`."""
 
-    def __init__(self, client: Client, crypto: OlmMachine, key_wait: float) -> None:
+    def __init__(self, client: Client, crypto: ElementLikeMachine, key_wait: float) -> None:
         self.client = client
         self.crypto = crypto
         self.key_wait = key_wait  # how long an event may wait for its room key before erroring
@@ -143,11 +254,11 @@ class EncryptedUser:
 
     @classmethod
     async def _start(cls, client: Client, key_wait: float) -> EncryptedUser:
-        store = MemoryCryptoStore(client.mxid, "route-sidecar-test")
+        store = _MemoryCryptoStore(client.mxid, "route-sidecar-test")
         await store.put_device_id(client.device_id)
-        crypto = OlmMachine(client, store, client.state_store, log=_crypto_log)
+        crypto = ElementLikeMachine(client, store, client.state_store, log=_crypto_log)
         # Element's defaults: room keys go to unverified devices (the bot's device is one)
-        # and are accepted from them; forwarding keys on request stays for verified devices.
+        # and are accepted from them; key requests are answered as ElementLikeMachine says.
         crypto.send_keys_min_trust = TrustState.UNVERIFIED
         await crypto.load()
         await crypto.share_keys()  # device keys and one-time keys, before anyone asks

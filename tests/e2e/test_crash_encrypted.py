@@ -13,23 +13,24 @@ restarted without the kill point, and then:
 - nothing the bot posted is in plaintext: on the homeserver every bot event in the room
   (its membership aside) is `m.room.encrypted`, and in alice's client every one of them
   decrypted (no `decryption_error`); the only notices the bot may send unencrypted, the
-  "could not decrypt" ones, must not appear at all in a healthy run;
+  "could not decrypt" ones, must not appear at all;
 - the bot still has exactly one device, the one it had before the loop (no new device,
   so no lost Olm account).
 
-`ROUTE_SIDECAR_CRASH_RUNS_ENCRYPTED` sets the number of runs (6 by default: one per kill
-point). `ROUTE_SIDECAR_CRASH_REPORT_ENCRYPTED`, when set, is a path the figures are
-written to as JSON."""
+A kill loses the room keys Synapse was pushing to the bot (it drops the to-device part of
+a transaction it retries, and those sent while the side-car is down): the bot asks alice's
+client for them (`m.room_key_request`), which answers as Element does. The figures count
+those requests and answers.
+
+`ROUTE_SIDECAR_CRASH_RUNS_ENCRYPTED` sets the number of runs (6 by default, one per kill
+point: the CI setting; at least 200 for the full one). `ROUTE_SIDECAR_CRASH_REPORT_ENCRYPTED`,
+when set, is a path the figures are written to as JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,39 +43,40 @@ from .crash_support import (
     Answer,
     CrashRun,
     bot_room_events,
+    crash_and_restart,
     dead,
-    killed,
+    double_overrides,
+    handled_once_and_drained,
+    leaked_tokens,
+    never_reached,
+    one_reply_per_command,
     plan,
-    query,
     room_events,
+    room_matches_outbox,
     run_count,
+    run_record,
     start_sidecar,
+    summary,
     wait_until,
+    write_report,
 )
-from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to, joined, reactions_on
-from .test_crash import double_overrides, leaked_tokens
+from .harness import BOT, MatrixUser, Sidecar, is_bot_reply_to, joined
 
 RUNS_ENV = "ROUTE_SIDECAR_CRASH_RUNS_ENCRYPTED"
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.asyncio(loop_scope="session"),
-    # Known to FAIL today (issue 6, point 6, open; docs/reliability.md): Synapse 1.163
-    # drops to-device messages from the appservice transactions it retries
-    # (storage/databases/main/appservice.py, get_oldest_unsent_txn), so a room key sent
-    # to the bot while it is down or dying is lost, and that sender's session stays
-    # unreadable to it. Each failing run waits 120 s, so it is not part of `.ci/run` until
-    # fixed; run it with ROUTE_SIDECAR_CRASH_RUNS_ENCRYPTED=6.
-    pytest.mark.skipif(
-        not os.environ.get(RUNS_ENV),
-        reason="known failure (lost room keys after SIGKILL, issue 6 open): "
-        f"set {RUNS_ENV} to run it",
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 DEFAULT_RUNS = 6  # one per kill point: the CI setting
 REPORT_ENV = "ROUTE_SIDECAR_CRASH_REPORT_ENCRYPTED"
 REDELIVERY_TIMEOUT = 120.0  # Synapse backs off 2 s, 4 s, 8 s, ... after failed pushes
 KEY_WAIT = 10.0  # how long alice's client waits for a room key before flagging an event
 UNREADABLE = "could not decrypt"
+# What the side-car logs about asking for room keys (bot/crypto.py), counted per run.
+KEY_LOG = {
+    "keys_requested": "room key requested ",
+    "keys_not_requested": "room key not requested ",
+    "forwarded_keys_accepted": "forwarded room key accepted ",
+    "forwarded_keys_not_needed": "forwarded room key not needed ",
+    "forwarded_keys_refused": "forwarded room key refused ",
+}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -88,6 +90,19 @@ async def alice(hs_url: str, users: dict[str, MatrixUser]) -> AsyncIterator[Encr
 async def bot_devices(alice: EncryptedUser) -> list[str]:
     keys = await alice.client.query_keys([UserID(BOT)])
     return sorted(keys.device_keys.get(UserID(BOT), {}))
+
+
+def key_requests_logged(sidecar: Sidecar, since: int) -> dict[str, int]:
+    """The side-car's key-request log lines after byte `since` of its log, by kind."""
+    with sidecar.log_path.open("rb") as log:
+        log.seek(since)
+        text = log.read().decode(errors="replace")
+    return {name: text.count(line) for name, line in KEY_LOG.items()}
+
+
+def answered_for_bot(alice: EncryptedUser) -> int:
+    """How many of the bot's key requests alice's client answered (forwarded a key)."""
+    return sum(1 for user, _, _ in alice.crypto.forwarded if user == BOT)
 
 
 async def test_sigkill_in_an_encrypted_room_keeps_decrypting_encrypting_and_exactly_once(
@@ -110,41 +125,25 @@ async def test_sigkill_in_an_encrypted_room_keeps_decrypting_encrypting_and_exac
         if dead(sidecar):  # leave the session's side-car running, without a kill point
             sidecar.stop()
             start_sidecar(sidecar, None)
-    violations += leaked_tokens(sidecar, {**users, "alice (encrypted)": alice})  # type: ignore[dict-item]
+    tokens = {name: user.token for name, user in users.items()}
+    violations += leaked_tokens(sidecar, {**tokens, "alice (encrypted)": alice.token})
     violations += double_overrides(sidecar, answers, "all runs")
     final = await bot_devices(alice)
     if final != devices:
         violations.append(f"after the loop the bot has devices {final}, not {devices}")
 
-    kills = Counter(r["point"] for r in records if r["killed"])
-    summary = {
-        "kill_points": len({point for point, _ in runs}),
-        "runs": len(records),
-        "kills": sum(kills.values()),
-        "kills_per_point": dict(kills),
-        "not_reached": [f"{r['point']}@{r['n']}" for r in records if not r["killed"]],
-        "kill_stages": dict(Counter(r["stage"] for r in records if r["killed"])),
-        "commands": sum(r["commands"] for r in records),
-        "bot_events_checked": sum(r["bot_events"] for r in records),
-        "claims_answered": len(answers),
-        "requests_cut_by_kills": sum(r["cut"] for r in records),
-        "bot_device": devices[0],
-        "max_recovery_seconds": max((r["recovery"] for r in records), default=0.0),
-        "wall_seconds": round(time.monotonic() - started, 1),
-        "violations": violations,
-    }
-    print("\nencrypted crash loop:", json.dumps(summary, indent=2))
-    write_report(summary, records)
+    figures = summary(runs, records, answers, violations, started)
+    figures["bot_events_checked"] = sum(r["bot_events"] for r in records)
+    figures["bot_device"] = devices[0]
+    for name in (*KEY_LOG, "keys_answered_by_alice"):
+        figures[name] = sum(r[name] for r in records)
+    figures["runs_with_key_requests"] = sum(1 for r in records if r["keys_requested"])
+    print("\nencrypted crash loop:", json.dumps(figures, indent=2))
+    write_report(REPORT_ENV, figures, records)
 
     assert not violations, "\n".join(violations)
-    first_arrivals = {point for point, n in runs if n == 1}
-    assert first_arrivals <= set(kills), f"points never reached: {first_arrivals - set(kills)}"
-
-
-def write_report(summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    if os.environ.get(REPORT_ENV):
-        report = {"summary": summary, "runs": records}
-        Path(os.environ[REPORT_ENV]).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    missed = never_reached(runs, records)
+    assert not missed, f"points never reached: {missed}"
 
 
 async def open_encrypted_room(alice: EncryptedUser, index: int) -> str:
@@ -165,34 +164,18 @@ async def one_run(
     violations: list[str],
     answers: list[Answer],
 ) -> dict[str, Any]:
+    log_from = sidecar.log_path.stat().st_size
+    answered_before = answered_for_bot(alice)
     room = await open_encrypted_room(alice, index)  # the side-car runs as usual here
-    sidecar.stop()
-    up = start_sidecar(sidecar, f"{point}@{n}")
     run = CrashRun(index, point, n, room, {"alice": alice}, sidecar, senders=("alice",))
-    if up:
-        await run.drive()
-        await wait_until(lambda: dead(sidecar), 1.5, 0.1)
-    else:
-        run.stage = "startup"
-    was_killed = killed(sidecar)
-    label = f"run {index} ({point}@{n}, stage {run.stage!r})"
-    if dead(sidecar) and not was_killed:
-        violations.append(f"{label}: the side-car exited by itself: {sidecar.log_tail(5)}")
-    sidecar.stop()
-    restarted = time.monotonic()
-    start_sidecar(sidecar, None)
+    label, was_killed, restarted = await crash_and_restart(run, violations)
     bot_events = await check_run(run, alice, reader, label, sidecar, devices, violations)
     answers += run.answers
     return {
-        "run": index,
-        "point": point,
-        "n": n,
-        "killed": was_killed,
-        "stage": run.stage,
-        "commands": len(run.commands),
+        **run_record(run, was_killed, restarted),
         "bot_events": bot_events,
-        "cut": run.cut,
-        "recovery": round(time.monotonic() - restarted, 1),
+        **key_requests_logged(sidecar, log_from),
+        "keys_answered_by_alice": answered_for_bot(alice) - answered_before,
     }
 
 
@@ -219,28 +202,7 @@ async def check_run(
         if reply.get("encrypted") is not True:
             found.append(f"the reply after the restart arrived unencrypted: {reply}")
 
-    for command in run.commands:
-        handled = query(sidecar, "SELECT intent_id FROM commands WHERE event_id = ?", command)
-        intents = query(sidecar, "SELECT id FROM intents WHERE command_event_id = ?", command)
-        if len(handled) != 1 or len(intents) != 1:
-            found.append(f"command {command}: {len(handled)} command rows, {len(intents)} intents")
-        elif handled[0][0] != intents[0][0]:
-            found.append(f"command {command}: its row names {handled[0][0]}, not {intents[0][0]}")
-
-    lookup = LookupClient(sidecar.api_url)
-    try:
-        await asyncio.gather(
-            *(run.claim(lookup, turn, "restart") for turn in run.turns for _ in range(2))
-        )
-    finally:
-        await lookup.close()
-
-    unsent = "SELECT COUNT(*) FROM effects WHERE room_id = ? AND event_id IS NULL AND failed = 0"
-    if not await wait_until(lambda: query(sidecar, unsent, room)[0][0] == 0, 30):
-        found.append(f"the outbox did not drain: {query(sidecar, unsent, room)[0][0]} unsent")
-    failed = query(sidecar, "SELECT key FROM effects WHERE room_id = ? AND failed = 1", room)
-    if failed:
-        found.append(f"room events abandoned: {[key for (key,) in failed]}")
+    found += await handled_once_and_drained(run)
 
     # The homeserver's view (a plain client of alice's: ciphertext stays ciphertext).
     raw = bot_room_events(await room_events(reader, room))
@@ -248,20 +210,7 @@ async def check_run(
     if clear:
         shown = [(e["type"], e.get("content", {}).get("body", "")) for e in clear]
         found.append(f"bot events sent in plaintext in the encrypted room: {shown}")
-    posted = [e["event_id"] for e in raw]
-    sent = {
-        event_id
-        for (event_id,) in query(
-            sidecar, "SELECT event_id FROM effects WHERE room_id = ? AND event_id IS NOT NULL", room
-        )
-    }
-    twice = [event_id for event_id, count in Counter(posted).items() if count > 1]
-    extra, missing = set(posted) - sent, sent - set(posted)
-    if twice or extra or missing:
-        found.append(
-            f"bot events vs the outbox: repeated {twice}, not from a sent outbox row "
-            f"{sorted(extra)}, marked sent but not in the room {sorted(missing)}"
-        )
+    found += room_matches_outbox(sidecar, room, raw)
 
     # Alice's client's view: every bot event decrypted (a key that never arrives is flagged
     # after KEY_WAIT), each command answered once, encrypted.
@@ -284,14 +233,10 @@ async def check_run(
             found.append(f"bot event {event['event_id']} arrived unencrypted: {event['content']}")
         if UNREADABLE in event.get("content", {}).get("body", ""):
             found.append(f"the bot could not decrypt a message: {event['content']['body']}")
+    found += one_reply_per_command(run.commands, events)
     for command in run.commands:
         replies = [e for e in events if is_bot_reply_to(e, command)]
-        if len(replies) != 1:
-            found.append(f"command {command}: {len(replies)} bot replies in the room")
-        if len(reactions_on(events, command)) > 1:
-            found.append(f"command {command}: reactions {reactions_on(events, command)}")
-        notices = [e for e in replies if e["content"].get("msgtype") == "m.notice"]
-        if len(notices) != len(replies):
+        if any(e["content"].get("msgtype") != "m.notice" for e in replies):
             found.append(f"command {command}: a reply that is not a notice: {replies}")
 
     now = await bot_devices(alice)

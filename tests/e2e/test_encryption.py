@@ -2,8 +2,10 @@
 with a real encrypting client as the user (demo/encrypted_user.py: mautrix's OlmMachine).
 `/route` works there exactly as in a plain room: the bot decrypts the command, its reply
 decrypts for the user, the claim gets the override; the bot keeps its device and keys
-across a restart; a room switched to encryption midway keeps working; a message it
-cannot decrypt gets one plain notice."""
+across a restart; a room switched to encryption midway keeps working; a message whose
+room key never reached the bot is decrypted all the same, the key asked for by an
+`m.room_key_request` that the user's client answers as Element does (also after a crash
+during the wait); a message it cannot decrypt gets one plain notice."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import asyncio
 import re
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -182,3 +185,85 @@ async def test_a_message_waiting_for_its_key_is_not_lost_in_a_crash(
     )
     assert notice["encrypted"] is False
     assert waiting_for_key(sidecar) == []
+
+
+@contextmanager
+def room_keys_lost_on_the_way(user: EncryptedUser, recipient: str) -> Iterator[list[str]]:
+    """The Olm messages (room keys) `user`'s client sends to `recipient` meanwhile never
+    arrive, as Synapse loses those it pushes to an appservice that is down or dying; the
+    client believes them delivered. Yields the recipients whose message was lost."""
+    client = user.client
+    send = client.send_to_device
+    lost: list[str] = []
+
+    async def lossy(event_type: EventType, messages: dict[Any, Any]) -> None:
+        if event_type == EventType.TO_DEVICE_ENCRYPTED and recipient in messages:
+            lost.append(recipient)
+            messages = {u: devices for u, devices in messages.items() if u != recipient}
+            if not messages:
+                return
+        await send(event_type, messages)
+
+    client.send_to_device = lossy  # type: ignore[method-assign]
+    try:
+        yield lost
+    finally:
+        del client.send_to_device  # the class's method again
+
+
+def cannot_decrypt_notices(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in events
+        if e.get("sender") == BOT and "could not decrypt" in e.get("content", {}).get("body", "")
+    ]
+
+
+def answered_for_bot(alice: EncryptedUser) -> list[str]:
+    """The sessions alice's client forwarded to the bot's device on its request."""
+    return [session for user, _, session in alice.crypto.forwarded if user == BOT]
+
+
+async def test_a_room_key_lost_on_the_way_is_requested_and_the_command_handled(
+    alice: EncryptedUser, sidecar: Sidecar
+) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    answered = len(answered_for_bot(alice))
+    with room_keys_lost_on_the_way(alice, BOT) as lost:
+        event_id = await alice.say(room, "!route cloud")  # a new session: shared, but lost
+    assert lost == [BOT]
+    reply = await alice.wait_reply(room, event_id, timeout=20)
+    assert reply["encrypted"] is True and "Routing the next turn" in reply["content"]["body"]
+    assert len(answered_for_bot(alice)) == answered + 1  # the bot asked, alice's client answered
+    log = sidecar.log_path.read_text(errors="replace")
+    assert f"room key requested room={room} event={event_id}" in log
+    assert f"forwarded room key accepted room={room}" in log
+    # The same session goes on working, and nothing was posted about an unreadable message.
+    again = await command(alice, room, "!route status")
+    assert again["encrypted"] is True
+    assert cannot_decrypt_notices(await alice.events(room)) == []
+
+
+async def test_a_message_waiting_for_its_key_in_a_crash_gets_it_by_request_after_the_restart(
+    alice: EncryptedUser, sidecar: Sidecar
+) -> None:
+    room = await room_with_bot(alice, encrypted=True)
+    alice.crypto.room_key_forwarding_enabled = False  # the first process asks in vain, if at all
+    try:
+        with room_keys_lost_on_the_way(alice, BOT):
+            event_id = await alice.say(room, "!route cloud")
+        for _ in range(50):  # stored while it waits for its key (2 s)
+            if event_id in waiting_for_key(sidecar):
+                break
+            await asyncio.sleep(0.05)
+        assert event_id in waiting_for_key(sidecar)
+        sidecar.stop(signal.SIGKILL)  # during the key wait
+    finally:
+        alice.crypto.room_key_forwarding_enabled = True
+    answered = len(answered_for_bot(alice))
+    sidecar.start()  # resumes the wait, and asks again
+    reply = await alice.wait_reply(room, event_id, timeout=20)
+    assert reply["encrypted"] is True and "Routing the next turn" in reply["content"]["body"]
+    assert len(answered_for_bot(alice)) == answered + 1
+    assert waiting_for_key(sidecar) == []
+    assert cannot_decrypt_notices(await alice.events(room)) == []
