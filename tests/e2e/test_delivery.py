@@ -285,6 +285,14 @@ async def test_commands_queued_while_down_apply_in_order_the_later_one_wins(
     await alice.wait_for(room, superseded, timeout=20, what="the first route marked superseded")
 
 
+def bot_membership(event: dict, membership: str) -> bool:
+    return (
+        event.get("type") == "m.room.member"
+        and event.get("state_key") == "@route:localhost"
+        and event["content"].get("membership") == membership
+    )
+
+
 @pytest.fixture
 def allow_list(sidecar: Sidecar):  # type: ignore[no-untyped-def]
     """The side-car restarted with an allow-list that does not hold the test's room."""
@@ -304,11 +312,7 @@ async def test_with_an_allow_list_the_bot_leaves_rooms_not_on_it(
     alice = users["alice"]
     left = await alice.wait_for(
         room,
-        lambda e: (
-            e.get("type") == "m.room.member"
-            and e.get("state_key") == "@route:localhost"
-            and e["content"].get("membership") == "leave"
-        ),
+        lambda e: bot_membership(e, "leave"),
         timeout=20,
         what="the bot to leave the room off the allow-list",
     )
@@ -317,11 +321,7 @@ async def test_with_an_allow_list_the_bot_leaves_rooms_not_on_it(
     other = await alice.create_room(invite=["@route:localhost"])
     declined = await alice.wait_for(
         other,
-        lambda e: (
-            e.get("type") == "m.room.member"
-            and e.get("state_key") == "@route:localhost"
-            and e["content"].get("membership") == "leave"
-        ),
+        lambda e: bot_membership(e, "leave"),
         timeout=20,
         what="the invite to be declined",
     )
@@ -350,14 +350,6 @@ async def test_a_command_that_synapse_retries_after_the_ttl_is_not_applied(
     assert await lookup.room_intent(room) is None
     assert await alice.bot_replies(room, stale) == []
     assert db_count(short_timers, "SELECT count(*) FROM commands WHERE event_id = ?", stale) == 0
-
-
-def bot_membership(event: dict, membership: str) -> bool:
-    return (
-        event.get("type") == "m.room.member"
-        and event.get("state_key") == "@route:localhost"
-        and event["content"].get("membership") == membership
-    )
 
 
 async def test_route_leave_is_for_room_admins_and_cancels_the_route_before_leaving(
