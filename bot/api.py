@@ -232,23 +232,15 @@ class LookupApi:
         self.metrics = metrics
         self._tokens = [t.encode() for t in config.api.tokens]
         self._openapi = resources.files("bot").joinpath("openapi.json").read_bytes()
-        self._exact: dict[str, _Path] = {}
-        self._templated: list[_Path] = []
+        paths: dict[str, _Path] = {}
         for method, path, name, authed in ROUTES:
-            template = tuple(_SEGMENT.sub("{}", path).split("/"))
-            found = self._exact.get(path) or next(
-                (p for p in self._templated if p.template == template), None
-            )
-            if found is None:
-                found = _Path(template, {})
-                if "{}" in template:
-                    self._templated.append(found)
-                else:
-                    self._exact[path] = found
+            found = paths.setdefault(path, _Path(tuple(_SEGMENT.sub("{}", path).split("/")), {}))
             endpoint = self._endpoint(getattr(self, name), authed)
             found.methods[method] = endpoint
             if method == "GET":
                 found.methods["HEAD"] = endpoint
+        self._exact = {path: found for path, found in paths.items() if "{}" not in found.template}
+        self._templated = [found for found in paths.values() if "{}" in found.template]
 
     def make_runner(self) -> web.BaseRunner:
         loop = asyncio.get_running_loop()

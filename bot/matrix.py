@@ -25,11 +25,11 @@ from . import policy
 from .config import Config
 from .faults import crash_point
 from .metrics import Metrics
+from .service import LEAVE_EFFECT
+from .store import Store
 
 if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
     from .crypto import BotCrypto
-from .service import LEAVE_EFFECT
-from .store import Store
 
 log = logging.getLogger("route_sidecar.matrix")
 MAX_ATTEMPTS = 8
