@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from demo.matrix_user import MatrixUser, is_bot_reply_to, joined
-from tests.e2e.harness import BOT, base_config, free_port, local_synapse, synapse_python
-from tests.e2e.harness import Sidecar as HarnessSidecar
+from tests.e2e.harness import BOT, local_synapse, synapse_and_sidecar, synapse_python
 
 from .report import AT_MOST, Row, Target, median
 from .servers import rss_mb
@@ -192,28 +191,11 @@ def matrix_figures(work: Path, samples: int) -> tuple[list[Row], dict[str, Any]]
         return [Row(figure, float("nan"), "ms", failed="Synapse not installed")], {}
     work = work / "matrix"
     work.mkdir(parents=True, exist_ok=True)
-    hs_port = free_port()
-    config = base_config(
-        f"http://127.0.0.1:{hs_port}", free_port(), free_port(), work / "sidecar.db"
-    )
-    config["logging"] = {"level": "INFO"}
-    sidecar = HarnessSidecar(work, config)
-    hs = local_synapse.start(
-        work / "synapse",
-        synapse_python=python,
-        port=hs_port,
-        server_name="localhost",
-        registrations=[sidecar.registration],
-    )
-    try:
-        sidecar.start()
+    with synapse_and_sidecar(work, python, logging={"level": "INFO"}) as (hs, sidecar):
         assert sidecar.process is not None
         echoes, commands, details = asyncio.run(_sample_pairs(hs.base_url, samples))
         rss = rss_mb(sidecar.process.pid)
         legs = split_times(sidecar.log_path.read_text(errors="replace"), details)
-    finally:
-        sidecar.stop()
-        local_synapse.stop(hs.data_dir)
     echo_ms = [1000 * x for x in echoes]
     command_ms = [1000 * x for x in commands]
 

@@ -18,10 +18,9 @@ from .harness import (
     LookupClient,
     MatrixUser,
     Sidecar,
-    base_config,
-    free_port,
     joined,
     local_synapse,
+    synapse_and_sidecar,
     synapse_python,
 )
 
@@ -33,25 +32,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Si
         if os.environ.get("ROUTE_SIDECAR_REQUIRE_SYNAPSE"):
             pytest.fail("Synapse is required (ROUTE_SIDECAR_REQUIRE_SYNAPSE) but not installed")
         pytest.skip("Synapse venv not found (.venv-synapse): run `make test`, which installs it")
-    work = tmp_path_factory.mktemp("e2e")
-    hs_port = free_port()
-    config = base_config(
-        f"http://127.0.0.1:{hs_port}", free_port(), free_port(), work / "sidecar.db"
-    )
-    sidecar = Sidecar(work, config)
-    hs = local_synapse.start(
-        work / "synapse",
-        synapse_python=python,
-        port=hs_port,
-        server_name="localhost",
-        registrations=[sidecar.registration],
-    )
-    try:  # Synapse is stopped even when the side-car fails to start
-        sidecar.start()
+    with synapse_and_sidecar(tmp_path_factory.mktemp("e2e"), python) as (hs, sidecar):
         yield hs, sidecar
-    finally:
-        sidecar.stop()
-        local_synapse.stop(hs.data_dir)
 
 
 @pytest.fixture(scope="session")

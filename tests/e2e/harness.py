@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,7 +32,7 @@ from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "synapse-example"))
 
-import local_synapse  # noqa: E402, F401 (re-exported for the fixtures)
+import local_synapse  # noqa: E402 (re-exported for the fixtures)
 
 SERVER = "localhost"
 BOT = f"@route:{SERVER}"
@@ -179,6 +180,38 @@ class Sidecar:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+@contextmanager
+def synapse_and_sidecar(
+    work: Path, synapse: str, **config: Any
+) -> Iterator[tuple[local_synapse.SynapseHandle, Sidecar]]:
+    """A throwaway Synapse on loopback with the side-car registered and running (its
+    config: `base_config` updated with `config`); both stopped at the end, Synapse even
+    when the side-car fails to start."""
+    hs_port = free_port()
+    sidecar = Sidecar(
+        work,
+        {
+            **base_config(
+                f"http://127.0.0.1:{hs_port}", free_port(), free_port(), work / "sidecar.db"
+            ),
+            **config,
+        },
+    )
+    hs = local_synapse.start(
+        work / "synapse",
+        synapse_python=synapse,
+        port=hs_port,
+        server_name="localhost",
+        registrations=[sidecar.registration],
+    )
+    try:
+        sidecar.start()
+        yield hs, sidecar
+    finally:
+        sidecar.stop()
+        local_synapse.stop(hs.data_dir)
 
 
 class LookupClient:
