@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import bearer_token, token_matches
 from .config import Config
-from .intents import Intent, Timing, expires_at
+from .intents import ClaimResult, Intent, Timing, expires_at
 from .metrics import Metrics
 from .service import ClaimAnswer, RouteService
 from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
@@ -32,6 +32,7 @@ from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
 log = logging.getLogger("route_sidecar.api")
 MAX_MODEL_LENGTH = 255
 MAX_DETAIL_LENGTH = 2000
+CONTINUED_BODIES_KEPT = 1024  # serialised answers of open turns (one per turn at a time)
 Endpoint = Callable[..., Awaitable[web.StreamResponse]]  # (request, *path segment values)
 
 
@@ -154,15 +155,15 @@ def parse_outcome(body: dict[str, Any]) -> OutcomeRequest:
 
 
 def claim_json(answer: ClaimAnswer) -> dict[str, Any]:
-    intent = answer.intent if answer.override else None
+    route = answer.route
     return {
         "override": answer.override,
-        "model": intent.model if intent else None,
-        "target": intent.target if intent else None,
-        "intent_id": intent.id if intent else None,
+        "model": route.model if route else None,
+        "target": route.target if route else None,
+        "intent_id": route.intent_id if route else None,
         "room_id": answer.room_id,
         "turn_id": answer.turn_id,
-        "expires_at": iso(answer.expires_at) if intent else None,
+        "expires_at": iso(answer.expires_at) if route else None,
         "reason": answer.result.value,
         "metadata": answer.metadata(),
     }
@@ -232,6 +233,7 @@ class LookupApi:
         self.metrics = metrics
         self._tokens = [t.encode() for t in config.api.tokens]
         self._openapi = resources.files("bot").joinpath("openapi.json").read_bytes()
+        self._continued: dict[int, tuple[ClaimAnswer, bytes]] = {}  # id → answer, its body
         paths: dict[str, _Path] = {}
         for method, path, name, authed in ROUTES:
             found = paths.setdefault(path, _Path(tuple(_SEGMENT.sub("{}", path).split("/")), {}))
@@ -335,7 +337,21 @@ class LookupApi:
         parsed = parse_claim(await self._json_body(request), self.config.api.max_body_bytes)
         answer = await self.service.claim(parsed.turn)
         self.metrics.claims.record(answer.result.value, time.perf_counter() - started)
-        return json_response(claim_json(answer))
+        return web.Response(body=self._claim_body(answer), content_type="application/json")
+
+    def _claim_body(self, answer: ClaimAnswer) -> bytes:
+        """The answer serialised; the service gives a later call of a turn the very answer
+        of the call before while it holds, and that one is serialised once."""
+        if answer.result is not ClaimResult.CONTINUED:
+            return orjson.dumps(claim_json(answer))
+        held = self._continued.get(id(answer))
+        if held is not None and held[0] is answer:
+            return held[1]
+        body = orjson.dumps(claim_json(answer))
+        if len(self._continued) >= CONTINUED_BODIES_KEPT:
+            self._continued.clear()
+        self._continued[id(answer)] = (answer, body)
+        return body
 
     async def outcome(self, request: web.BaseRequest, intent_id: str) -> web.Response:
         parsed = parse_outcome(await self._json_body(request))

@@ -59,6 +59,12 @@ class BoundTurn:
     def ends_at(self, timing: Timing) -> datetime:
         return self.bound_at if self.key is None else self.last_claim_at + timing.turn_idle
 
+    def called(self, now: datetime, timing: Timing) -> BoundTurn | None:
+        """This turn after one more call at `now`; None when it is no longer open."""
+        if not self.is_open(now, timing):
+            return None
+        return BoundTurn(self.key, self.bound_at, now, self.claims + 1)
+
 
 @dataclass(frozen=True, slots=True)
 class Intent:
@@ -143,6 +149,23 @@ def expires_at(intent: Intent, timing: Timing) -> datetime | None:
     return max(last_end, last_activity + timing.intent_ttl)
 
 
+def whole_second(moment: datetime) -> datetime:
+    """`moment` to the whole second, as the lookup API gives times."""
+    return moment.replace(microsecond=0)
+
+
+def expiry_second_holds_until(intent: Intent, now: datetime, timing: Timing) -> datetime:
+    """Until when later calls of the turn claimed at `now` leave `expires_at`, to the
+    whole second, as it is after that claim. A call moves the intent's end by at most the
+    time since the previous call, and never back (the end is the latest of fixed times and
+    of the turn's last call plus a fixed time), so the second holds until the end could
+    reach the next one. `now` itself when the intent has ended."""
+    end = expires_at(intent, timing)
+    if end is None:
+        return now
+    return now + (whole_second(end) + timedelta(seconds=1) - end)
+
+
 def advance(intent: Intent, now: datetime, timing: Timing) -> Intent:
     """Apply the passing of time: a live intent whose time is over becomes done or expired."""
     end = expires_at(intent, timing)
@@ -211,21 +234,13 @@ def continue_turn(
     """`claim` for a later call of a bound turn that is still open, in one scan; None when
     the call is not one. (A live intent with an open turn cannot have ended: `expires_at`
     is never before the end of an open turn, so `advance` is skipped.)"""
-    if key is None or not intent.state.is_live:
+    position = latest_bound(intent, key) if intent.state.is_live else None
+    if position is None:
         return None
-    turns = intent.bound_turns
-    for position in range(len(turns) - 1, -1, -1):
-        bound = turns[position]
-        if bound.key == key:
-            if not bound.is_open(now, timing):
-                return None
-            continued = BoundTurn(bound.key, bound.bound_at, now, bound.claims + 1)
-            return Claimed(
-                replace(intent, bound_turns=(*turns[:position], continued, *turns[position + 1 :])),
-                ClaimResult.CONTINUED,
-                position,
-            )
-    return None
+    continued = intent.bound_turns[position].called(now, timing)
+    if continued is None:
+        return None
+    return Claimed(with_turn(intent, position, continued), ClaimResult.CONTINUED, position)
 
 
 def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> Claimed:
@@ -233,16 +248,12 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
     intent = advance(intent, now, timing)
     if not intent.state.is_live:
         return Claimed(intent, ClaimResult.NO_INTENT)
-    position = _latest_bound(intent, turn.key)
+    position = latest_bound(intent, turn.key)
     if position is not None:
         bound = intent.bound_turns[position]
-        if bound.is_open(now, timing):
-            continued = replace(bound, last_claim_at=now, claims=bound.claims + 1)
-            turns = list(intent.bound_turns)
-            turns[position] = continued
-            return Claimed(
-                replace(intent, bound_turns=tuple(turns)), ClaimResult.CONTINUED, position
-            )
+        continued = bound.called(now, timing)
+        if continued is not None:
+            return Claimed(with_turn(intent, position, continued), ClaimResult.CONTINUED, position)
         arrived_at = turn.placement.arrived_at
         if arrived_at is None or arrived_at <= bound.bound_at:
             return Claimed(intent, ClaimResult.ENDED_TURN, position)
@@ -258,13 +269,22 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
     return Claimed(advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns))
 
 
-def _latest_bound(intent: Intent, key: TurnKey | None) -> int | None:
+def latest_bound(intent: Intent, key: TurnKey | None) -> int | None:
+    """The position of the latest bound turn with this key (a key may be bound again as
+    a new turn when its message is newer), or None."""
     if key is None:
         return None
-    for position in range(len(intent.bound_turns) - 1, -1, -1):
-        if intent.bound_turns[position].key == key:
+    turns = intent.bound_turns
+    for position in range(len(turns) - 1, -1, -1):
+        if turns[position].key == key:
             return position
     return None
+
+
+def with_turn(intent: Intent, position: int, bound: BoundTurn) -> Intent:
+    """The intent with its bound turn at `position` replaced (a later call counted)."""
+    turns = intent.bound_turns
+    return replace(intent, bound_turns=(*turns[:position], bound, *turns[position + 1 :]))
 
 
 def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimResult | None:

@@ -3,9 +3,9 @@ reported, time passes. Each one reads state, asks the pure core (commands, polic
 intents, turns) what happens, and writes the new state and the room events it owes
 (the outbox) in one database transaction. It holds no routing rule of its own.
 
-Live intents are also kept in memory (`self.live`, one per room), written through to
-SQLite and rebuilt at start, so a claim for a room with nothing set never waits for
-the database.
+Live intents are also kept in memory (`self.live`, one per room, bot/live.py), written
+through to SQLite and rebuilt at start, so a claim for a room with nothing set never
+waits for the database.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage
 from .faults import crash_point
 from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
+from .live import LiveIntents
 from .metrics import Metrics
 from .questions import LastQuestions, Question
 from .store import Store, Tx
@@ -63,13 +64,23 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """What an override routes to, and on whose word: from the intent."""
+
+    intent_id: str
+    target: str
+    model: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimAnswer:
     override: bool
     result: ClaimResult
     room_id: str | None
     turn_id: str | None
-    intent: Intent | None = None
-    expires_at: datetime | None = None
+    route: Route | None = None  # set when `override`
+    expires_at: datetime | None = None  # the intent's end, to the whole second
 
     def metadata(self) -> dict[str, str]:
         """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
@@ -79,10 +90,10 @@ class ClaimAnswer:
             data["matrix_room_id"] = self.room_id[:cap]
         if self.turn_id:
             data["route_turn_id"] = self.turn_id[:cap]
-        if self.override and self.intent is not None:
-            data["matrix_sender"] = self.intent.sender[:cap]
-            data["route_target"] = self.intent.target[:cap]
-            data["route_intent_id"] = self.intent.id[:cap]
+        if self.route is not None:
+            data["matrix_sender"] = self.route.sender[:cap]
+            data["route_target"] = self.route.target[:cap]
+            data["route_intent_id"] = self.route.intent_id[:cap]
             data["route_origin"] = "/route"
         return data
 
@@ -150,7 +161,7 @@ class RouteService:
         self.clock = clock
         self.timing = Timing(config.routing.intent_ttl, config.routing.turn_idle)
         self.prefix = config.routing.prefixes[0]
-        self.live: dict[str, Intent] = {}
+        self.live = LiveIntents()
         # SPEC "Retry": each room's last question, in memory only.
         self.questions = LastQuestions(config.routing.intent_ttl)
         # Room events that quote a question: sent from here, stored without the quote.
@@ -162,7 +173,6 @@ class RouteService:
         # (room, user) → (the user's power level, the level to kick), from the homeserver;
         # None when it cannot say. Set by the composition root (bot.matrix).
         self.room_powers: Callable[[str, str], Awaitable[tuple[int, int] | None]] | None = None
-        self._unsaved: set[str] = set()  # rooms whose live intent has unwritten claim times
         self._lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
         self.outbox_changed = asyncio.Event()
 
@@ -178,8 +188,7 @@ class RouteService:
     async def _reload_live(self) -> None:
         async with self.store.atomic(durable=False) as tx:
             intents = await tx.live_intents()
-        self.live = {intent.room_id: intent for intent in intents}
-        self._unsaved.clear()
+        self.live = LiveIntents(intents)
         self.metrics.active_intents.set(len(self.live))
 
     @asynccontextmanager
@@ -420,7 +429,7 @@ class RouteService:
         if current is not None:
             await self._end(tx, current, EndReason.SUPERSEDED, now)
         await tx.save_intent(intent)
-        self.live[intent.room_id] = intent
+        self.live.set(intent)
         if reask is None:
             return replies.confirmation(intent, current, self.timing, self.prefix), intent, "routed"
         # The reply quotes the question: that copy is sent from memory, never stored.
@@ -551,24 +560,37 @@ class RouteService:
     ) -> ClaimAnswer | None:
         """A later call of a turn the room's intent is bound to. Only the turn's last-claim
         time changes: kept in memory, written by the next sweep (the binding itself is
-        already durable). None: not such a call."""
-        intent = self.live.get(room_id)
-        claimed = core.continue_turn(intent, key, self.clock(), self.timing) if intent else None
-        if claimed is None:
+        already durable). The answer is the turn's previous one while that holds: every
+        part of it but `expires_at` is the turn's, and that keeps its second until
+        `expiry_second_holds_until`. None: not such a call."""
+        now = self.clock()
+        open_turn = self.live.continue_turn(room_id, key, now, self.timing)
+        if open_turn is None:
             return None
-        self.live[room_id] = claimed.intent
-        self._unsaved.add(room_id)
-        return self._answer(claimed, room_id, turn)
+        held = open_turn.answer
+        if held is not None and now < held[0]:
+            return held[1]
+        intent = self.live[room_id]
+        answer = self._answer(
+            core.Claimed(intent, ClaimResult.CONTINUED, open_turn.position), room_id, turn
+        )
+        open_turn.answer = (core.expiry_second_holds_until(intent, now, self.timing), answer)
+        return answer
 
     def _answer(self, claimed: core.Claimed, room_id: str, turn: Turn) -> ClaimAnswer:
-        live_after = claimed.intent if claimed.intent.state.is_live else None
+        intent = claimed.intent
+        end = core.expires_at(intent, self.timing) if intent.state.is_live else None
         return ClaimAnswer(
             override=claimed.override,
             result=claimed.result,
             room_id=room_id,
             turn_id=turn.turn_id,
-            intent=claimed.intent if claimed.override else None,
-            expires_at=core.expires_at(live_after, self.timing) if live_after else None,
+            route=(
+                Route(intent.id, intent.target, intent.model, intent.sender)
+                if claimed.override
+                else None
+            ),
+            expires_at=core.whole_second(end) if end is not None else None,
         )
 
     async def record_outcome(
@@ -795,11 +817,9 @@ class RouteService:
         so claims go on while it runs, and an older copy never undoes a newer one."""
         turns = [
             (intent.id, position, turn)
-            for room in self._unsaved
-            if (intent := self.live.get(room)) is not None
+            for intent in self.live.take_unsaved()
             for position, turn in enumerate(intent.bound_turns)
         ]
-        self._unsaved.clear()
         if turns:
             async with self.store.atomic(durable=False) as tx:
                 await tx.save_claim_times(turns)
@@ -829,9 +849,9 @@ class RouteService:
         the confirmation that the room must see when an intent ends unused or early."""
         await tx.save_intent(after)
         if after.state.is_live:
-            self.live[after.room_id] = after
+            self.live.set(after)
         elif self.live.get(after.room_id, after).id == after.id:
-            self.live.pop(after.room_id, None)
+            self.live.pop(after.room_id)
         if before.state.is_live and not after.state.is_live:
             text = _end_notice(after, self.timing)
             if text is not None:

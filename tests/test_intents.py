@@ -24,7 +24,11 @@ from bot.intents import (
     claim,
     continue_turn,
     expires_at,
+    expiry_second_holds_until,
+    latest_bound,
     new_intent,
+    whole_second,
+    with_turn,
 )
 from bot.turns import Placement, TurnKey
 
@@ -574,6 +578,45 @@ def test_continue_turn_only_for_an_open_bound_turn() -> None:
     assert continue_turn(make(), key("a"), at(seconds=6), TIMING) is None
 
 
+def test_a_call_counts_only_while_the_turn_is_open() -> None:
+    bound = BoundTurn(key("a"), bound_at=at(seconds=1), last_claim_at=at(seconds=4), claims=3)
+    called = bound.called(at(seconds=9), TIMING)
+    assert called == BoundTurn(key("a"), at(seconds=1), at(seconds=9), 4)
+    assert bound.called(at(seconds=4) + IDLE - TICK, TIMING) is not None
+    assert bound.called(at(seconds=4) + IDLE, TIMING) is None
+    request_scoped = BoundTurn(None, bound_at=at(seconds=1), last_claim_at=at(seconds=1))
+    assert request_scoped.called(at(seconds=1), TIMING) is None
+
+
+def test_latest_bound_and_with_turn() -> None:
+    once_more = (turn("a", arrived_at=at(minutes=10)), at(minutes=11))
+    intent, _ = claims(
+        make(scope=Scope.next_turns(3)),
+        (turn("a"), at(seconds=5)),
+        (turn("b"), at(seconds=6)),
+        once_more,  # the same text asked again later: a new turn with the same key
+    )
+    assert [t.key for t in intent.bound_turns] == [key("a"), key("b"), key("a")]
+    assert latest_bound(intent, key("a")) == 2
+    assert latest_bound(intent, key("b")) == 1
+    assert latest_bound(intent, key("c")) is None
+    assert latest_bound(intent, None) is None
+    replaced = BoundTurn(key("b"), at(seconds=6), at(seconds=8), 2)
+    changed = with_turn(intent, 1, replaced)
+    assert changed.bound_turns == (intent.bound_turns[0], replaced, intent.bound_turns[2])
+    assert changed.id == intent.id and changed.state is intent.state
+
+
+def test_whole_second_drops_the_fraction() -> None:
+    assert whole_second(at(seconds=3.999999)) == at(seconds=3)
+    assert whole_second(at(seconds=3)) == at(seconds=3)
+
+
+def test_expiry_second_holds_until_now_for_an_ended_intent() -> None:
+    ended = cancel(make(), at(seconds=1), EndReason.CLEARED)
+    assert expiry_second_holds_until(ended, at(seconds=2), TIMING) == at(seconds=2)
+
+
 # --- results -----------------------------------------------------------------------------
 
 
@@ -709,3 +752,55 @@ def test_continue_turn_answers_exactly_as_claim_does(
         assert short == full
     else:
         assert short is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([Scope.once(), Scope.next_turns(3), Scope.lasting(timedelta(minutes=6))]),
+    steps,
+    st.sampled_from(TURN_NAMES[:-1]),
+    st.integers(min_value=1, max_value=900_000),  # turn_idle, in milliseconds
+    st.integers(min_value=1, max_value=1_800_000),  # intent_ttl, in milliseconds
+    st.lists(st.integers(min_value=0, max_value=1_500_000), max_size=8),  # later calls, µs
+)
+def test_the_expiry_second_holds_for_later_calls_of_the_turn_until_the_bound(
+    scope: Scope,
+    sequence: list[tuple[int, str | None, int | None, bool]],
+    name: str,
+    idle_ms: int,
+    ttl_ms: int,
+    offsets: list[int],
+) -> None:
+    """What lets the service give a later call of a turn the answer of the call before:
+    `expires_at` to the whole second stays as it was until `expiry_second_holds_until`,
+    whatever the timing (fractional seconds included) and however many calls come."""
+    timing = Timing(
+        intent_ttl=timedelta(milliseconds=ttl_ms), turn_idle=timedelta(milliseconds=idle_ms)
+    )
+    intent = make(scope=scope)
+    now = T0
+    for gap, step_name, arrival, is_command in sequence:
+        now += timedelta(seconds=gap)
+        arrived_at = None if arrival is None else T0 + timedelta(seconds=arrival)
+        placed = Placement(arrived_at=arrived_at, is_command=is_command)
+        intent = claim(
+            intent, ClaimedTurn(key(step_name) if step_name else None, placed), now, timing
+        ).intent
+    now += timedelta(microseconds=offsets[0] if offsets else 1)
+    first = claim(intent, ClaimedTurn(key(name), Placement(now, False)), now, timing)
+    if not first.override or not first.intent.state.is_live:
+        return
+    second = whole_second(expires_at(first.intent, timing))
+    holds_until = expiry_second_holds_until(first.intent, now, timing)
+    assert holds_until > now
+    intent, at_call = first.intent, now
+    for offset in sorted(offsets):
+        at_call = now + timedelta(microseconds=offset)
+        if at_call >= holds_until:
+            break
+        later = continue_turn(intent, key(name), at_call, timing)
+        if later is None:
+            break  # the turn went idle (a short turn_idle): not a later call of it
+        intent = later.intent
+        assert whole_second(expires_at(intent, timing)) == second
+        assert expires_at(intent, timing) >= expires_at(first.intent, timing)

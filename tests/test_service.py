@@ -6,19 +6,26 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from bot import intents as core
 from bot.config import parse_config
 from bot.events import RoomMessage
+from bot.intents import ClaimResult, Timing
 from bot.metrics import Metrics
-from bot.service import RouteService
+from bot.service import ClaimAnswer, Route, RouteService
 from bot.store import Store
 from bot.turns import Turn
+from bot.turns import turn_key as derive_turn_key
 
 ROOM = "!room:test"
+TIMING_TTL = timedelta(minutes=15)
 RAW = {
     "homeserver": {"address": "http://127.0.0.1:1", "domain": "test"},
     "appservice": {"address": "http://127.0.0.1:2", "as_token": "a" * 20, "hs_token": "h" * 20},
@@ -74,7 +81,7 @@ async def test_a_failed_write_leaves_memory_as_the_database_has_it(
     monkeypatch.setattr(Tx, "add_effect", broken)
     with pytest.raises(RuntimeError):
         await service.on_message(message("!route cloud", "$cmd", clock.now))
-    assert service.live == {}
+    assert len(service.live) == 0
     answer = await service.claim(Turn(room_id=ROOM, turn_id="$q", last_user_message="q"))
     assert answer.override is False
     await service.store.close()
@@ -178,3 +185,71 @@ async def test_route_leave_queues_the_leave_after_its_reply_for_who_may_kick_onl
         assert not any(key.startswith("route_sidecar.leave") for key in keys)
         assert ROOM in service.live, "a refused leave changes nothing"
     await service.store.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(["!route cloud", "!route cloud --turns 2", "!route cloud --for 10m"]),
+    st.integers(min_value=1_000, max_value=120_000),  # turn_idle, in milliseconds
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=400_000) | st.integers(0, 2_500_000),  # µs
+            st.sampled_from(["turn", "turn", "turn", "other", "sweep"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+# An answer held for a second would give the second call 11:00:02 where 11:00:03 is due.
+@example("!route cloud", 1_500, [(300_000, "turn"), (300_000, "turn")])
+def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
+    command: str, idle_ms: int, calls: list[tuple[int, str]]
+) -> None:
+    """The service gives a later call of a turn the previous call's answer while that
+    holds (bot/live.py, `expiry_second_holds_until`). Every answer must equal the one made
+    from the intent itself, with a turn_idle that is not whole seconds."""
+
+    async def scenario(path: Path) -> None:
+        clock = Clock()
+        service = await make_service(path, clock)
+        try:
+            await calls_of_a_turn(service, clock)
+        finally:
+            await service.store.close()
+
+    async def calls_of_a_turn(service: RouteService, clock: Clock) -> None:
+        service.timing = Timing(TIMING_TTL, timedelta(milliseconds=idle_ms))
+        await service.on_message(message(command, "$cmd", clock.now))
+        clock.now += timedelta(seconds=1)
+        await service.on_message(message("why?", "$q", clock.now))
+        asked = Turn(room_id=ROOM, turn_id="$q", last_user_message="why?")
+        assert (await service.claim(asked)).result is ClaimResult.BOUND
+        for gap_us, what in calls:
+            clock.now += timedelta(microseconds=gap_us)
+            if what == "sweep":
+                await service.sweep()
+                continue
+            turn = asked if what == "turn" else Turn(room_id=ROOM, last_user_message="other")
+            intent = service.live.get(ROOM)
+            key = derive_turn_key(turn, b"salt")
+            expected = (
+                core.continue_turn(intent, key, clock.now, service.timing) if intent else None
+            )
+            answer = await service.claim(turn)
+            if expected is None:
+                assert answer.result is not ClaimResult.CONTINUED
+                continue
+            end = core.expires_at(expected.intent, service.timing)
+            assert intent is not None and end is not None
+            assert answer == ClaimAnswer(
+                True,
+                ClaimResult.CONTINUED,
+                ROOM,
+                turn.turn_id,
+                Route(intent.id, "cloud", "ollama-cloud/glm-5.1", "@alice:test"),
+                core.whole_second(end),
+            )
+            assert service.live[ROOM] == expected.intent
+
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(scenario(Path(directory) / "db.sqlite"))
