@@ -214,7 +214,9 @@ class BotCrypto:
         counts = transaction.get(OTK_COUNT_KEY)
         if isinstance(counts, Mapping):
             try:
-                await self.machine.handle_as_otk_counts(_otk_counts(counts))
+                await self.machine.handle_as_otk_counts(
+                    own_otk_counts(counts, self.client.mxid, self.client.device_id)
+                )
             except Exception as error:
                 log.warning("one-time keys not replenished error=%s", type(error).__name__)
         lists = transaction.get(DEVICE_LISTS_KEY)
@@ -446,13 +448,15 @@ def _key_request(
     return SessionID(session_id), KeyRequest(RoomID(room_id), UserID(sender), sender_key), device
 
 
-def _otk_counts(counts: Mapping[str, Any]) -> dict[UserID, dict[Any, DeviceOTKCount]]:
-    return {
-        UserID(user): {
-            device: DeviceOTKCount.deserialize(count)
-            for device, count in devices.items()
-            if isinstance(count, Mapping)
-        }
-        for user, devices in counts.items()
-        if isinstance(devices, Mapping)
-    }
+def own_otk_counts(
+    counts: Mapping[str, Any], user_id: UserID, device_id: DeviceID
+) -> dict[UserID, dict[DeviceID, DeviceOTKCount]]:
+    """The one-time key count of the bot's own device, the only one that has keys to
+    replenish. Synapse also lists the user's cross-signing keys, as devices named by
+    their public keys; mautrix would log a warning for each of them in every
+    transaction."""
+    devices = counts.get(user_id)
+    count = devices.get(device_id) if isinstance(devices, Mapping) else None
+    if not isinstance(count, Mapping):
+        return {}
+    return {user_id: {device_id: DeviceOTKCount.deserialize(count)}}
