@@ -26,7 +26,8 @@ def last_user_text(body: dict[str, Any]) -> str:
 class FakeUpstream:
     """Answers every chat completion with "answer from <name>"; remembers what it saw.
     `fail_with` makes it answer that HTTP status, `fail_on` only for calls whose last user
-    message contains that text; `delay` makes it slow."""
+    message contains that text; `delay` makes it slow; a stream pauses `stall` seconds
+    after its first chunk."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -34,6 +35,7 @@ class FakeUpstream:
         self.fail_with: int | None = None
         self.fail_on: str | None = None
         self.delay = 0.0
+        self.stall = 0.0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -79,9 +81,9 @@ class FakeUpstream:
         if body.get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            for chunk in self.chunks(body):
+            for number, chunk in enumerate(self.chunks(body)):
                 await response.write(chunk)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(self.stall if number == 0 and self.stall else 0.01)
             await response.write_eof()
             return response
         return web.json_response(self.completion(body))

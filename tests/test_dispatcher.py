@@ -272,6 +272,41 @@ async def test_a_timeout_without_a_route_is_reported_as_an_error_with_its_detail
     assert stack.outcome_rows() == [(None, LOCAL, "error", "upstream timed out")]
 
 
+async def test_an_upstream_that_stalls_mid_stream_is_logged_and_reported_as_such(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.local.stall = 2.0  # after the first chunk, past the dispatcher's 1 s timeout
+    with caplog.at_level(logging.INFO, logger="dispatcher"):
+        cut = await stack.ask("$stalls", "a long answer", stream=True)
+    assert cut.status_code == 200, "the status line was sent before the upstream stalled"
+    assert cut.content.startswith(b"data: ") and b"[DONE]" not in cut.content
+    await stack.dispatcher.settle()
+    assert stack.outcome_rows() == [(None, LOCAL, "error", "upstream timed out mid-stream")]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "dispatcher"]
+    assert "status=200 latency_ms=" in line and 'error="upstream timed out mid-stream"' in line
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_logged_and_reported(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.local.stall = 0.3  # within the timeout: the stream goes on after the hang-up
+    with caplog.at_level(logging.INFO, logger="dispatcher"):
+        async with stack.http.stream(
+            "POST", "/v1/chat/completions", json=chat("$hangs", "never mind", stream=True)
+        ) as answer:
+            assert answer.status_code == 200
+            async for _chunk in answer.aiter_raw():
+                break  # the first chunk, then the client goes away
+        for _ in range(100):  # the dispatcher notices at its next write, 0.3 s on
+            if any(r.name == "dispatcher" for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    await stack.dispatcher.settle()
+    assert stack.outcome_rows() == [(None, LOCAL, "error", "the client hung up mid-stream")]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "dispatcher"]
+    assert 'error="the client hung up mid-stream"' in line
+
+
 async def test_an_unreachable_upstream_is_reported_as_an_error(stack: Stack) -> None:
     sidecar_url = f"http://127.0.0.1:{stack.api.sidecar.config.api.listen.port}"
     nowhere = f"http://127.0.0.1:{free_port()}/v1"

@@ -142,8 +142,8 @@ class Dispatcher:
         headers = {"Content-Type": "application/json"}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"
-        status, response = "error", None
-        http_status = 502
+        status, response, finished = "error", None, False
+        http_status, detail = 502, None
         try:
             upstream_request = self.http.build_request(
                 "POST", f"{upstream.base_url}/chat/completions", json=forward, headers=headers
@@ -163,6 +163,7 @@ class Dispatcher:
                 async for chunk in upstream_response.aiter_raw():
                     await response.write(chunk)
                 await response.write_eof()
+                finished = True
             finally:
                 await upstream_response.aclose()
             status = "ok" if upstream_response.status_code < 400 else "error"
@@ -171,9 +172,15 @@ class Dispatcher:
             http_status, detail = 504, "upstream timed out"
         except httpx.HTTPError as error:
             http_status, detail = 502, f"upstream unreachable: {type(error).__name__}"
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            detail = "the client hung up"
+        if response is not None and response.prepared and not finished:
+            # The client already has the upstream's status line: what failed is the rest.
+            http_status = response.status
+            detail = f"{detail or 'failed'} mid-stream"
         latency_ms = int((time.perf_counter() - started) * 1000)
         log.info(
-            "ts=%s room=%s turn=%s requested=%s served=%s override=%s status=%s latency_ms=%d",
+            "ts=%s room=%s turn=%s requested=%s served=%s override=%s status=%s latency_ms=%d%s",
             datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             decision.room_id or "-",
             decision.turn_id or "-",
@@ -182,6 +189,7 @@ class Dispatcher:
             str(decision.override).lower(),
             status if status == "ok" else http_status,
             latency_ms,
+            f' error="{detail}"' if status != "ok" and detail else "",
         )
         if self.route is not None and decision.worth_reporting:
             # Every call, routed or not: the side-car suggests a retry when a turn fails.
