@@ -357,6 +357,26 @@ async def test_every_claimed_call_is_remembered_with_its_turn_only_and_boundedly
     assert len(await proxy.outcomes()) == 3  # each failure was reported all the same
 
 
+async def test_the_messages_remembered_are_capped_in_total_not_only_the_calls(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = len("[alice] ") + 2 * 1000  # two of the questions below, whole
+    monkeypatch.setitem(type(proxy.hook)._remember.__globals__, "MAX_REMEMBERED_CHARS", limit)
+    proxy.upstream.fail_with = 500  # failed calls stay remembered: a retry may follow
+    call_ids = [str(uuid.uuid4()) for _ in range(3)]
+    for n, call_id in enumerate(call_ids):
+        with pytest.raises(litellm.InternalServerError):
+            await proxy.ask(str(n) * 1000, f"$thread{n}", call_id=call_id)
+    await settle()
+    assert list(proxy.hook._calls) == call_ids[2:], "the oldest went first"
+    assert proxy.hook._calls[call_ids[2]].last_user_message == "[alice] " + "2" * 1000
+    assert proxy.hook._remembered_chars == len("[alice] ") + 1000
+    proxy.upstream.fail_with = None
+    await proxy.ask("2" * 1000, "$thread2", call_id=call_ids[2])  # the retry succeeds
+    await settle()
+    assert not proxy.hook._calls and proxy.hook._remembered_chars == 0
+
+
 async def test_a_target_without_a_model_group_uses_the_side_cars_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

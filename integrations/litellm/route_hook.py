@@ -53,8 +53,11 @@ CLAIMED_CALL_TYPES = frozenset({"completion", "acompletion"})
 # every other key already in the request (LiteLLM's own, the client's) is left alone.
 SIDECAR_KEY_PREFIXES = ("route_", "matrix_")
 # Calls claimed but not yet answered; retries and fallbacks of one call share its id, so an
-# entry stays until the call succeeds, and the oldest go first when calls never end.
+# entry stays until the call succeeds, and the oldest go first when calls never end. Each
+# keeps its last user message whole (the side-car hashes it to find the turn), so the
+# messages kept are also capped in total.
 MAX_REMEMBERED_CALLS = 4096
+MAX_REMEMBERED_CHARS = 16 * 1024 * 1024
 MAX_DETAIL_CHARS = 2000  # the side-car's limit on an outcome's detail
 
 
@@ -95,6 +98,7 @@ class RouteHook(CustomLogger):
             log.warning("%s is not set: the route hook leaves every call alone", URL_ENV)
         self._client: RouteClient | None = None
         self._calls: OrderedDict[str, ClaimedCall] = OrderedDict()
+        self._remembered_chars = 0  # the last user messages kept in _calls, in total
 
     def route_client(self) -> RouteClient:
         """One connection pool to the side-car, made on first use (inside the proxy's loop)."""
@@ -161,10 +165,18 @@ class RouteHook(CustomLogger):
             )
 
     def _remember(self, call_id: str, call: ClaimedCall) -> None:
+        self._forget(call_id)
         self._calls[call_id] = call
-        self._calls.move_to_end(call_id)
-        while len(self._calls) > MAX_REMEMBERED_CALLS:
-            self._calls.popitem(last=False)
+        self._remembered_chars += len(call.last_user_message or "")
+        while len(self._calls) > MAX_REMEMBERED_CALLS or (
+            self._remembered_chars > MAX_REMEMBERED_CHARS and len(self._calls) > 1
+        ):
+            self._forget(next(iter(self._calls)))
+
+    def _forget(self, call_id: str) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is not None:
+            self._remembered_chars -= len(call.last_user_message or "")
 
     # ---- after the deployment answered -------------------------------------------------
 
@@ -188,7 +200,7 @@ class RouteHook(CustomLogger):
             if call is None:  # not claimed (or the side-car did not answer): nothing to say
                 return
             if done:
-                del self._calls[call_id]
+                self._forget(call_id)
             served = ServedDeployment.from_logging(kwargs, call.model_group)
             await self.route_client().report(
                 call.decision,
