@@ -48,9 +48,9 @@ from mautrix.types import (
     StateEvent,
     UserID,
 )
-from mautrix.util.async_db import Database
 
 from .config import Config
+from .crypto_db import open_crypto_db
 from .events import Undecryptable
 
 log = logging.getLogger("route_sidecar.crypto")
@@ -134,12 +134,8 @@ class BotCrypto:
 
     def __init__(self, config: Config, db_path: Path, pickle_key: str) -> None:
         self.config = config
-        self.db = Database.create(
-            f"sqlite:///{db_path}",
-            upgrade_table=PgCryptoStore.upgrade_table,
-            # Keys are written with fsync: a lost Olm ratchet means messages nobody can read.
-            db_args={"init_commands": ["PRAGMA synchronous = FULL"]},
-            log=logging.getLogger("route_sidecar.crypto.db"),  # type: ignore[arg-type]
+        self.db = open_crypto_db(
+            db_path, PgCryptoStore.upgrade_table, logging.getLogger("route_sidecar.crypto.db")
         )
         bot = UserID(config.bot_user_id)
         self.crypto_store = PgCryptoStore(bot, pickle_key, self.db)
