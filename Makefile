@@ -9,6 +9,11 @@ HERMES_VENV := .venv-hermes
 SYNAPSE_VERSION := 1.163.2
 HERMES_VERSION := 0.19.0
 LITELLM_VENV := .venv-litellm
+# The side-car installed as README "Deploying" installs it (not editable), with a Python an
+# unprivileged user may run: tests/e2e/test_deploy.py follows those steps as `nobody`.
+DEPLOY_VENV := .venv-deploy
+DEPLOY_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11) $(PYTHON))
+PRODUCT_FILES := pyproject.toml $(wildcard bot/*.py bot/*.json migrations/*.sql)
 # litellm.proxy.utils needs fastapi, backoff, redis and orjson; litellm[proxy] pulls a
 # package PyPI does not have, so they are pinned here.
 LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
@@ -38,7 +43,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed \
-	$(LITELLM_VENV)/.installed
+	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,5 +69,15 @@ $(LITELLM_VENV)/.installed: pyproject.toml
 	$(LITELLM_VENV)/bin/pip install --quiet -e '.[test]' $(LITELLM_PACKAGES)
 	touch $@
 
+# Reinstalled whenever the product changes: it is a copy, not an editable install.
+$(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
+	test -x $(DEPLOY_VENV)/bin/pip || $(DEPLOY_PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --upgrade pip
+	$(DEPLOY_VENV)/bin/pip install --quiet --force-reinstall --no-deps .
+	$(DEPLOY_VENV)/bin/pip install --quiet '.[encryption]'
+	rm -rf build
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) $(LITELLM_VENV) .run .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) $(LITELLM_VENV) $(DEPLOY_VENV) .run \
+		.pytest_cache .hypothesis

@@ -84,7 +84,11 @@ async def start_sidecar(config: Config) -> Sidecar:
     crypto = None
     if config.encryption.enabled:
         from .crypto import BotCrypto  # python-olm: only when encryption is on
+        from .crypto_db import move_misplaced_store
 
+        await asyncio.to_thread(
+            move_misplaced_store, config.database_path, config.misplaced_crypto_stores
+        )
         crypto = BotCrypto(config, config.database_path, pickle_key)
     bot = MatrixBot(
         config,

@@ -112,7 +112,7 @@ class Config:
     homeserver: HomeserverConfig
     appservice: AppserviceConfig
     api: ApiConfig
-    database_path: Path
+    database_path: Path  # absolute (`database_location`)
     targets: Mapping[str, Target]
     routing: RoutingConfig
     permissions: Mapping[str, int]
@@ -121,7 +121,11 @@ class Config:
     routes_per_hour: int
     log_level: str = "INFO"
     encryption: EncryptionConfig = EncryptionConfig()
-    path: Path | None = field(default=None, compare=False)
+    path: Path | None = field(default=None, compare=False)  # absolute
+    # Where versions before this one put the encryption store: a relative `database` was
+    # joined to the config's folder as given on the command line, and mautrix read the
+    # resulting relative `sqlite:///` path from the filesystem root. Moved back on start.
+    misplaced_crypto_stores: tuple[Path, ...] = field(default=(), compare=False)
 
     @property
     def bot_user_id(self) -> str:
@@ -171,9 +175,7 @@ def parse_config(
     database = reader.string("database")
     if not database.startswith("sqlite:///") or len(database) <= len("sqlite:///"):
         raise ConfigError("database", "must be sqlite:///<path>, e.g. sqlite:///route-sidecar.db")
-    database_path = Path(database[len("sqlite:///") :])
-    if path is not None and not database_path.is_absolute():
-        database_path = path.parent / database_path
+    database_path, misplaced = database_location(Path(database[len("sqlite:///") :]), path)
     targets = reader.targets("targets")
     routing = RoutingConfig(
         prefixes=reader.prefixes("routing.prefixes"),
@@ -208,8 +210,24 @@ def parse_config(
         routes_per_hour=routes_per_hour,
         log_level=log_level,
         encryption=encryption,
-        path=path,
+        path=Path(os.path.abspath(path)) if path is not None else None,
+        misplaced_crypto_stores=misplaced,
     )
+
+
+def database_location(written: Path, config_path: Path | None) -> tuple[Path, tuple[Path, ...]]:
+    """The database file as an absolute path (a relative one is relative to the config
+    file's folder, or to the working directory without a file), and where earlier versions
+    put the encryption store for the same config: the relative path they built (config
+    folder as given, joined to `written`), and `written` alone, each read from `/`."""
+    base = config_path.parent if config_path is not None else Path()
+    absolute = Path(os.path.abspath(base / written))
+    if written.is_absolute():
+        return absolute, ()
+    earlier = (base / written, written)
+    misplaced = {Path(os.path.normpath("/" + str(old))) for old in earlier if not old.is_absolute()}
+    misplaced.discard(absolute)
+    return absolute, tuple(sorted(misplaced))
 
 
 def encryption_available() -> bool:

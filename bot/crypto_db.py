@@ -1,24 +1,39 @@
 """The SQLite database of mautrix's crypto and state stores, in the side-car's own file:
-keys written with fsync, and transactions that take the write lock when they begin."""
+keys written with fsync, and transactions that take the write lock when they begin; and
+the move of a store that earlier versions put in the wrong place back into that file."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
 from mautrix.util.async_db import Database, UpgradeTable
 from mautrix.util.async_db import aiosqlite as mautrix_sqlite
+from yarl import URL
 
 IMMEDIATE_MARK = "_route_sidecar_begins_immediate"
+# mautrix's tables: the crypto store's and the room state cache's, with their versions.
+MAUTRIX_TABLE_PREFIXES = ("crypto_", "mx_")
+log = logging.getLogger("route_sidecar.crypto")
+
+
+def sqlite_url(path: Path) -> URL:
+    """mautrix reads the path of a `sqlite:///` URL from `/` whatever it says: only an
+    absolute path makes one (built, not formatted, so `#` or `?` in a name stay a name)."""
+    if not path.is_absolute():
+        raise ValueError(f"a database URL needs an absolute path, not {path}")
+    return URL.build(scheme="sqlite", path=str(path))
 
 
 def open_crypto_db(db_path: Path, upgrade_table: UpgradeTable, log: logging.Logger) -> Database:
     begin_transactions_immediate()
     return Database.create(
-        f"sqlite:///{db_path}",
+        sqlite_url(db_path),
         upgrade_table=upgrade_table,
         # Keys are written with fsync: a lost Olm ratchet means messages nobody can read.
         db_args={"init_commands": ["PRAGMA synchronous = FULL"]},
@@ -58,3 +73,93 @@ def begin_transactions_immediate() -> None:
 
     setattr(transaction, IMMEDIATE_MARK, True)
     connection.transaction = transaction  # type: ignore[method-assign]
+
+
+def move_misplaced_store(db_path: Path, misplaced: Sequence[Path]) -> None:
+    """Bring a device that earlier versions kept at a misplaced path (a relative database
+    path read from `/`) into the side-car's file, so the bot keeps its device and the room
+    keys it holds: mautrix's tables are copied in one transaction, then the old file is
+    removed. Done only while the side-car's file holds no device of its own; an old store
+    that is left (unreadable, or a second device) is named in the log at every start,
+    never passed over in silence."""
+    found = [path for path in misplaced if os.path.isfile(path)]
+    if not found:
+        return
+    if device_in(db_path) is not None:
+        for old in found:
+            log.warning(
+                "an older encryption store is not used, remove it path=%s in_use=%s", old, db_path
+            )
+        return
+    for old in found:
+        try:
+            device = device_in(old)
+        except sqlite3.Error as error:
+            log.error("cannot read an older encryption store path=%s error=%s", old, error)
+            continue
+        if device is None:
+            continue
+        try:
+            _copy_mautrix_tables(old, db_path)
+        except sqlite3.Error as error:
+            log.error(
+                "cannot move the encryption store from=%s to=%s error=%s", old, db_path, error
+            )
+            continue
+        log.warning("encryption store moved from=%s to=%s device=%s", old, db_path, device)
+        _remove_database_file(old)
+        return
+
+
+def device_in(path: Path) -> str | None:
+    """The bot's device id in a database file holding mautrix's crypto store, or None."""
+    with closing(sqlite3.connect(_read_only(path), uri=True)) as db:
+        try:
+            row = db.execute(
+                "SELECT device_id FROM crypto_account WHERE device_id <> '' LIMIT 1"
+            ).fetchone()
+        except sqlite3.OperationalError:  # no crypto store in this file
+            return None
+    return str(row[0]) if row else None
+
+
+def _copy_mautrix_tables(old: Path, db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("ATTACH DATABASE ? AS old", (_read_only(old),))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            schema = db.execute(
+                "SELECT type, name, tbl_name, sql FROM old.sqlite_master"
+                " WHERE sql IS NOT NULL AND type IN ('table', 'index')"
+                " ORDER BY type = 'index', rowid"
+            ).fetchall()
+            for kind, name, table, sql in schema:
+                if not table.startswith(MAUTRIX_TABLE_PREFIXES):
+                    continue
+                if kind == "table":
+                    db.execute(f'DROP TABLE IF EXISTS main."{name}"')  # empty leftovers
+                    db.execute(sql)
+                    db.execute(f'INSERT INTO main."{name}" SELECT * FROM old."{name}"')
+                else:
+                    db.execute(sql)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("DETACH DATABASE old")
+
+
+def _remove_database_file(path: Path) -> None:
+    for name in (str(path), f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.error("cannot remove the moved encryption store path=%s error=%s", name, error)
+
+
+def _read_only(path: Path) -> str:
+    return f"{path.as_uri()}?mode=ro"

@@ -119,6 +119,64 @@ def test_example_file_loads_from_disk(tmp_path: Path) -> None:
     assert config.database_path == tmp_path / "route-sidecar.db"
 
 
+@pytest.mark.parametrize(
+    ("given", "written", "expected", "misplaced"),
+    [
+        # The README's deploy: `-c config.yaml` in the side-car's folder.
+        ("config.yaml", "route-sidecar.db", "route-sidecar.db", ["/route-sidecar.db"]),
+        # `-c sub/config.yaml` from the folder above.
+        (
+            "sub/config.yaml",
+            "route-sidecar.db",
+            "sub/route-sidecar.db",
+            ["/route-sidecar.db", "/sub/route-sidecar.db"],
+        ),
+        ("./sub/../config.yaml", "data/x.db", "data/x.db", ["/data/x.db"]),
+        ("../up/config.yaml", "x.db", "../up/x.db", ["/up/x.db", "/x.db"]),
+        # An absolute config path or database path was never misplaced.
+        ("{tmp}/config.yaml", "x.db", "x.db", ["/x.db"]),
+        ("config.yaml", "{tmp}/abs.db", "abs.db", []),
+    ],
+)
+def test_every_path_is_absolute_once_loaded_and_earlier_misplacements_are_known(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: str,
+    written: str,
+    expected: str,
+    misplaced: list[str],
+) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (tmp_path / "up").mkdir()
+    monkeypatch.chdir(work)
+    config_path = Path(given.format(tmp=work))
+    raw = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    raw["database"] = "sqlite:///" + written.format(tmp=work)
+    config_path.write_text(YAML_dump(raw), encoding="utf-8")
+    config = load_config(config_path, environ=TOKEN_ENV)
+    assert config.database_path.is_absolute()
+    assert config.database_path == Path(os.path.abspath(work / expected))
+    assert config.path == Path(os.path.abspath(config_path))
+    assert [str(p) for p in config.misplaced_crypto_stores] == misplaced
+
+
+def test_a_config_without_a_file_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    raw = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    config = parse_config(raw, TOKEN_ENV)
+    assert config.database_path == tmp_path / "route-sidecar.db"
+    assert config.path is None
+
+
+def YAML_dump(raw: Any) -> str:
+    out = StringIO()
+    YAML().dump(raw, out)
+    return out.getvalue()
+
+
 def test_example_without_tokens_is_refused_naming_the_token() -> None:
     raw = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
     error = error_of(raw, {})
