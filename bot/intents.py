@@ -7,10 +7,15 @@ nothing here reads the clock, the database or the network. SPEC.md "Intents" liv
        │                              │
        ├──TTL passes, never claimed──▶ expired
        └──superseded / auto / redacted / DELETE ──▶ cancelled  (also from active)
+
+Cancelling never switches an answer in progress: an intent with an open turn is only
+*closed* (no new turn binds it) and stays active until that turn ends, then becomes
+cancelled. A room may so hold closed intents besides its current one (`claim_among`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -85,6 +90,13 @@ class Intent:
     question_hash: str | None = None
     ended_at: datetime | None = None
     end_reason: EndReason | None = None
+    # Superseded or cleared while a turn was open: why and when. No new turn binds it.
+    closed_at: datetime | None = None
+    closed_by: EndReason | None = None
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed_at is not None
 
     @property
     def is_prebound(self) -> bool:
@@ -136,6 +148,8 @@ def expires_at(intent: Intent, timing: Timing) -> datetime | None:
     """When the intent ends if nothing else happens; None once it has ended."""
     if not intent.state.is_live:
         return None
+    if intent.closed_at is not None:  # when its last open turn ends
+        return max([intent.closed_at, *(t.ends_at(timing) for t in intent.bound_turns)])
     if intent.until is not None:
         open_ends = [t.ends_at(timing) for t in intent.bound_turns if t.key is not None]
         return max([intent.until, *open_ends])
@@ -171,23 +185,47 @@ def advance(intent: Intent, now: datetime, timing: Timing) -> Intent:
     end = expires_at(intent, timing)
     if end is None or now < end:
         return intent
+    if intent.closed_by is not None:
+        return replace(
+            intent, state=IntentState.CANCELLED, ended_at=end, end_reason=intent.closed_by
+        )
     if intent.bound_turns:
         return replace(intent, state=IntentState.DONE, ended_at=end, end_reason=EndReason.DONE)
     return replace(intent, state=IntentState.EXPIRED, ended_at=end, end_reason=EndReason.EXPIRED)
 
 
-def cancel(intent: Intent, now: datetime, reason: EndReason) -> Intent:
-    """Supersede, clear, redact or DELETE: a live intent becomes cancelled; others stay."""
-    if not intent.state.is_live:
+def cancel(intent: Intent, now: datetime, reason: EndReason, timing: Timing) -> Intent:
+    """Supersede, clear, redact or DELETE: what is left of a live intent is cancelled (no
+    new turn binds it). A turn still open finishes on its route ("next" means next): the
+    intent is then closed, active until that turn ends. Ended intents stay as they are."""
+    intent = advance(intent, now, timing)
+    if not intent.state.is_live or intent.is_closed:
         return intent
+    if any(turn.is_open(now, timing) for turn in intent.bound_turns):
+        return replace(intent, closed_at=now, closed_by=reason)
     return replace(intent, state=IntentState.CANCELLED, ended_at=now, end_reason=reason)
 
 
-def cancel_on_redaction(intent: Intent, now: datetime) -> Intent:
+def unused_part_cancelled(before: Intent, after: Intent) -> bool:
+    """Whether cancelling `before` (giving `after`) took a part no turn had used yet: a
+    pending intent, or turns or time it still had to give. A route whose turns were all
+    served, or are being answered, was not replaced."""
+    if not before.state.is_live or before.is_closed:
+        return False
+    if not before.bound_turns:
+        return True
+    capacity = before.turn_capacity
+    if capacity is not None:
+        return len(before.bound_turns) < capacity
+    until = before.until
+    return until is not None and (after.closed_at or after.ended_at or until) < until
+
+
+def cancel_on_redaction(intent: Intent, now: datetime, timing: Timing) -> Intent:
     """Redacting the command cancels its intent only while it is still pending."""
     if intent.state is not IntentState.PENDING:
         return intent
-    return cancel(intent, now, EndReason.REDACTED)
+    return cancel(intent, now, EndReason.REDACTED, timing)
 
 
 UNPLACED = Placement(arrived_at=None, is_command=False)
@@ -269,6 +307,31 @@ def claim(intent: Intent, turn: ClaimedTurn, now: datetime, timing: Timing) -> C
     return Claimed(advance(bound_intent, now, timing), ClaimResult.BOUND, len(intent.bound_turns))
 
 
+def claim_among(
+    intents: Sequence[Intent], turn: ClaimedTurn, now: datetime, timing: Timing
+) -> Claimed | None:
+    """`claim` in a room that may hold closed intents besides its current one (oldest
+    first): a call of a turn still open on any of them continues there; any other call
+    is the current intent's to decide. None: nothing in the room applies (no current
+    intent, and the turn is none of the closed ones')."""
+    for intent in reversed(intents):
+        if not intent.state.is_live:
+            continue
+        position = latest_bound(intent, turn.key)
+        if position is not None and intent.bound_turns[position].is_open(now, timing):
+            return claim(intent, turn, now, timing)
+    current = current_of(intents)
+    return claim(current, turn, now, timing) if current is not None else None
+
+
+def current_of(intents: Sequence[Intent]) -> Intent | None:
+    """The room's current intent: the newest live one that is not closed."""
+    for intent in reversed(intents):
+        if intent.state.is_live and not intent.is_closed:
+            return intent
+    return None
+
+
 def latest_bound(intent: Intent, key: TurnKey | None) -> int | None:
     """The position of the latest bound turn with this key (a key may be bound again as
     a new turn when its message is newer), or None."""
@@ -291,6 +354,8 @@ def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimR
     """Why a turn not yet bound may not bind the intent, or None when it may."""
     if turn.placement.is_command:
         return ClaimResult.COMMAND_TURN
+    if intent.is_closed:
+        return ClaimResult.OTHER_TURN
     capacity = intent.turn_capacity
     if capacity is not None and len(intent.bound_turns) >= capacity:
         return ClaimResult.OTHER_TURN

@@ -1,11 +1,13 @@
-"""The live intents, one per room, in memory: written through to SQLite by the service
-and rebuilt at start, so a claim for a room with nothing set never waits for the
-database.
+"""The live intents in memory, by room: written through to SQLite by the service and
+rebuilt at start, so a claim for a room with nothing set never waits for the database.
+A room holds its current intent and, for as long as their last turns are answered,
+intents a newer command closed (`intents.cancel`), oldest first.
 
 Most claims are later calls of a turn already bound, and such a call changes only that
 turn's last-claim time and count. So each room keeps its *open turn* here (the bound
-turn as of its latest call) apart from the intent, and the two are folded together when
-anything reads the intent: a call of a turn copies no intent. No I/O.
+turn as of its latest call, and whose intent it is) apart from the intent, and the two
+are folded together when anything reads the room: a call of a turn copies no intent.
+No I/O.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from .turns import TurnKey
 
 @dataclass(slots=True)
 class OpenTurn:
-    """A room's bound turn as of its latest call, not yet folded into the intent."""
+    """A room's bound turn as of its latest call, not yet folded into its intent."""
 
+    intent_id: str
     position: int  # in the intent's bound turns
     turn: BoundTurn
     # What the service answered for this turn, and until when that answer holds (its own
@@ -33,47 +36,65 @@ class OpenTurn:
 
 class LiveIntents:
     def __init__(self, intents: Iterable[Intent] = ()) -> None:
-        self._intents: dict[str, Intent] = {intent.room_id: intent for intent in intents}
+        self._rooms: dict[str, list[Intent]] = {}
+        for intent in sorted(intents, key=lambda i: i.created_at):
+            self._rooms.setdefault(intent.room_id, []).append(intent)
         self._open: dict[str, OpenTurn] = {}
         self._unsaved: set[str] = set()  # rooms with a call not yet written to SQLite
 
     def __len__(self) -> int:
-        return len(self._intents)
+        return sum(len(intents) for intents in self._rooms.values())
 
     def __contains__(self, room_id: object) -> bool:
-        return room_id in self._intents
+        """Whether anything is live in the room."""
+        return room_id in self._rooms
 
-    def __getitem__(self, room_id: str) -> Intent:
-        intent = self.get(room_id)
-        if intent is None:
-            raise KeyError(room_id)
-        return intent
-
-    def get(self, room_id: str, default: Intent | None = None) -> Intent | None:
-        """The room's live intent, with its open turn's latest call in it."""
-        intent = self._intents.get(room_id)
-        if intent is None:
-            return default
+    def room(self, room_id: str) -> tuple[Intent, ...]:
+        """The room's live intents, oldest first, with its open turn's latest call in."""
+        intents = self._rooms.get(room_id)
+        if intents is None:
+            return ()
         open_turn = self._open.get(room_id)
-        if open_turn is not None and intent.bound_turns[open_turn.position] is not open_turn.turn:
-            intent = core.with_turn(intent, open_turn.position, open_turn.turn)
-            self._intents[room_id] = intent  # folded once; the open turn stays
-        return intent
+        if open_turn is not None:
+            for index, intent in enumerate(intents):
+                if intent.id == open_turn.intent_id:
+                    if intent.bound_turns[open_turn.position] is not open_turn.turn:
+                        # Folded once; the open turn stays.
+                        intents[index] = core.with_turn(intent, open_turn.position, open_turn.turn)
+                    break
+        return tuple(intents)
+
+    def current(self, room_id: str) -> Intent | None:
+        """The room's current intent (the newest that a new turn may bind), if any."""
+        return core.current_of(self.room(room_id))
+
+    def intent(self, room_id: str, intent_id: str) -> Intent | None:
+        return next((i for i in self.room(room_id) if i.id == intent_id), None)
 
     def values(self) -> list[Intent]:
-        return [
-            intent for room_id in list(self._intents) if (intent := self.get(room_id)) is not None
-        ]
+        return [intent for room_id in list(self._rooms) for intent in self.room(room_id)]
 
     def set(self, intent: Intent) -> None:
         """A new or changed live intent (the service has written it)."""
-        self._intents[intent.room_id] = intent
-        self._open.pop(intent.room_id, None)
+        intents = self._rooms.setdefault(intent.room_id, [])
+        self._drop_open_turn(intent.room_id, intent.id)
+        for index, known in enumerate(intents):
+            if known.id == intent.id:
+                intents[index] = intent
+                return
+        intents.append(intent)
 
-    def pop(self, room_id: str) -> None:
-        self._intents.pop(room_id, None)
-        self._open.pop(room_id, None)
-        self._unsaved.discard(room_id)
+    def pop(self, intent: Intent) -> None:
+        """An intent that is live no more."""
+        intents = self._rooms.get(intent.room_id)
+        if intents is None:
+            return
+        self.room(intent.room_id)  # fold the open turn of the intents that stay
+        self._drop_open_turn(intent.room_id, intent.id)
+        intents[:] = [known for known in intents if known.id != intent.id]
+        if not intents:
+            del self._rooms[intent.room_id]
+            self._unsaved.discard(intent.room_id)
 
     def continue_turn(
         self, room_id: str, key: TurnKey | None, now: datetime, timing: Timing
@@ -82,25 +103,35 @@ class LiveIntents:
         is not one (`intents.continue_turn` decides), and then nothing changes."""
         open_turn = self._open.get(room_id)
         if open_turn is not None and open_turn.turn.key == key:
-            # The intent has not changed since this turn's first call here (any change
+            # Its intent has not changed since this turn's first call here (any change
             # drops the open turn), so it is the turn `continue_turn` would pick.
             called = open_turn.turn.called(now, timing)
             if called is None:
                 return None
             open_turn.turn = called
         else:
-            intent = self.get(room_id)  # folds the room's other open turn, if any
-            claimed = core.continue_turn(intent, key, now, timing) if intent else None
-            if claimed is None or claimed.turn_position is None:
+            intents = self._rooms.get(room_id, [])
+            self.room(room_id)  # folds the room's other open turn, if any
+            for index in range(len(intents) - 1, -1, -1):
+                claimed = core.continue_turn(intents[index], key, now, timing)
+                if claimed is not None and claimed.turn_position is not None:
+                    break
+            else:
                 return None
             position = claimed.turn_position
-            self._intents[room_id] = claimed.intent
-            open_turn = OpenTurn(position, claimed.intent.bound_turns[position])
+            intents[index] = claimed.intent
+            open_turn = OpenTurn(claimed.intent.id, position, claimed.intent.bound_turns[position])
             self._open[room_id] = open_turn
         self._unsaved.add(room_id)
         return open_turn
 
     def take_unsaved(self) -> list[Intent]:
-        """The intents with calls not yet written, once: the caller writes them."""
+        """The intents of rooms with calls not yet written, once: the caller writes them."""
         rooms, self._unsaved = self._unsaved, set()
-        return [intent for room_id in rooms if (intent := self.get(room_id)) is not None]
+        return [intent for room_id in rooms for intent in self.room(room_id)]
+
+    def _drop_open_turn(self, room_id: str, intent_id: str) -> None:
+        open_turn = self._open.get(room_id)
+        if open_turn is not None and open_turn.intent_id == intent_id:
+            self.room(room_id)  # fold it first: the turn's latest call is kept
+            del self._open[room_id]

@@ -13,7 +13,7 @@ from typing import Any
 from .commands import RouteTo, format_command, format_duration
 from .config import Target
 from .history import PastTurn
-from .intents import Intent, IntentState, Timing, expires_at
+from .intents import EndReason, Intent, IntentState, Timing, expires_at
 
 _CODE = re.compile(r"`([^`\n]+)`")
 _BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
@@ -128,13 +128,39 @@ def expired(intent: Intent, timing: Timing) -> Text:
     )
 
 
-def cleared(previous: Intent | None, prefix: str) -> Text:
-    if previous is None:
+def cleared(previous: Intent | None, after: Intent | None, prefix: str) -> Text:
+    """The reply to `/route auto`: `previous` as it was, `after` as the command left it."""
+    if previous is None or after is None:
         return render(f"Automatic routing: nothing was set. `{prefix} help` lists the commands.")
-    return render(
+    text = (
         f"Automatic routing again. The route to **{previous.target}** "
         f"({previous.state.value} until now) is cancelled."
     )
+    if after.is_closed:
+        text += f" The answer in progress finishes on {previous.target}."
+    return render(text)
+
+
+_CANCELLED_BY = {
+    EndReason.SUPERSEDED: ("replaced by a newer route", "later turns follow the newer route"),
+    EndReason.CLEARED: ("cancelled by `{prefix} auto`", "later turns are routed automatically"),
+    EndReason.REDACTED: ("the command was deleted", "later turns are routed automatically"),
+    EndReason.API: ("cancelled through the API", "later turns are routed automatically"),
+}
+
+
+def cancelled(intent: Intent, now: datetime, timing: Timing, prefix: str) -> Text:
+    """The confirmation of an intent cancelled (or closed, its last turn still being
+    answered), edited to say what it really did: never "replaced" once a turn used it."""
+    reason = intent.closed_by or intent.end_reason or EndReason.API
+    unused, later = (part.format(prefix=prefix) for part in _CANCELLED_BY[reason])
+    served = len(intent.bound_turns)
+    if not served:
+        return render(f"Route to **{intent.target}**: {unused}. Nothing was routed.")
+    text = f"Route to **{intent.target}**: used for {served} turn{'s' if served != 1 else ''}"
+    if any(turn.is_open(now, timing) for turn in intent.bound_turns):
+        text += f" (the answer in progress finishes on {intent.target})"
+    return render(f"{text}; {later}.")
 
 
 def status(intent: Intent | None, now: datetime, timing: Timing, prefix: str) -> Text:

@@ -3,7 +3,7 @@ reported, time passes. Each one reads state, asks the pure core (commands, polic
 intents, turns) what happens, and writes the new state and the room events it owes
 (the outbox) in one database transaction. It holds no routing rule of its own.
 
-Live intents are also kept in memory (`self.live`, one per room, bot/live.py), written
+Live intents are also kept in memory (`self.live`, by room, bot/live.py), written
 through to SQLite and rebuilt at start, so a claim for a room with nothing set never
 waits for the database.
 """
@@ -387,9 +387,10 @@ class RouteService:
                     await self._end(tx, current, EndReason.CLEARED, now)
                 return replies.leaving(current), None, LEAVING
             case cmd.ClearIntent():
-                if current is not None:
-                    await self._end(tx, current, EndReason.CLEARED, now)
-                return replies.cleared(current, prefix), None, "ok"
+                if current is None:
+                    return replies.cleared(None, None, prefix), None, "ok"
+                cleared = await self._end(tx, current, EndReason.CLEARED, now)
+                return replies.cleared(current, cleared, prefix), None, "ok"
             case cmd.RouteTo() as route:
                 return await self._route(tx, route, message, current, reask, now)
         raise AssertionError(parsed)
@@ -426,21 +427,24 @@ class RouteService:
             now=now,
             question_hash=message_hash(self.salt, question) if question else None,
         )
+        replaced = None
         if current is not None:
-            await self._end(tx, current, EndReason.SUPERSEDED, now)
+            superseded = await self._end(tx, current, EndReason.SUPERSEDED, now)
+            replaced = current if core.unused_part_cancelled(current, superseded) else None
         await tx.save_intent(intent)
         self.live.set(intent)
         if reask is None:
-            return replies.confirmation(intent, current, self.timing, self.prefix), intent, "routed"
+            text = replies.confirmation(intent, replaced, self.timing, self.prefix)
+            return text, intent, "routed"
         # The reply quotes the question: that copy is sent from memory, never stored.
         quoted = replies.reask_confirmation(
-            intent, replies.excerpt(reask.text), reask.sender, reask.asked_at, current, self.prefix
+            intent, replies.excerpt(reask.text), reask.sender, reask.asked_at, replaced, self.prefix
         )
         self.unstored[f"reply:{message.event_id}"] = replies.notice_content(
             quoted, message.event_id, message.thread_root
         )
         text = replies.reask_confirmation(
-            intent, None, reask.sender, reask.asked_at, current, self.prefix
+            intent, None, reask.sender, reask.asked_at, replaced, self.prefix
         )
         return text, intent, "routed"
 
@@ -487,7 +491,7 @@ class RouteService:
             intent = self._current(intent.room_id, now) if intent.state.is_live else intent
             if intent is None or intent.command_event_id != redaction.redacted_event_id:
                 return
-            ended = core.cancel_on_redaction(intent, now)
+            ended = core.cancel_on_redaction(intent, now, self.timing)
             if ended is not intent:
                 await self._record_end(tx, ended, now)
                 log.info(
@@ -524,15 +528,20 @@ class RouteService:
             if continued is not None:
                 return continued
             now = self.clock()
-            intent = self.live.get(room_id)
-            if intent is None:
+            room = self.live.room(room_id)
+            if not room:
                 return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
             async with self._writing() as tx:
                 seen = await tx.seen_for_turn(room_id, key) if key is not None else []
                 placement = place_turn(key, seen)
                 if is_command_turn(turn.last_user_message, self.config.routing.prefixes):
                     placement = replace(placement, is_command=True)
-                claimed = core.claim(intent, core.ClaimedTurn(key, placement), now, self.timing)
+                claimed = core.claim_among(
+                    room, core.ClaimedTurn(key, placement), now, self.timing
+                )
+                if claimed is None:
+                    return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+                intent = next(i for i in room if i.id == claimed.intent.id)
                 if claimed.intent != intent:
                     await self._record_change(tx, intent, claimed.intent, now)
                 if claimed.result is ClaimResult.BOUND and claimed.turn_position == 0:
@@ -570,7 +579,8 @@ class RouteService:
         held = open_turn.answer
         if held is not None and now < held[0]:
             return held[1]
-        intent = self.live[room_id]
+        intent = self.live.intent(room_id, open_turn.intent_id)
+        assert intent is not None  # the open turn's intent is live
         answer = self._answer(
             core.Claimed(intent, ClaimResult.CONTINUED, open_turn.position), room_id, turn
         )
@@ -831,18 +841,22 @@ class RouteService:
     # ---- helpers ------------------------------------------------------------------
 
     def _current(self, room_id: str, now: datetime) -> Intent | None:
-        """The room's live intent as of `now` (time applied, not yet written)."""
-        intent = self.live.get(room_id)
+        """The room's current intent as of `now` (time applied, not yet written)."""
+        intent = self.live.current(room_id)
         if intent is None:
             return None
         advanced = core.advance(intent, now, self.timing)
         return advanced if advanced.state.is_live else None
 
-    async def _end(self, tx: Tx, intent: Intent, reason: EndReason, now: datetime) -> None:
-        await self._record_end(tx, core.cancel(intent, now, reason), now)
+    async def _end(self, tx: Tx, intent: Intent, reason: EndReason, now: datetime) -> Intent:
+        """Cancel what is left of the intent (a turn in progress finishes on it)."""
+        ended = core.cancel(intent, now, reason, self.timing)
+        await self._record_end(tx, ended, now)
+        return ended
 
     async def _record_end(self, tx: Tx, ended: Intent, now: datetime) -> None:
-        await self._record_change(tx, self.live.get(ended.room_id, ended), ended, now)
+        before = self.live.intent(ended.room_id, ended.id) or ended
+        await self._record_change(tx, before, ended, now)
 
     async def _record_change(self, tx: Tx, before: Intent, after: Intent, now: datetime) -> None:
         """Write an intent's new state, keep the memory index true, and queue the edit of
@@ -850,10 +864,12 @@ class RouteService:
         await tx.save_intent(after)
         if after.state.is_live:
             self.live.set(after)
-        elif self.live.get(after.room_id, after).id == after.id:
-            self.live.pop(after.room_id)
-        if before.state.is_live and not after.state.is_live:
-            text = _end_notice(after, self.timing)
+        else:
+            self.live.pop(after)
+        # Once per intent: when it ends, or is closed with a turn still being answered.
+        ends = before.state.is_live and not after.state.is_live and not before.is_closed
+        if ends or (after.is_closed and not before.is_closed):
+            text = _end_notice(after, now, self.timing, self.prefix)
             if text is not None:
                 await tx.add_effect(
                     f"ended:{after.id}",
@@ -865,16 +881,13 @@ class RouteService:
                 )
 
 
-def _end_notice(intent: Intent, timing: Timing) -> replies.Text | None:
+def _end_notice(
+    intent: Intent, now: datetime, timing: Timing, prefix: str
+) -> replies.Text | None:
     if intent.state is IntentState.EXPIRED:
         return replies.expired(intent, timing)
-    if intent.state is IntentState.CANCELLED and intent.end_reason is not EndReason.CLEARED:
-        reason = {
-            EndReason.SUPERSEDED: "replaced by a newer route",
-            EndReason.REDACTED: "the command was deleted",
-            EndReason.API: "cancelled through the API",
-        }.get(intent.end_reason, "cancelled")  # type: ignore[arg-type]
-        return replies.render(f"Route to **{intent.target}**: {reason}.")
+    if intent.state is IntentState.CANCELLED or intent.is_closed:
+        return replies.cancelled(intent, now, timing, prefix)
     return None
 
 

@@ -247,10 +247,12 @@ class Tx:
         await self.db.execute(
             """INSERT INTO intents (id, room_id, target, model, scope_kind, scope_turns,
                    scope_seconds, sender, command_event_id, command_thread_id, command_at,
-                   created_at, state, question_hash, ended_at, end_reason)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   created_at, state, question_hash, ended_at, end_reason, closed_at,
+                   closed_by)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (id) DO UPDATE SET state = excluded.state,
-                   ended_at = excluded.ended_at, end_reason = excluded.end_reason""",
+                   ended_at = excluded.ended_at, end_reason = excluded.end_reason,
+                   closed_at = excluded.closed_at, closed_by = excluded.closed_by""",
             (
                 intent.id,
                 intent.room_id,
@@ -268,6 +270,8 @@ class Tx:
                 intent.question_hash,
                 to_ms(intent.ended_at) if intent.ended_at is not None else None,
                 intent.end_reason.value if intent.end_reason is not None else None,
+                to_ms(intent.closed_at) if intent.closed_at is not None else None,
+                intent.closed_by.value if intent.closed_by is not None else None,
             ),
         )
         for position, turn in enumerate(intent.bound_turns):
@@ -610,4 +614,6 @@ def _intent_from(row: aiosqlite.Row, turns: Sequence[aiosqlite.Row]) -> Intent:
         question_hash=row["question_hash"],
         ended_at=from_ms(row["ended_at"]),
         end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
+        closed_at=from_ms(row["closed_at"]),
+        closed_by=EndReason(row["closed_by"]) if row["closed_by"] else None,
     )

@@ -45,12 +45,12 @@ async def test_transaction_ids_are_remembered_per_registration_across_restarts(
     port = config.appservice.listen.port
     sidecar = await start_sidecar(config)
     await push(port, config.appservice.hs_token, "1", "$first")
-    assert sidecar.service.live[ROOM].command_event_id == "$first"
+    assert sidecar.service.live.current(ROOM).command_event_id == "$first"
     await sidecar.stop()
 
     sidecar = await start_sidecar(config)  # same registration: txn 1 is a retry, skipped
     await push(port, config.appservice.hs_token, "1", "$second")
-    assert sidecar.service.live[ROOM].command_event_id == "$first"
+    assert sidecar.service.live.current(ROOM).command_event_id == "$first"
     await sidecar.stop()
 
     new_token = "a-new-hs-token-0123456789"  # a new registration counts from 1 again
@@ -59,7 +59,7 @@ async def test_transaction_ids_are_remembered_per_registration_across_restarts(
     )
     sidecar = await start_sidecar(renewed)
     await push(port, new_token, "1", "$third")
-    assert sidecar.service.live[ROOM].command_event_id == "$third"
+    assert sidecar.service.live.current(ROOM).command_event_id == "$third"
     await sidecar.stop()
 
 

@@ -57,7 +57,7 @@ async def test_a_burst_of_ten_thousand_messages_is_acknowledged_and_its_command_
         print(f"burst of {BURST}: acknowledged in {took:.2f} s, peak {peak / 2**20:.1f} MiB")
         assert took < ACK_LIMIT_SECONDS
         assert peak < MEMORY_LIMIT_BYTES
-        intent = sidecar.service.live.get(ROOM)
+        intent = sidecar.service.live.current(ROOM)
         assert intent is not None and intent.command_event_id == f"$burst{BURST // 2}"
     finally:
         await sidecar.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,11 +23,14 @@ from bot.intents import (
     cancel,
     cancel_on_redaction,
     claim,
+    claim_among,
     continue_turn,
+    current_of,
     expires_at,
     expiry_second_holds_until,
     latest_bound,
     new_intent,
+    unused_part_cancelled,
     whole_second,
     with_turn,
 )
@@ -507,35 +511,76 @@ def active_intent() -> Intent:
 def ended_intents() -> list[Intent]:
     done = advance(active_intent(), at(minutes=10), TIMING)
     expired = advance(make(), T0 + TTL, TIMING)
-    cancelled = cancel(make(), at(seconds=1), EndReason.CLEARED)
+    cancelled = cancel(make(), at(seconds=1), EndReason.CLEARED, TIMING)
     return [done, expired, cancelled]
 
 
 @pytest.mark.parametrize("reason", [EndReason.SUPERSEDED, EndReason.CLEARED, EndReason.API])
-@pytest.mark.parametrize("live", ["pending", "active"])
-def test_cancel_ends_a_live_intent(reason: EndReason, live: str) -> None:
-    intent = make() if live == "pending" else active_intent()
-    cancelled = cancel(intent, at(seconds=9), reason)
+@pytest.mark.parametrize("live", ["pending", "active-idle"])
+def test_cancel_ends_a_live_intent_with_no_turn_in_progress(reason: EndReason, live: str) -> None:
+    intent, now = make(), at(seconds=9)
+    if live == "active-idle":  # a --turns 2 intent whose first turn went idle
+        intent = claims(make(scope=Scope.next_turns(2)), (turn("a"), at(seconds=5)))[0]
+        now = at(seconds=5) + IDLE + TICK
+    cancelled = cancel(intent, now, reason, TIMING)
     assert cancelled.state is IntentState.CANCELLED
     assert cancelled.end_reason is reason
-    assert cancelled.ended_at == at(seconds=9)
+    assert cancelled.ended_at == now
     assert cancelled.bound_turns == intent.bound_turns
+    assert not cancelled.is_closed
     assert expires_at(cancelled, TIMING) is None
+
+
+@pytest.mark.parametrize("reason", [EndReason.SUPERSEDED, EndReason.CLEARED, EndReason.API])
+def test_cancel_lets_the_turn_in_progress_finish_on_its_route(reason: EndReason) -> None:
+    active = active_intent()  # turn a bound at 5 s
+    closed = cancel(active, at(seconds=9), reason, TIMING)
+    assert closed.state is IntentState.ACTIVE and closed.is_closed
+    assert (closed.closed_at, closed.closed_by) == (at(seconds=9), reason)
+    # Every later call of the turn keeps the override until the turn ends.
+    later = claim(closed, turn("a"), at(minutes=3), TIMING)
+    assert later.result is ClaimResult.CONTINUED and later.override
+    assert expires_at(later.intent, TIMING) == at(minutes=3) + IDLE
+    # No other turn binds it, placed or not.
+    for other in (turn("b"), unplaced("c")):
+        assert claim(later.intent, other, at(minutes=4), TIMING).result is ClaimResult.OTHER_TURN
+    # The turn ends: the intent is cancelled then, for the reason given at the command.
+    ended = advance(later.intent, at(minutes=3) + IDLE, TIMING)
+    assert ended.state is IntentState.CANCELLED
+    assert (ended.ended_at, ended.end_reason) == (at(minutes=3) + IDLE, reason)
+    assert claim(ended, turn("a"), at(minutes=9), TIMING).result is ClaimResult.NO_INTENT
+    # Cancelling a closed intent again changes nothing.
+    assert cancel(later.intent, at(minutes=4), EndReason.CLEARED, TIMING) == later.intent
 
 
 @pytest.mark.parametrize("reason", list(EndReason))
 def test_cancel_changes_nothing_once_an_intent_has_ended(reason: EndReason) -> None:
     for ended in ended_intents():
-        assert cancel(ended, at(minutes=20), reason) == ended
+        assert cancel(ended, at(minutes=20), reason, TIMING) == ended
 
 
-def test_cancelled_intent_gives_no_override_to_its_bound_turn() -> None:
-    cancelled = cancel(active_intent(), at(seconds=6), EndReason.SUPERSEDED)
-    assert claim(cancelled, turn("a"), at(seconds=7), TIMING).result is ClaimResult.NO_INTENT
+@pytest.mark.parametrize(
+    ("scope", "bound", "unused"),
+    [
+        (Scope.once(), 0, True),  # pending: nothing used yet
+        (Scope.once(), 1, False),  # its one turn served or being answered
+        (Scope.next_turns(3), 1, True),  # two turns it would still have given
+        (Scope.next_turns(2), 2, False),
+        (Scope.lasting(timedelta(minutes=30)), 1, True),  # time left
+    ],
+)
+def test_an_older_route_counts_as_replaced_only_for_a_part_no_turn_used(
+    scope: Scope, bound: int, unused: bool
+) -> None:
+    intent = make(scope=scope)
+    for index, name in enumerate("ab"[:bound]):
+        intent = claim(intent, turn(name), at(seconds=5 + index), TIMING).intent
+    after = cancel(intent, at(seconds=9), EndReason.SUPERSEDED, TIMING)
+    assert unused_part_cancelled(intent, after) is unused
 
 
 def test_redaction_cancels_a_pending_intent() -> None:
-    redacted = cancel_on_redaction(make(), at(seconds=4))
+    redacted = cancel_on_redaction(make(), at(seconds=4), TIMING)
     assert redacted.state is IntentState.CANCELLED
     assert redacted.end_reason is EndReason.REDACTED
     assert redacted.ended_at == at(seconds=4)
@@ -543,9 +588,9 @@ def test_redaction_cancels_a_pending_intent() -> None:
 
 def test_redaction_leaves_an_active_or_ended_intent_alone() -> None:
     active = active_intent()
-    assert cancel_on_redaction(active, at(seconds=6)) == active
+    assert cancel_on_redaction(active, at(seconds=6), TIMING) == active
     for ended in ended_intents():
-        assert cancel_on_redaction(ended, at(minutes=20)) == ended
+        assert cancel_on_redaction(ended, at(minutes=20), TIMING) == ended
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["done", "expired", "cancelled"])
@@ -613,7 +658,7 @@ def test_whole_second_drops_the_fraction() -> None:
 
 
 def test_expiry_second_holds_until_now_for_an_ended_intent() -> None:
-    ended = cancel(make(), at(seconds=1), EndReason.CLEARED)
+    ended = cancel(make(), at(seconds=1), EndReason.CLEARED, TIMING)
     assert expiry_second_holds_until(ended, at(seconds=2), TIMING) == at(seconds=2)
 
 
@@ -804,3 +849,104 @@ def test_the_expiry_second_holds_for_later_calls_of_the_turn_until_the_bound(
         intent = later.intent
         assert whole_second(expires_at(intent, timing)) == second
         assert expires_at(intent, timing) >= expires_at(first.intent, timing)
+
+
+# --- a room: commands, claims and turn ends in every order ---------------------------------
+
+room_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("route"),
+            st.integers(min_value=0, max_value=200),
+            st.sampled_from([Scope.once(), Scope.next_turns(2), Scope.lasting(IDLE)]),
+        ),
+        st.tuples(st.just("auto"), st.integers(min_value=0, max_value=200), st.none()),
+        st.tuples(st.just("ask"), st.integers(min_value=0, max_value=200), st.sampled_from("abc")),
+        st.tuples(
+            st.just("claim"), st.integers(min_value=0, max_value=400), st.sampled_from("abcd")
+        ),
+    ),
+    max_size=30,
+)
+
+
+def live_in(room: list[Intent]) -> list[Intent]:
+    return [intent for intent in room if intent.state.is_live]
+
+
+def update(room: list[Intent], changed: Intent) -> None:
+    room[:] = [changed if intent.id == changed.id else intent for intent in room]
+
+
+@settings(max_examples=400, deadline=None)
+@given(room_steps)
+def test_a_newer_route_never_switches_the_answer_in_progress(
+    steps: list[tuple[str, int, object]],
+) -> None:
+    """SPEC "Intents": a turn bound to a route keeps it for every call until the turn ends,
+    whatever commands come in between; a newer route binds only turns begun after its
+    command; a closed route binds nothing new; the room has at most one current route."""
+    room: list[Intent] = []
+    asked: dict[str, datetime] = {}  # each turn's message (the latest with that text)
+    routed: dict[str, tuple[str, datetime]] = {}  # turn → (intent, its last routed call)
+    now = T0
+    for number, (kind, gap, arg) in enumerate(steps):
+        now += timedelta(seconds=gap)
+        for intent in list(room):
+            update(room, advance(intent, now, TIMING))
+        current = current_of(live_in(room))
+        if kind in ("route", "auto"):
+            if current is not None:
+                reason = EndReason.SUPERSEDED if kind == "route" else EndReason.CLEARED
+                after = cancel(current, now, reason, TIMING)
+                assert after.state is IntentState.CANCELLED or after.is_closed
+                update(room, after)
+            if kind == "route":
+                assert isinstance(arg, Scope)
+                room.append(replace(make(scope=arg, command_at=now, now=now), id=f"i{number}"))
+        elif kind == "ask":
+            asked[str(arg)] = now
+        else:
+            name = str(arg)
+            claimed = claim_among(
+                live_in(room),
+                ClaimedTurn(key(name), Placement(asked.get(name), False)),
+                now,
+                TIMING,
+            )
+            before = routed.get(name)
+            if before is not None and now < before[1] + IDLE:
+                assert claimed is not None and claimed.override, "the answer switched midway"
+                assert claimed.intent.id == before[0]
+            if claimed is None:
+                continue
+            update(room, claimed.intent)
+            if claimed.result is ClaimResult.BOUND:
+                assert not claimed.intent.is_closed or claimed.intent.closed_at is None
+                original = next(i for i in room if i.id == claimed.intent.id)
+                arrived = asked.get(name)
+                assert arrived is None or arrived > original.command_at
+            if claimed.override:
+                routed[name] = (claimed.intent.id, now)
+        assert len([i for i in live_in(room) if not i.is_closed]) <= 1
+        for intent in live_in(room):
+            if intent.is_closed:  # closed only while a turn of it is being answered
+                assert intent.state is IntentState.ACTIVE
+
+
+def test_claim_among_prefers_the_turn_in_progress_then_the_current_route() -> None:
+    older = claim(make(), turn("a"), at(seconds=5), TIMING).intent
+    closed = cancel(older, at(seconds=9), EndReason.SUPERSEDED, TIMING)
+    newer = replace(make(command_at=at(seconds=9), now=at(seconds=9)), id="intent-2")
+    room = [closed, newer]
+    running = claim_among(room, turn("a"), at(seconds=20), TIMING)
+    assert running is not None and running.intent.id == closed.id
+    assert running.result is ClaimResult.CONTINUED
+    fresh = claim_among(room, turn("b", arrived_at=at(seconds=30)), at(seconds=31), TIMING)
+    assert fresh is not None and fresh.intent.id == newer.id
+    assert fresh.result is ClaimResult.BOUND
+    # The older turn ended: its text asked again now binds the newer route, as a new turn.
+    late = claim_among(room, turn("a", arrived_at=at(minutes=7)), at(minutes=7), TIMING)
+    assert late is not None and (late.intent.id, late.result) == (newer.id, ClaimResult.BOUND)
+    assert claim_among([closed], turn("b"), at(seconds=20), TIMING) is None
+    assert current_of([closed, newer]) == newer and current_of([closed]) is None

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from bot.commands import RESERVED_WORDS, RouteTo, Scope, parse_command, typable_prefix
 from bot.config import Target
 from bot.history import Call, PastTurn
-from bot.intents import ClaimedTurn, Intent, Timing, claim, new_intent
+from bot.intents import ClaimedTurn, EndReason, Intent, Timing, cancel, claim, new_intent
 from bot.replies import (
     DETAIL_CHARS,
     EXCERPT_CHARS,
     Text,
+    cancelled,
     cleared,
     command_error,
     confirmation,
@@ -118,7 +119,11 @@ def test_hostile_target_model_and_sender_never_appear_unescaped() -> None:
         confirmation(intent_for(target=HOSTILE, question_hash="q"), None, TIMING, "/route"),
         status(hostile, T0, TIMING, "/route"),
         status(active, T0, TIMING, "/route"),
-        cleared(hostile, "/route"),
+        cleared(hostile, cancel(active, T0 + timedelta(seconds=6), EndReason.CLEARED, TIMING), "/"),
+        cancelled(
+            cancel(active, T0 + timedelta(seconds=6), EndReason.SUPERSEDED, TIMING), T0, TIMING, "/"
+        ),
+        cancelled(cancel(hostile, T0, EndReason.API, TIMING), T0, TIMING, HOSTILE),
         expired(hostile, TIMING),
         receipt(hostile, [HOSTILE, "other<b>"], ["ok", "error"], 1200),
         receipt(hostile, [HOSTILE], ["error"], None),
@@ -156,6 +161,59 @@ def test_confirmation_says_what_it_replaces() -> None:
 def test_confirmation_of_the_multi_line_form_speaks_of_this_question() -> None:
     text = confirmation(intent_for(question_hash="q" * 64), None, TIMING, "/route")
     assert "this question" in text.plain
+
+
+T_CLOSE = T0 + timedelta(seconds=9)
+
+
+def served(scope: Scope, turns: int) -> Intent:
+    intent = intent_for(scope=scope)
+    for n in range(turns):
+        key = TurnKey(f"$t{n}", f"h{n}")
+        intent = claim(intent, ClaimedTurn(key), T0 + timedelta(seconds=5 + n), TIMING).intent
+    return intent
+
+
+@pytest.mark.parametrize(
+    ("reason", "turns", "expected"),
+    [
+        (EndReason.SUPERSEDED, 0, "Route to cloud: replaced by a newer route. Nothing was routed."),
+        (EndReason.CLEARED, 0, "Route to cloud: cancelled by `!route auto`. Nothing was routed."),
+        (EndReason.REDACTED, 0, "Route to cloud: the command was deleted. Nothing was routed."),
+        (EndReason.API, 0, "Route to cloud: cancelled through the API. Nothing was routed."),
+        (
+            EndReason.SUPERSEDED,
+            1,
+            "Route to cloud: used for 1 turn (the answer in progress finishes on cloud); "
+            "later turns follow the newer route.",
+        ),
+        (
+            EndReason.CLEARED,
+            2,
+            "Route to cloud: used for 2 turns (the answer in progress finishes on cloud); "
+            "later turns are routed automatically.",
+        ),
+    ],
+)
+def test_an_ended_route_says_how_many_turns_it_served_never_replaced_once_used(
+    reason: EndReason, turns: int, expected: str
+) -> None:
+    intent = served(Scope.next_turns(3), turns)
+    after = cancel(intent, T_CLOSE, reason, TIMING)
+    assert cancelled(after, T_CLOSE, TIMING, "!route").plain == expected
+    if turns:  # once the turn is over, the edit no longer speaks of an answer in progress
+        later = cancelled(after, T_CLOSE + TIMING.turn_idle * 2, TIMING, "!route").plain
+        assert "in progress" not in later and f"used for {turns} turn" in later
+
+
+def test_auto_says_when_the_answer_in_progress_finishes_on_the_route() -> None:
+    active = served(Scope.once(), 1)
+    closed = cancel(active, T_CLOSE, EndReason.CLEARED, TIMING)
+    assert "The answer in progress finishes on cloud." in cleared(active, closed, "!").plain
+    pending = intent_for()
+    ended = cancel(pending, T_CLOSE, EndReason.CLEARED, TIMING)
+    assert "in progress" not in cleared(pending, ended, "!").plain
+    assert "nothing was set" in cleared(None, None, "!").plain
 
 
 def test_status_without_intent_says_how_to_set_one() -> None:

@@ -230,7 +230,7 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
                 await service.sweep()
                 continue
             turn = asked if what == "turn" else Turn(room_id=ROOM, last_user_message="other")
-            intent = service.live.get(ROOM)
+            intent = service.live.current(ROOM)
             key = derive_turn_key(turn, b"salt")
             expected = (
                 core.continue_turn(intent, key, clock.now, service.timing) if intent else None
@@ -249,7 +249,7 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
                 Route(intent.id, "cloud", "ollama-cloud/glm-5.1", "@alice:test"),
                 core.whole_second(end),
             )
-            assert service.live[ROOM] == expected.intent
+            assert service.live.current(ROOM) == expected.intent
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(Path(directory) / "db.sqlite"))

@@ -83,18 +83,25 @@ async def test_outcome_posts_one_receipt_per_turn_with_the_served_model(
         ),
         what="the receipt in the turn's thread",
     )
+
+    def counts_both_calls(event: dict) -> bool:
+        if event is receipt or event.get("event_id") == receipt["event_id"]:
+            return "2 call" in event["content"]["body"]
+        edits = edits_of([event], receipt["event_id"])
+        return any("2 call" in e["content"]["m.new_content"]["body"] for e in edits)
+
+    # The second outcome updates the receipt in place (the first may be sent before it).
+    shown = await alice.wait_for(room, counts_both_calls, what="the receipt counting 2 calls")
+    assert CLOUD in shown["content"]["body"]
     await asyncio.sleep(1.0)  # let a second receipt (there must be none) arrive
-    events = await alice.events(room)
     receipts = [
         e
-        for e in events
+        for e in await alice.events(room)
         if e.get("sender") == BOT
         and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
+        and "m.new_content" not in e["content"]
     ]
     assert len(receipts) == 1
-    final = edits_of(events, receipt["event_id"])
-    shown = final[0]["content"]["m.new_content"]["body"] if final else receipt["content"]["body"]
-    assert CLOUD in shown and "2 call" in shown
 
 
 async def test_multi_line_form_binds_its_own_message_only(
@@ -343,3 +350,63 @@ async def test_the_turn_still_being_answered_when_route_is_typed_never_takes_it(
     # Without a room id or thread: the room is found from the message, mention and all.
     answer = await lookup.claim(last_user_message="[alice] and how do I fix it?")
     assert answer["override"] is True and answer["room_id"] == room
+
+
+async def edit_text(alice: MatrixUser, room: str, reply: dict, needle: str) -> str:
+    """The latest edit of the bot's reply that holds `needle`, as the room shows it."""
+
+    def edited(event: dict) -> bool:
+        return any(
+            needle in e["content"]["m.new_content"]["body"]
+            for e in edits_of([event], reply["event_id"])
+        )
+
+    event = await alice.wait_for(room, edited, timeout=20, what=f"an edit saying {needle!r}")
+    return str(event["content"]["m.new_content"]["body"])
+
+
+async def test_a_newer_route_never_switches_the_answer_in_progress(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    """SPEC "Intents": `!route cloud`, a question bound to cloud; while the agent still
+    answers it, `!route local`: the turn's later tool rounds stay on cloud, the next
+    question goes to local, and the older confirmation says what it served, not that it
+    was replaced. `!route auto` ends a route the same way."""
+    alice, bob = users["alice"], users["bob"]
+    first = await alice.say(room, "!route cloud")
+    first_reply = await alice.wait_reply(room, first)
+    question = await bob.say(room, "Why is the build red?")
+    opening = await turn_claim(lookup, room, question, "Why is the build red?", "bob")
+    assert (opening["override"], opening["target"], opening["reason"]) == (True, "cloud", "bound")
+
+    second = await alice.say(room, "!route local")
+    second_reply = await alice.wait_reply(room, second)
+    # The cloud route's one turn is being answered: nothing of it was replaced.
+    assert "replaces" not in second_reply["content"]["body"]
+    rounds = [await turn_claim(lookup, room, question, "Why is the build red?", "bob")]
+    rounds.append(await turn_claim(lookup, room, question, "Why is the build red?", "bob"))
+    assert [(r["override"], r["target"], r["reason"]) for r in rounds] == [
+        (True, "cloud", "continued")
+    ] * 2
+    assert {r["intent_id"] for r in rounds} == {opening["intent_id"]}
+    body = await edit_text(alice, room, first_reply, "used for 1 turn")
+    assert "later turns follow the newer route" in body and "replaced" not in body
+    assert (await lookup.room_intent(room) or {}).get("target") == "local"
+
+    next_question = await bob.say(room, "And the deploy?")
+    newer = await turn_claim(lookup, room, next_question, "And the deploy?", "bob")
+    assert (newer["override"], newer["target"]) == (True, "local")
+    # The older turn is still answered on cloud after the newer route bound its turn.
+    still = await turn_claim(lookup, room, question, "Why is the build red?", "bob")
+    assert (still["override"], still["target"]) == (True, "cloud")
+
+    clear = await alice.say(room, "!route auto")
+    clear_reply = await alice.wait_reply(room, clear)
+    assert "answer in progress finishes on local" in clear_reply["content"]["body"]
+    body = await edit_text(alice, room, second_reply, "used for 1 turn")
+    assert "later turns are routed automatically" in body
+    finishing = await turn_claim(lookup, room, next_question, "And the deploy?", "bob")
+    assert (finishing["override"], finishing["target"]) == (True, "local")
+    after = await bob.say(room, "Anything else?")
+    assert (await turn_claim(lookup, room, after, "Anything else?", "bob"))["override"] is False
+    assert await lookup.room_intent(room) is None
