@@ -75,10 +75,18 @@ def _iso_second(second: int) -> str:
 # ---- typed requests ------------------------------------------------------------------
 
 
+CLAIM_FIELDS = frozenset(
+    ("room_id", "turn_id", "session_id", "last_user_message", "request", "requested_model")
+)
+MAX_WARNINGS = 8
+MAX_WARNED_NAME = 64
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
     turn: Turn
     requested_model: str | None
+    warnings: tuple[str, ...] = ()  # the top-level fields it ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +135,30 @@ def parse_turn(body: dict[str, Any], max_chars: int) -> Turn:
 
 
 def parse_claim(body: dict[str, Any], max_chars: int) -> ClaimRequest:
-    turn = parse_turn(body, max_chars)
+    ignored = ignored_fields(body, CLAIM_FIELDS)
+    try:
+        turn = parse_turn(body, max_chars)
+    except ApiError as error:
+        if ignored:  # e.g. `body` for `request`: say which name was not read
+            error.message += f" ({ignored[0]})"
+        raise
     requested_model = _optional_str(body, "requested_model", MAX_MODEL_LENGTH)
-    return ClaimRequest(turn=turn, requested_model=requested_model)
+    return ClaimRequest(turn=turn, requested_model=requested_model, warnings=tuple(ignored))
+
+
+def ignored_fields(body: dict[str, Any], known: frozenset[str]) -> list[str]:
+    """One warning per top-level field the request names that is not read (a misspelt
+    `request` otherwise costs the override with no hint why). Capped, names shortened."""
+    unknown = [name for name in body if name not in known]
+    warnings = [
+        f"ignored field {name[:MAX_WARNED_NAME]!r}: not a field of this request"
+        for name in unknown[:MAX_WARNINGS]
+    ]
+    if len(unknown) > MAX_WARNINGS:
+        warnings.append(f"and {len(unknown) - MAX_WARNINGS} more ignored fields")
+    if warnings:
+        warnings.append(f"the fields read are: {', '.join(sorted(known))}")
+    return warnings
 
 
 def parse_outcome(body: dict[str, Any]) -> OutcomeRequest:
@@ -337,7 +366,11 @@ class LookupApi:
         parsed = parse_claim(await self._json_body(request), self.config.api.max_body_bytes)
         answer = await self.service.claim(parsed.turn)
         self.metrics.claims.record(answer.result.value, time.perf_counter() - started)
-        return web.Response(body=self._claim_body(answer), content_type="application/json")
+        if parsed.warnings:
+            body = orjson.dumps({**claim_json(answer), "warnings": list(parsed.warnings)})
+        else:
+            body = self._claim_body(answer)
+        return web.Response(body=body, content_type="application/json")
 
     def _claim_body(self, answer: ClaimAnswer) -> bytes:
         """The answer serialised; the service gives a later call of a turn the very answer

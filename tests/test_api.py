@@ -130,6 +130,35 @@ async def test_another_turn_gets_no_override_and_does_not_disturb_the_bound_turn
     assert (again["override"], again["reason"], again["intent_id"]) == (True, "continued", pending)
 
 
+async def test_a_misspelt_field_is_named_in_the_answer_and_changes_nothing_else(
+    api: Api, pending: str
+) -> None:
+    """SPEC "The turn key": a dispatcher that sends `body` for `request` sees why no
+    override came; the answer is otherwise what it is without the field."""
+    request = {"messages": [{"role": "user", "content": "Why did the deploy fail?"}]}
+    answer = (await api.claim({"room_id": ROOM, "body": request, "Turn_ID": "$q"})).json()
+    assert answer["override"] is True and answer["turn_id"] is None  # request-scoped
+    assert answer["warnings"][:2] == [
+        "ignored field 'body': not a field of this request",
+        "ignored field 'Turn_ID': not a field of this request",
+    ]
+    assert "request" in answer["warnings"][-1] and "turn_id" in answer["warnings"][-1]
+    plain = (await api.claim(claim_body())).json()
+    assert "warnings" not in plain
+    # With nothing it reads, the 400 names the field it did not read.
+    refused = await api.claim({"body": request})
+    assert refused.status_code == 400
+    assert "'body'" in refused.json()["error"]["message"]
+
+
+async def test_warnings_are_capped_and_hostile_names_stay_data(api: Api) -> None:
+    body = {f"<b>{'x' * 70}{n}": n for n in range(40)} | {"room_id": ROOM}
+    answer = (await api.claim(body)).json()
+    assert "warnings" in answer, answer
+    assert len(answer["warnings"]) == 10 and "32 more" in answer["warnings"][-2]
+    assert all(len(w) < 200 for w in answer["warnings"][:-1])
+
+
 async def test_session_id_is_an_alias_of_turn_id(api: Api, pending: str) -> None:
     first = await api.claim({"room_id": ROOM, "session_id": "$s", "last_user_message": "q"})
     same = await api.claim(
