@@ -450,13 +450,14 @@ class RouteService:
 
     async def on_undecryptable(self, message: EncryptedMessage) -> None:
         """An encrypted message the bot could not read: say so (it may have been a
-        command), once per room and UNDECRYPTABLE_NOTICE_EVERY."""
+        command), to each sender whose message went unread, once per sender and room and
+        UNDECRYPTABLE_NOTICE_EVERY (another sender's notice never stands for theirs)."""
         now = self.clock()
         bucket = int(now.timestamp() // UNDECRYPTABLE_NOTICE_EVERY.total_seconds())
         text = replies.cannot_decrypt(message.sender, self.prefix)
         async with self.store.atomic() as tx:
             added = await tx.add_effect(
-                f"undecryptable:{message.room_id}:{bucket}",
+                f"undecryptable:{message.room_id}:{message.sender}:{bucket}",
                 message.room_id,
                 "m.room.message",
                 replies.notice_content(text, message.event_id),
@@ -507,10 +508,10 @@ class RouteService:
             assert turn.turn_id is not None
             arrived = await self.arrivals.wait(turn.turn_id, CLAIM_WAIT_SECONDS)
             log.info("claim waited for its message turn=%s arrived=%s", turn.turn_id, arrived)
-        room_id = turn.room_id
+        room_id = self._known_room(turn.room_id)
         if (room_id is not None or not self.live) and room_id not in self.live:
             # The common case, answered before any hashing: nothing is set for the room.
-            return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            return ClaimAnswer(False, ClaimResult.NO_INTENT, turn.room_id, turn.turn_id)
         key = derive_turn_key(turn, self.salt)
         if room_id is None and key is not None and key.message_hash is not None:
             async with self.store.atomic(durable=False) as tx:
@@ -563,6 +564,14 @@ class RouteService:
             )
             self.outbox_changed.set()
         return self._answer(claimed, room_id, turn)
+
+    def _known_room(self, room_id: str | None) -> str | None:
+        """SPEC "The turn key": a room id naming no room the side-car knows (one that
+        Hermes's `privacy.redact_pii` hashed, a truncated one, another format) counts as
+        absent: the room is then found from the message hash, never refused."""
+        if room_id is None or room_id in self.live or room_id in self.arrivals.rooms:
+            return room_id
+        return None
 
     def _continue_bound_turn(
         self, room_id: str, key: TurnKey | None, turn: Turn
@@ -675,11 +684,12 @@ class RouteService:
         key = derive_turn_key(turn, self.salt)
         if key is None:
             return
-        room_id = turn.room_id
+        room_id = self._known_room(turn.room_id)
         now = self.clock()
         async with self._lock, self.store.atomic(durable=False) as tx:
             if room_id is None and key.message_hash is not None:
                 room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
+            room_id = room_id or turn.room_id  # nothing better found: the room given
             if room_id is None:
                 return
             if status == "ok" and _suggestion_key(room_id, key.ref) not in self.failures:

@@ -1,14 +1,16 @@
 """SPEC "Integrations": the Hermes Agent plugin keeps route-sidecar's commands out of the agent.
 
-The plugin is installed the way integrations/hermes/README.md says (a symlink in
-`$HERMES_HOME/plugins/`, then `hermes plugins enable`), loaded by Hermes's own plugin
-loader, and driven through Hermes's own `invoke_hook("pre_gateway_dispatch", ...)` with
-real `MessageEvent`s built as Hermes's Matrix adapter builds them. SPEC "Retry": the
-plugin answers `/route <target> again` with the room's last question.
+The plugin is installed the way integrations/hermes/README.md says (its linked-folder
+steps, run from the README with bash: a symlink in `$HERMES_HOME/plugins/`, then Hermes's
+own `hermes plugins enable`), loaded by Hermes's own plugin loader, and driven through
+Hermes's own `invoke_hook("pre_gateway_dispatch", ...)` with real `MessageEvent`s built as
+Hermes's Matrix adapter builds them. SPEC "Retry": the plugin answers `/route <target>
+again` with the room's last question. The pip way is tests/test_hermes_install.py.
 
-Needs `hermes-agent==0.19.0` in the test environment. Set ROUTE_SIDECAR_SKIP_HERMES=1
-to skip this module where Hermes is deliberately not installed; otherwise a missing
-install fails loudly instead of skipping.
+`make test` runs this module in the venv of every supported Hermes version (0.13.0 and
+0.19.0, tests/hermes_support.py). Set ROUTE_SIDECAR_SKIP_HERMES=1 to skip this module
+where Hermes is deliberately not installed; otherwise a missing install fails loudly
+instead of skipping.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ import hermes_cli.plugins as hermes_plugins
 from gateway.config import Platform
 from gateway.platforms.base import MessageEvent, MessageType
 from gateway.session import SessionSource
-from hermes_cli.plugins_cmd import cmd_enable
 
-PLUGIN_DIR = Path(__file__).resolve().parent.parent / "integrations" / "hermes"
+from .hermes_support import PLUGIN_DIR, run_readme_block
+
 PLUGIN = "route-sidecar"
 HOOK = "pre_gateway_dispatch"
 MODULE = "hermes_plugins.route_sidecar"
@@ -63,11 +65,15 @@ class Clock:
         self.now += delta
 
 
+HERMES_BIN = Path(sys.executable).parent  # this Hermes version's `hermes` command
+
+
 def install_plugin(home: Path) -> None:
-    """The two steps of integrations/hermes/README.md, under a throwaway HERMES_HOME."""
-    (home / "plugins").mkdir(parents=True)
-    (home / "plugins" / PLUGIN).symlink_to(PLUGIN_DIR, target_is_directory=True)
-    cmd_enable(PLUGIN, allow_tool_override=False)  # what `hermes plugins enable` runs
+    """The linked-folder steps of integrations/hermes/README.md, under a throwaway
+    HERMES_HOME, with this Hermes version's own CLI."""
+    run_readme_block("route-sidecar: install as a linked folder", HERMES_BIN, home)
+    assert (home / "plugins" / PLUGIN).resolve() == PLUGIN_DIR
+    run_readme_block("route-sidecar: enable", HERMES_BIN, home)
 
 
 def load_plugins(mp: pytest.MonkeyPatch, clock: Clock | None = None) -> dict[str, Any]:
@@ -80,6 +86,11 @@ def load_plugins(mp: pytest.MonkeyPatch, clock: Clock | None = None) -> dict[str
     if clock is not None and entries[0]["enabled"]:
         mp.setattr(plugin_module(), "utcnow", clock)
     return entries[0]
+
+
+def has_hook() -> bool:
+    """Whether a plugin registered the hook (Hermes 0.13 has no module-level `has_hook`)."""
+    return bool(hermes_plugins.get_plugin_manager()._hooks.get(HOOK))
 
 
 def plugin_module() -> ModuleType:
@@ -97,7 +108,7 @@ def hermes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         entry = load_plugins(mp)
         assert entry["enabled"], entry["error"]
         assert entry["hooks"] == 1
-        assert hermes_plugins.has_hook(HOOK)
+        assert has_hook()
         yield
 
 
@@ -392,7 +403,7 @@ def test_a_bad_question_ttl_stops_the_plugin_and_says_why(
     entry = load_plugins(monkeypatch)
     assert not entry["enabled"]
     assert "ROUTE_SIDECAR_QUESTION_TTL" in (entry["error"] or "")
-    assert not hermes_plugins.has_hook(HOOK)
+    assert not has_hook()
 
 
 def test_a_bad_prefix_setting_stops_the_plugin_and_says_why(
@@ -402,34 +413,62 @@ def test_a_bad_prefix_setting_stops_the_plugin_and_says_why(
     entry = load_plugins(monkeypatch)
     assert not entry["enabled"]
     assert "ROUTE_SIDECAR_PREFIXES" in (entry["error"] or "")
-    assert not hermes_plugins.has_hook(HOOK)
+    assert not has_hook()
 
 
 def test_a_symlinked_plugin_needs_nothing_installed_in_hermes_venv(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Hermes's own venv usually lacks route-sidecar: the symlinked folder finds bot/commands.py.
+    # Hermes's own venv usually lacks route-sidecar: the linked folder's commands.py and
+    # questions.py are links to the checkout's bot/ files, loaded as the plugin's own modules.
     for name in ("commands", "questions"):
         monkeypatch.setitem(sys.modules, f"bot.{name}", None)  # makes `import bot.x` fail
-        # The plugin registers its copy under this name; setitem makes the undo remove it.
-        monkeypatch.setitem(sys.modules, f"route_sidecar_{name}", None)
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
-    assert plugin_module().commands.__name__ == "route_sidecar_commands"
-    assert plugin_module().questions.__name__ == "route_sidecar_questions"
+    for name in ("commands", "questions"):
+        module = getattr(plugin_module(), name)
+        assert module.__name__ == f"{MODULE}.{name}"
+        assert Path(module.__file__).resolve() == PLUGIN_DIR.parent.parent / "bot" / f"{name}.py"
     assert_skipped(dispatch("!route cloud"))
     assert dispatch(f"/route cloud\n{QUESTION}") == [{"action": "rewrite", "text": QUESTION}]
     assert dispatch("!route big again") == reasks(QUESTION)
 
 
-def test_a_copied_plugin_uses_an_installed_side_car_or_says_what_is_missing(
+def copy_plugin(home: Path, *, keep_links: bool) -> None:
+    """The plugin folder copied into HERMES_HOME (not linked), then enabled as documented.
+    `keep_links`: copied as `cp -r` does, its links to bot/ left dangling; otherwise as
+    `cp -rL` does, with copies of the linked files."""
+    shutil.copytree(
+        PLUGIN_DIR,
+        home / "plugins" / PLUGIN,
+        symlinks=keep_links,
+        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"),
+    )
+    run_readme_block("route-sidecar: enable", HERMES_BIN, home)
+
+
+def test_a_plugin_folder_copied_with_its_links_followed_works_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("HERMES_HOME", str(tmp_path))
-    shutil.copytree(
-        PLUGIN_DIR, tmp_path / "plugins" / PLUGIN, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    cmd_enable(PLUGIN, allow_tool_override=False)
+    copy_plugin(tmp_path, keep_links=False)
+    for name in ("commands", "questions"):
+        monkeypatch.setitem(sys.modules, f"bot.{name}", None)
+    entry = load_plugins(monkeypatch)
+    assert entry["enabled"], entry["error"]
+    assert plugin_module().commands.__name__ == f"{MODULE}.commands"
+    assert Path(plugin_module().commands.__file__).parent == tmp_path / "plugins" / PLUGIN
+    assert_skipped(dispatch("/route cloud"))
+    assert dispatch(QUESTION) == []
+    assert dispatch("/route cloud again") == reasks(QUESTION)
+
+
+def test_a_copied_plugin_with_dangling_links_uses_an_installed_side_car_or_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HERMES_HOME", str(tmp_path))
+    copy_plugin(tmp_path, keep_links=True)
+    assert not (tmp_path / "plugins" / PLUGIN / "commands.py").exists()  # a dangling link
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
     assert plugin_module().commands.__name__ == "bot.commands"
@@ -443,5 +482,6 @@ def test_a_copied_plugin_uses_an_installed_side_car_or_says_what_is_missing(
             mp.setitem(sys.modules, f"bot.{name}", None)
             entry = load_plugins(mp)
             assert not entry["enabled"]
-            assert f"no bot/{name}.py" in (entry["error"] or "")
+            assert f"cannot load {name}.py" in (entry["error"] or "")
+            assert "install the plugin with pip" in (entry["error"] or "")
             assert "symlink the plugin folder" in (entry["error"] or "")

@@ -253,3 +253,40 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(Path(directory) / "db.sqlite"))
+
+
+async def test_each_sender_whose_message_went_unread_gets_the_notice(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Issue 13 §5: one sender's notice never stands for another's; each sender gets one
+    per room every ten minutes, in reply to their own message."""
+    from mautrix.types import EventID, RoomID, UserID
+
+    from bot.events import EncryptedMessage
+
+    service = await make_service(tmp_path / "db.sqlite", clock)
+
+    async def unread(event_id: str, sender: str) -> None:
+        await service.on_undecryptable(
+            EncryptedMessage(RoomID(ROOM), EventID(event_id), UserID(sender))
+        )
+
+    await unread("$a1", "@alice:test")
+    clock.now += timedelta(seconds=41)
+    await unread("$b1", "@bob:test")  # 41 s later, another sender: notified too
+    await unread("$a2", "@alice:test")  # alice again within ten minutes: not again
+    assert await notices_replying_to(service) == ["$a1", "$b1"]
+    clock.now += timedelta(minutes=10)
+    await unread("$a3", "@alice:test")
+    assert await notices_replying_to(service) == ["$a1", "$a3", "$b1"]
+    await service.store.close()
+
+
+async def notices_replying_to(service: RouteService) -> list[str]:
+    async with service.store.atomic(durable=False) as tx:
+        outbox = await tx.unsent_effects(service.clock())
+    return sorted(
+        json.loads(row["content"])["m.relates_to"]["m.in_reply_to"]["event_id"]
+        for row in outbox
+        if row["key"].startswith("undecryptable:")
+    )

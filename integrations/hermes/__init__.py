@@ -29,7 +29,6 @@ and must match the side-car's `routing.intent_ttl`.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -54,27 +53,30 @@ Action = dict[str, str]
 
 
 def _load_side_car_module(name: str) -> ModuleType:
-    """One of the side-car's pure modules: the checkout's bot/<name>.py, else an installed one."""
-    # The plugin folder is meant to be a symlink to <checkout>/integrations/hermes, and
-    # bot/commands.py and bot/questions.py are pure stdlib: loaded by path, they need
-    # nothing in Hermes's venv and always match this plugin's version.
-    path = Path(__file__).resolve().parent.parent.parent / "bot" / f"{name}.py"
-    if not path.is_file():
-        try:
-            return importlib.import_module(f"bot.{name}")
-        except ImportError as error:
-            raise ImportError(
-                f"route-sidecar plugin: no bot/{name}.py at {path} and no route-sidecar "
-                "installed; symlink the plugin folder from a route-sidecar checkout "
-                "instead of copying it"
-            ) from error
-    module_name = f"route_sidecar_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """One of the side-car's pure modules, `commands` or `questions`, next to this file.
+
+    Both are the side-car's own bot/<name>.py (standard library only): this folder holds
+    symbolic links to them, and the wheel built from it (`pip install
+    ./integrations/hermes`) holds copies. So the plugin needs nothing else installed in
+    Hermes's environment, and always uses the rules of the side-car it came with.
+    """
+    # Loaded again with the plugin: Hermes may load the plugin again (another folder,
+    # another process state), and the copy next to this file is the one that belongs to it.
+    sys.modules.pop(f"{__name__}.{name}", None)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError:
+        pass
+    try:  # a folder copied without following its links, next to an installed side-car
+        return importlib.import_module(f"bot.{name}")
+    except ImportError as error:
+        here = Path(__file__).parent / f"{name}.py"
+        raise ImportError(
+            f"route-sidecar plugin: cannot load {name}.py next to {Path(__file__).name} "
+            f"({here} is missing or a dangling link) and no route-sidecar is installed; "
+            "install the plugin with pip (`pip install ./integrations/hermes`) or symlink "
+            "the plugin folder from a route-sidecar checkout instead of copying it"
+        ) from error
 
 
 commands = _load_side_car_module("commands")

@@ -153,6 +153,38 @@ async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: Encrypted
     assert len(notices) == 1  # one per room and ten minutes, not one per message
 
 
+async def test_each_sender_whose_message_went_unread_is_told(
+    alice: EncryptedUser, hs_url: str, users: dict[str, MatrixUser]
+) -> None:
+    """One sender's notice never stands for another's (it did: one per room)."""
+    bob = await EncryptedUser.login(hs_url, "bob", "pw-bob-secret", key_wait=10.0)
+    try:
+        room = await room_with_bot(alice, encrypted=True)
+        await alice.invite(room, bob.user_id)
+        await bob.join(room)
+        await command(alice, room, "!route status")
+        sent = {}
+        for person in (alice, bob):
+            broken = broken_content(person, f"each-{person.user_id}")
+            sent[person.user_id] = str(
+                await person.client.send_message_event(
+                    RoomID(room), EventType.ROOM_ENCRYPTED, broken
+                )
+            )
+        for person in (alice, bob):
+            notice = await alice.wait_for(
+                room,
+                lambda e, p=person: (
+                    is_bot_reply_to(e, sent[p.user_id]) and p.user_id in e["content"]["body"]
+                ),
+                timeout=30,
+                what=f"the notice to {person.user_id}",
+            )
+            assert "could not decrypt" in notice["content"]["body"]
+    finally:
+        await bob.close()
+
+
 def waiting_for_key(sidecar: Sidecar) -> list[str]:
     db = sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True)
     try:
