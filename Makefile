@@ -1,13 +1,25 @@
 # One command to run the demo, one to run every test. Both set up what they need:
 # .venv (the side-car and test tools), .venv-synapse (a local Synapse, kept apart) and,
-# for the tests, .venv-hermes and .venv-litellm (each pins its own versions of shared
-# libraries).
+# for the tests, .venv-hermes/<version> (one per Hermes Agent version) and .venv-litellm
+# (each pins its own versions of shared libraries).
 PYTHON ?= python3
 VENV := .venv
 SYNAPSE_VENV := .venv-synapse
-HERMES_VENV := .venv-hermes
+HERMES_VENVS := .venv-hermes
 SYNAPSE_VERSION := 1.163.2
-HERMES_VERSION := 0.19.0
+# The Synapse compatibility matrix (`make test-compat`, part of `make test`): the
+# end-to-end routing, encryption and deploy tests also run on each older Synapse below,
+# each in its own .venv-synapse-<version>. 1.151.0 is the seed deployment's version.
+SYNAPSE_COMPAT_VERSIONS := 1.151.0
+SYNAPSE_COMPAT_INSTALLED := $(foreach v,$(SYNAPSE_COMPAT_VERSIONS),.venv-synapse-$(v)/.installed)
+SYNAPSE_COMPAT_TESTS := tests/e2e/test_routing.py tests/e2e/test_encryption.py \
+	tests/e2e/test_deploy.py
+# Every Hermes Agent version the plugin and the side-car are tested with (the same list
+# as tests/hermes_support.py): the oldest on PyPI, close to the seed deployment, and the
+# current one. Each gets its own venv, $(HERMES_VENVS)/<version>.
+HERMES_VERSIONS := 0.13.0 0.19.0
+HERMES_INSTALLED := $(foreach v,$(HERMES_VERSIONS),$(HERMES_VENVS)/$(v)/.installed)
+HERMES_TESTS := tests/test_hermes_plugin.py tests/test_hermes_install.py
 LITELLM_VENV := .venv-litellm
 # The side-car installed as README "Deploying" installs it (not editable), with a Python an
 # unprivileged user may run: tests/e2e/test_deploy.py follows those steps as `nobody`.
@@ -18,7 +30,7 @@ PRODUCT_FILES := pyproject.toml $(wildcard bot/*.py bot/*.json migrations/*.sql)
 # package PyPI does not have, so they are pinned here.
 LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
 
-.PHONY: run test lint bench setup clean
+.PHONY: run test test-compat lint bench setup clean
 
 run: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	$(VENV)/bin/python -m demo.run $(ARGS)
@@ -27,11 +39,24 @@ test: setup
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
-		$(VENV)/bin/python -m pytest -q --ignore=tests/test_hermes_plugin.py \
+		$(VENV)/bin/python -m pytest -q $(addprefix --ignore=,$(HERMES_TESTS)) \
 		--ignore=tests/test_litellm_hook.py $(PYTEST_ARGS)
-	# Hermes Agent and LiteLLM bring their own dependency pins: each is tested in its venv.
-	$(HERMES_VENV)/bin/python -m pytest -q tests/test_hermes_plugin.py
+	# Hermes Agent and LiteLLM bring their own dependency pins: each is tested in its venv,
+	# the Hermes plugin in every Hermes version, through that version's own loader and CLI.
+	set -e; for version in $(HERMES_VERSIONS); do \
+		$(HERMES_VENVS)/$$version/bin/python -m pytest -q $(HERMES_TESTS); done
 	LITELLM_LOCAL_MODEL_COST_MAP=True $(LITELLM_VENV)/bin/python -m pytest -q tests/test_litellm_hook.py
+	$(MAKE) --no-print-directory test-compat
+
+# The same end-to-end subset on every Synapse of SYNAPSE_COMPAT_VERSIONS (checks that the
+# venv really holds that version).
+test-compat: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SYNAPSE_COMPAT_INSTALLED)
+	set -e; for version in $(SYNAPSE_COMPAT_VERSIONS); do \
+		python=$(CURDIR)/.venv-synapse-$$version/bin/python; \
+		$$python -c "import sys, importlib.metadata as m; v = m.version('matrix-synapse'); sys.exit(v != '$$version' and 'venv has Synapse ' + v)"; \
+		echo "Synapse $$version: $(SYNAPSE_COMPAT_TESTS)"; \
+		ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$$python \
+			$(VENV)/bin/python -m pytest -q $(SYNAPSE_COMPAT_TESTS); done
 
 # Every figure of issue 7 in one table (installs wrk with apt-get if missing); a smoke run
 # with `make bench ARGS=--quick`, more options with `ARGS=--help`.
@@ -42,7 +67,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
 
-setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_VENV)/.installed \
+setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
 	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -57,10 +82,19 @@ $(SYNAPSE_VENV)/.installed:
 	$(SYNAPSE_VENV)/bin/pip install --quiet 'matrix-synapse==$(SYNAPSE_VERSION)'
 	touch $@
 
-$(HERMES_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(HERMES_VENV)
-	$(HERMES_VENV)/bin/pip install --quiet --upgrade pip
-	$(HERMES_VENV)/bin/pip install --quiet -e '.[test]' 'hermes-agent==$(HERMES_VERSION)'
+.venv-synapse-%/.installed:
+	$(PYTHON) -m venv .venv-synapse-$*
+	.venv-synapse-$*/bin/pip install --quiet --upgrade pip
+	.venv-synapse-$*/bin/pip install --quiet 'matrix-synapse==$*'
+	touch $@
+
+# .venv-hermes was one venv (0.19.0) before it held one per version: that layout goes.
+$(HERMES_VENVS)/%/.installed: pyproject.toml
+	test ! -f $(HERMES_VENVS)/pyvenv.cfg || rm -rf $(addprefix $(HERMES_VENVS)/, \
+		bin include lib lib64 share pyvenv.cfg .installed)
+	$(PYTHON) -m venv $(HERMES_VENVS)/$*
+	$(HERMES_VENVS)/$*/bin/pip install --quiet --upgrade pip
+	$(HERMES_VENVS)/$*/bin/pip install --quiet -e '.[test]' 'hermes-agent==$*'
 	touch $@
 
 $(LITELLM_VENV)/.installed: pyproject.toml
@@ -79,5 +113,6 @@ $(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENV) $(LITELLM_VENV) $(DEPLOY_VENV) .run \
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) .run \
 		.pytest_cache .hypothesis
+	rm -rf .venv-synapse-*

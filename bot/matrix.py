@@ -21,7 +21,7 @@ from mautrix.client.state_store import MemoryStateStore
 from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import EventType, RoomID, UserID
 
-from . import policy
+from . import policy, replies
 from .config import Config
 from .faults import crash_point
 from .metrics import Metrics
@@ -217,7 +217,19 @@ class MatrixBot:
                 continue
             crash_point("event-sent")
             async with self.store.atomic() as tx:
-                await tx.mark_effect_sent(row["id"], event_id)
+                stored = await tx.mark_effect_sent(row["id"], event_id)
+                late = stored is not None and stored != row["content"]
+                if late and row["event_type"] != LEAVE_EFFECT:
+                    # Replaced while it was being sent (a receipt's later outcome): what
+                    # the room shows catches up by an edit, at the next delivery pass.
+                    await tx.add_effect(
+                        f"{row['key']}:late-edit",
+                        row["room_id"],
+                        row["event_type"],
+                        replies.edit_of(json.loads(stored)),
+                        self.clock(),
+                        edits=row["key"],
+                    )
             self.unstored.pop(row["key"], None)
             self.metrics.room_effects.labels("sent").inc()
             log.info(

@@ -83,6 +83,14 @@ def edit_content(text: Text, edited_event_id: str | None) -> dict[str, Any]:
     return content
 
 
+def edit_of(content: dict[str, Any]) -> dict[str, Any]:
+    """An edit that makes an already sent notice show `content` (a notice's content, as
+    `notice_content` made it); the sender fills in the edited event id."""
+    plain = str(content.get("body", ""))
+    shown = str(content.get("formatted_body", html.escape(plain, quote=False)))
+    return edit_content(Text(plain=plain, html=shown), None)
+
+
 def reaction_content(event_id: str, key: str = REACTION_CLAIMED) -> dict[str, Any]:
     return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
 

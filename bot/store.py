@@ -90,6 +90,17 @@ def _complete(lines: list[str]) -> bool:
     return "BEGIN" not in text.upper() or text.upper().rstrip().endswith("END;")
 
 
+# What `prune_history` deletes, by table: records older than the cutoff (`?`, in ms) that
+# nothing will read again. Unsent outbox rows and live intents are kept whatever their age.
+PRUNED = {
+    "transactions": "received_at < ?",
+    "commands": "handled_at < ?",
+    "outcomes": "at < ?",
+    "effects": "(event_id IS NOT NULL OR failed = 1) AND created_at < ?",
+    "intents": "state NOT IN ('pending', 'active') AND COALESCE(ended_at, created_at) < ?",
+}
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -381,6 +392,22 @@ class Tx:
     async def forget_seen_before(self, before: datetime) -> None:
         await self.db.execute("DELETE FROM seen_messages WHERE sent_at < ?", (to_ms(before),))
 
+    async def prune_history(self, before: datetime, batch: int) -> int:
+        """Delete up to `batch` rows of each kind of record older than `before`: handled
+        transactions and commands, outcomes, delivered (or given up) outbox rows, ended
+        intents with their turns. What is live or still owed is never touched. Returns
+        the number of rows deleted."""
+        cutoff = to_ms(before)
+        deleted = 0
+        for table, old_rows in PRUNED.items():
+            cur = await self.db.execute(
+                f"DELETE FROM {table} WHERE rowid IN "
+                f"(SELECT rowid FROM {table} WHERE {old_rows} LIMIT ?)",
+                (cutoff, batch),
+            )
+            deleted += max(cur.rowcount, 0)
+        return deleted
+
     # outcomes
 
     async def add_outcome(
@@ -553,11 +580,15 @@ class Tx:
     async def effect_exists(self, key: str) -> bool:
         return await self._one("SELECT 1 FROM effects WHERE key = ?", (key,)) is not None
 
-    async def mark_effect_sent(self, effect_id: int, event_id: str) -> None:
+    async def mark_effect_sent(self, effect_id: int, event_id: str) -> str | None:
+        """Record the event an effect became; returns the content stored for it now (a
+        later outcome may have replaced it while it was being sent)."""
         await self.db.execute(
             "UPDATE effects SET event_id = ?, attempts = attempts + 1 WHERE id = ?",
             (event_id, effect_id),
         )
+        row = await self._one("SELECT content FROM effects WHERE id = ?", (effect_id,))
+        return str(row[0]) if row is not None else None
 
     async def mark_effect_attempt(self, effect_id: int, give_up: bool) -> None:
         await self.db.execute(

@@ -22,3 +22,18 @@ async def api(tmp_path: Path, openapi: OpenApi) -> AsyncIterator[Api]:
         yield running
     finally:
         await stop_api(running)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that failed before closing its database leaves aiosqlite's worker thread
+    running (its frame keeps the connection alive), and the interpreter would wait for it
+    at exit forever: a failure must end the run, not hang it."""
+    import gc
+
+    try:
+        import aiosqlite
+    except ImportError:
+        return
+    for leftover in gc.get_objects():
+        if isinstance(leftover, aiosqlite.Connection) and leftover._running:
+            leftover.stop()
