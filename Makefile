@@ -30,7 +30,13 @@ PRODUCT_FILES := pyproject.toml $(wildcard bot/*.py bot/*.json migrations/*.sql)
 # package PyPI does not have, so they are pinned here.
 LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
 
-.PHONY: run test test-compat lint bench setup clean
+# Every venv installs the versions it was tested with: constraints/<venv>.txt, written by
+# `make lock` from the venvs as they are (a fresh machine then gets what passed here).
+# A Synapse or Hermes version without a file of its own installs unconstrained.
+LOCK := constraints
+constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
+
+.PHONY: run test test-compat lint bench setup clean lock
 
 run: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	$(VENV)/bin/python -m demo.run $(ARGS)
@@ -70,22 +76,23 @@ lint: $(VENV)/.installed
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
 	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,encryption,fuzz]'
+	$(VENV)/bin/pip install --quiet $(call constrained,sidecar) -e '.[test,encryption,fuzz]'
 	touch $@
 
 $(SYNAPSE_VENV)/.installed:
 	$(PYTHON) -m venv $(SYNAPSE_VENV)
 	$(SYNAPSE_VENV)/bin/pip install --quiet --upgrade pip
-	$(SYNAPSE_VENV)/bin/pip install --quiet 'matrix-synapse==$(SYNAPSE_VERSION)'
+	$(SYNAPSE_VENV)/bin/pip install --quiet $(call constrained,synapse-$(SYNAPSE_VERSION)) \
+		'matrix-synapse==$(SYNAPSE_VERSION)'
 	touch $@
 
 .venv-synapse-%/.installed:
 	$(PYTHON) -m venv .venv-synapse-$*
 	.venv-synapse-$*/bin/pip install --quiet --upgrade pip
-	.venv-synapse-$*/bin/pip install --quiet 'matrix-synapse==$*'
+	.venv-synapse-$*/bin/pip install --quiet $(call constrained,synapse-$*) 'matrix-synapse==$*'
 	touch $@
 
 # .venv-hermes was one venv (0.19.0) before it held one per version: that layout goes.
@@ -94,13 +101,15 @@ $(HERMES_VENVS)/%/.installed: pyproject.toml
 		bin include lib lib64 share pyvenv.cfg .installed)
 	$(PYTHON) -m venv $(HERMES_VENVS)/$*
 	$(HERMES_VENVS)/$*/bin/pip install --quiet --upgrade pip
-	$(HERMES_VENVS)/$*/bin/pip install --quiet -e '.[test]' 'hermes-agent==$*'
+	$(HERMES_VENVS)/$*/bin/pip install --quiet $(call constrained,hermes-$*) -e '.[test]' \
+		'hermes-agent==$*'
 	touch $@
 
 $(LITELLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(LITELLM_VENV)/bin/pip install --quiet -e '.[test]' $(LITELLM_PACKAGES)
+	$(LITELLM_VENV)/bin/pip install --quiet $(call constrained,litellm) -e '.[test]' \
+		$(LITELLM_PACKAGES)
 	touch $@
 
 # Reinstalled whenever the product changes: it is a copy, not an editable install.
@@ -108,9 +117,21 @@ $(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
 	test -x $(DEPLOY_VENV)/bin/pip || $(DEPLOY_PYTHON) -m venv $(DEPLOY_VENV)
 	$(DEPLOY_VENV)/bin/pip install --quiet --upgrade pip
 	$(DEPLOY_VENV)/bin/pip install --quiet --force-reinstall --no-deps .
-	$(DEPLOY_VENV)/bin/pip install --quiet '.[encryption]'
+	$(DEPLOY_VENV)/bin/pip install --quiet $(call constrained,sidecar) '.[encryption]'
 	rm -rf build
 	touch $@
+
+# Rewrites constraints/ from the venvs as they are now (after an upgrade that passed
+# `make test`). The project itself is never pinned.
+lock:
+	mkdir -p $(LOCK)
+	set -e; freeze() { $$1/bin/pip freeze --exclude-editable --all \
+		| grep -v -i -E '^(route-sidecar|pip|setuptools|wheel)( @|==)' > $(LOCK)/$$2.txt; }; \
+	freeze $(VENV) sidecar; \
+	freeze $(SYNAPSE_VENV) synapse-$(SYNAPSE_VERSION); \
+	for v in $(SYNAPSE_COMPAT_VERSIONS); do freeze .venv-synapse-$$v synapse-$$v; done; \
+	for v in $(HERMES_VERSIONS); do freeze $(HERMES_VENVS)/$$v hermes-$$v; done; \
+	freeze $(LITELLM_VENV) litellm
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) .run \

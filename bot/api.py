@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import bearer_token, token_matches
 from .config import Config
 from .intents import ClaimResult, Intent, Timing, expires_at
+from .listeners import GuardedServer, connection_limit
 from .metrics import Metrics
 from .service import ClaimAnswer, RouteService
 from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
@@ -51,6 +52,11 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def malformed_response(status: int, message: str) -> web.Response:
+    """A request aiohttp could not parse (bot.listeners)."""
+    return error_response(status, "bad_request", message)
 
 
 def bad_request(field: str, problem: str) -> ApiError:
@@ -284,7 +290,13 @@ class LookupApi:
                 message, payload, protocol, writer, task, loop, client_max_size=limit
             )
 
-        server = web.Server(self.route, request_factory=make_request, access_log=None)
+        server = GuardedServer(
+            self.route,
+            request_factory=make_request,
+            access_log=None,
+            error_response=malformed_response,
+            max_connections=connection_limit(),
+        )
         return web.ServerRunner(server, handle_signals=False)
 
     async def route(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from aiohttp import web
 from .api import LookupApi
 from .appservice import AppserviceShell
 from .config import Config, ConfigError, is_loopback
+from .crypto_db import PICKLE_KEY_META, keep_pickle_key, move_misplaced_store
 from .matrix import MatrixBot, run_outbox
 from .metrics import Metrics
 from .service import RouteService, new_salt
@@ -74,21 +75,18 @@ async def start_sidecar(config: Config) -> Sidecar:
         if instance is None:
             instance = new_salt()[:12]
             await tx.set_meta("instance", instance)
-        pickle_key = await tx.meta("crypto_pickle_key")
-        if pickle_key is None:
-            pickle_key = new_salt()
-            await tx.set_meta("crypto_pickle_key", pickle_key)
+    try:
+        pickle_key = await _pickle_key(config, store)
+    except BaseException:
+        await store.close()
+        raise
     metrics = Metrics()
     service = RouteService(config, store, bytes.fromhex(salt), metrics)
     await service.load()
     crypto = None
     if config.encryption.enabled:
         from .crypto import BotCrypto  # python-olm: only when encryption is on
-        from .crypto_db import move_misplaced_store
 
-        await asyncio.to_thread(
-            move_misplaced_store, config.database_path, config.misplaced_crypto_stores
-        )
         crypto = BotCrypto(config, config.database_path, pickle_key)
     bot = MatrixBot(
         config,
@@ -105,10 +103,7 @@ async def start_sidecar(config: Config) -> Sidecar:
     appservice = AppserviceShell(config, service, bot, metrics, crypto)
     for runner, listen in (
         (LookupApi(config, service, metrics).make_runner(), config.api.listen),
-        (
-            web.AppRunner(appservice.make_app(), access_log=None, handle_signals=False),
-            config.appservice.listen,
-        ),
+        (appservice.make_runner(), config.appservice.listen),
     ):
         await runner.setup()
         sidecar.runners.append(runner)
@@ -124,7 +119,7 @@ async def start_sidecar(config: Config) -> Sidecar:
         asyncio.create_task(_register(bot, crypto, appservice, stop)),
         asyncio.create_task(run_outbox(bot, service.outbox_changed, stop)),
         asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
-        asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_messages, stop)),
+        asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_records, stop)),
     ]
     # What start-up made lives as long as the process: moved out of the collector's view,
     # so collections while serving scan only what requests make (docs/performance.md).
@@ -132,6 +127,21 @@ async def start_sidecar(config: Config) -> Sidecar:
     gc.freeze()
     log.info("started bot=%s live_intents=%d", config.bot_user_id, len(service.live))
     return sidecar
+
+
+async def _pickle_key(config: Config, store: Store) -> str | None:
+    """The crypto store's pickle key, from its own file (bot/crypto_db.keep_pickle_key).
+    One that earlier versions kept in the database is moved out of it, and its bytes with
+    it; an encryption store they left at a misplaced path is moved in first."""
+    async with store.atomic() as tx:
+        in_meta = await tx.meta(PICKLE_KEY_META)
+    path = config.database_path
+    if config.encryption.enabled:
+        await asyncio.to_thread(move_misplaced_store, path, config.misplaced_crypto_stores)
+    key = await asyncio.to_thread(keep_pickle_key, path, in_meta, config.encryption.enabled)
+    if in_meta is not None and not await store.forget_meta(PICKLE_KEY_META):
+        log.warning("the database's write-ahead log is in use: the old key leaves it later")
+    return key
 
 
 async def _register(

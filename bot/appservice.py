@@ -4,14 +4,14 @@ Not mautrix's `AppService` handler: that one keeps transaction ids in memory onl
 acknowledges before its handlers run (a crash would lose the command). Here a
 transaction is handled event by event, each change committed, its id stored, and only
 then acknowledged; a retried transaction id is acknowledged without reprocessing, also
-after a restart.
+after a restart. An event whose handling keeps failing is given up after
+MAX_EVENT_ATTEMPTS (counted in the database), so it cannot hold back every room behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -23,7 +23,8 @@ from . import policy
 from .auth import bearer_token, token_matches
 from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage, Undecryptable, parse_event
-from .faults import crash_point
+from .faults import crash_point, fail_point
+from .listeners import GuardedAppRunner, connection_limit
 from .matrix import NOT_ALLOWED, MatrixBot
 from .metrics import Metrics
 from .service import RouteService, utcnow
@@ -32,12 +33,51 @@ if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
     from .crypto import BotCrypto
 
 log = logging.getLogger("route_sidecar.appservice")
+# Synapse sends up to 100 events (64 KiB each) and 100 ephemeral events and to-device
+# messages; a to-device message may be as big as its client's request (50 MB by default).
+# A transaction refused for its size is retried forever, so the limit stays above those.
 MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
 CRYPTO_READY_SECONDS = 30.0
+MAX_EVENT_ATTEMPTS = 3  # failed attempts at one event before it is given up
+ERRCODES = {404: "M_UNRECOGNIZED", 405: "M_UNRECOGNIZED", 413: "M_TOO_LARGE"}
 
 
 def _matrix_error(status: int, errcode: str, error: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": error}, status=status)
+
+
+def _malformed(status: int, error: str) -> web.Response:
+    return _matrix_error(status, "M_UNRECOGNIZED", error)
+
+
+@web.middleware
+async def _matrix_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, wrong method, body too large) as Matrix
+    errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        response = _matrix_error(
+            error.status, ERRCODES.get(error.status, "M_UNKNOWN"), error.reason
+        )
+        if "Allow" in error.headers:
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
+
+
+def _event_key(raw: Any, fallback: str) -> str:
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return event_id if isinstance(event_id, str) and event_id else fallback
+
+
+def _reference(event_key: str) -> str:
+    """What the reply and the log line of a given-up event both show (the same on every
+    try, so a reply queued before a crash matches the log line after it)."""
+    return hashlib.sha256(event_key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 class AppserviceShell:
@@ -61,9 +101,18 @@ class AppserviceShell:
         # registration (new hs_token) may count from 1 again, so ids are kept per token.
         self._txn_scope = hashlib.sha256(self._hs_token).hexdigest()[:12]
         self._order = asyncio.Lock()  # transactions are applied one at a time, in order
+        self._given_up: dict[str, str] | None = None  # event key → reference, once loaded
+
+    def make_runner(self) -> web.BaseRunner:
+        return GuardedAppRunner(
+            self.make_app(),
+            access_log=None,
+            error_response=_malformed,
+            max_connections=connection_limit(),
+        )
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_TRANSACTION_BYTES)
+        app = web.Application(client_max_size=MAX_TRANSACTION_BYTES, middlewares=[_matrix_errors])
         for prefix in ("/_matrix/app/v1", ""):  # "" is the legacy unprefixed path
             app.router.add_put(prefix + "/transactions/{txn_id}", self._guard(self.transaction))
             app.router.add_get(prefix + "/users/{user_id}", self._guard(self.query_user))
@@ -101,9 +150,12 @@ class AppserviceShell:
 
     async def transaction(self, request: web.Request) -> web.Response:
         txn_id = request.match_info["txn_id"]
+        if request.content_length is not None and request.content_length > MAX_TRANSACTION_BYTES:
+            # Refused before a byte of it is read.
+            return _matrix_error(413, "M_TOO_LARGE", f"Over {MAX_TRANSACTION_BYTES} bytes")
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return _matrix_error(400, "M_NOT_JSON", "Body is not JSON")
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
@@ -125,23 +177,7 @@ class AppserviceShell:
             try:
                 if self.crypto is not None:
                     await self.crypto.receive(body)
-                # Runs of plain room messages are handed over together: the side-car
-                # writes what it saw of them in one database transaction, not one each.
-                messages: list[RoomMessage] = []
-                for raw in events:
-                    if self.crypto is not None and isinstance(raw, dict):
-                        await self.crypto.track_state(raw)
-                    event = parse_event(raw)
-                    await self._leave_if_not_allowed(event)
-                    if isinstance(event, RoomMessage):
-                        messages.append(event)
-                        continue
-                    if messages:
-                        await self.service.on_messages(messages)
-                        messages = []
-                    await self.handle_event(raw)
-                if messages:
-                    await self.service.on_messages(messages)
+                await self._handle_events(f"{self._txn_scope}:{txn_id}", events)
             except Exception:
                 # Nothing is acknowledged: the homeserver retries, and events already
                 # handled are recognised by their event id.
@@ -154,6 +190,100 @@ class AppserviceShell:
         self.metrics.transactions.labels("ok").inc()
         log.debug("transaction handled txn=%s events=%d", txn_id, len(events))
         return web.json_response({})
+
+    async def _handle_events(self, txn_key: str, events: list[Any]) -> None:
+        """The events in order. Runs of plain room messages are handed over together: the
+        side-car writes what it saw of them in one database transaction, not one each."""
+        if self._given_up is None:
+            async with self.service.store.atomic(durable=False) as tx:
+                self._given_up = await tx.given_up_events()
+        run: list[tuple[str, RoomMessage]] = []
+        for position, raw in enumerate(events):
+            key = _event_key(raw, f"{txn_key}#{position}")
+            if key in self._given_up:  # given up, then a crash before the acknowledgement
+                await self._answer_given_up(raw, self._given_up[key])
+                continue
+            try:
+                if self.crypto is not None and isinstance(raw, dict):
+                    await self.crypto.track_state(raw)
+                event = parse_event(raw)
+                await self._leave_if_not_allowed(event)
+            except Exception as error:
+                await self._failed(key, raw, error)
+                continue
+            if isinstance(event, RoomMessage):
+                run.append((key, event))
+                continue
+            await self._hand_over(run)
+            run = []
+            try:
+                fail_point("event-received", raw)
+                await self.handle_event(raw)
+                fail_point("event-handled", raw)
+            except Exception as error:
+                await self._failed(key, raw, error)
+        await self._hand_over(run)
+
+    async def _hand_over(self, run: list[tuple[str, RoomMessage]]) -> None:
+        """A run of room messages, together; if that fails, one by one, so that the one
+        failing is known (those handled already are recognised by their event id)."""
+        if not run:
+            return
+        try:
+            for _, message in run:
+                fail_point("event-received", message)
+            await self.service.on_messages([message for _, message in run])
+            for _, message in run:
+                fail_point("event-handled", message)
+            return
+        except Exception as error:
+            if len(run) == 1:
+                await self._failed(run[0][0], run[0][1], error)
+                return
+        for key, message in run:
+            try:
+                fail_point("event-received", message)
+                await self.service.on_message(message)
+                fail_point("event-handled", message)
+            except Exception as error:
+                await self._failed(key, message, error)
+
+    async def _failed(self, key: str, event: Any, error: Exception) -> None:
+        """One more failed attempt at an event. Under MAX_EVENT_ATTEMPTS the error stands
+        (the transaction is answered 500 and the homeserver retries it); then the event
+        is given up, a command answered with a reference, and the transaction goes on."""
+        room_id = event.get("room_id") if isinstance(event, dict) else event.room_id
+        room_id = room_id if isinstance(room_id, str) else None
+        async with self.service.store.atomic() as tx:
+            attempts = await tx.count_event_failure(key, room_id, utcnow())
+        if attempts < MAX_EVENT_ATTEMPTS:
+            log.warning(
+                "event failed room=%s event=%s attempt=%d of %d",
+                room_id,
+                key,
+                attempts,
+                MAX_EVENT_ATTEMPTS,
+            )
+            raise error
+        reference = _reference(key)
+        log.error(
+            "event given up room=%s event=%s attempts=%d reference=%s",
+            room_id,
+            key,
+            attempts,
+            reference,
+            exc_info=error,
+        )
+        async with self.service.store.atomic() as tx:
+            await tx.give_up_event(key, reference, utcnow())
+        assert self._given_up is not None
+        self._given_up[key] = reference
+        await self._answer_given_up(event, reference)
+
+    async def _answer_given_up(self, event: Any, reference: str) -> None:
+        message = event if isinstance(event, RoomMessage) else parse_event(event)
+        if isinstance(message, RoomMessage):
+            await self.service.on_event_given_up(message, reference)
 
     async def _leave_if_not_allowed(self, event: Any) -> None:
         """An event from a room off the allow-list (the bot joined before the list was

@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
 import sys
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from .config import SECRET_ENV, Config, ConfigError, load_config, parse_config
+from .config import (
+    PLACEHOLDER_SECRETS,
+    SECRET_ENV,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+)
 
 EXIT_CONFIG = 2
 
@@ -41,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("-c", "--config", dest="sub_config", help="config file")
     args = parser.parse_args(argv)
+    # Every file the side-car writes (database and its side files, key, config,
+    # registration) is readable by its own user only, whatever the shell's umask.
+    os.umask(0o077)
     config_path = Path(getattr(args, "sub_config", None) or args.config)
     try:
         if args.command == "generate-registration":
@@ -138,21 +150,39 @@ def generate_registration(config_path: Path, output: Path) -> int:
         raise ConfigError("appservice", "is missing")
     raw["appservice"]["as_token"] = secrets.token_urlsafe(32)
     raw["appservice"]["hs_token"] = secrets.token_urlsafe(32)
+    api_env = SECRET_ENV[("api", "tokens")]
+    api = raw.get("api")
+    replaced = 0
+    if (
+        not os.environ.get(api_env)
+        and isinstance(api, dict)
+        and isinstance(api.get("tokens"), list)
+    ):
+        for index, token in enumerate(api["tokens"]):
+            if token in PLACEHOLDER_SECRETS:
+                api["tokens"][index] = secrets.token_urlsafe(32)
+                replaced += 1
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in (SECRET_ENV[("appservice", "as_token")], SECRET_ENV[("appservice", "hs_token")])
     }
     config = parse_config(raw, env, config_path)  # validate everything before writing
-    with config_path.open("w", encoding="utf-8") as handle:
-        yaml.dump(raw, handle)
+    text = StringIO()
+    yaml.dump(raw, text)
+    write_private(config_path, text.getvalue())
+    registration = StringIO()
+    registration.write("# route-sidecar appservice registration: add this file to Synapse's\n")
+    registration.write("# app_service_config_files and restart Synapse.\n")
+    YAML().dump(registration_for(config), registration)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("# route-sidecar appservice registration: add this file to Synapse's\n")
-        handle.write("# app_service_config_files and restart Synapse.\n")
-        YAML().dump(registration_for(config), handle)
+    write_private(output, registration.getvalue())
     print(f"wrote {output}; new tokens stored in {config_path}")
+    if replaced:
+        print(
+            f"api.tokens held the example's placeholder: a new random API token is stored in "
+            f"{config_path}; give it to your dispatcher"
+        )
     for key in ("as_token", "hs_token"):
         if os.environ.get(SECRET_ENV[("appservice", key)]):
             print(
@@ -161,6 +191,30 @@ def generate_registration(config_path: Path, output: Path) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace the file at `path` (through a symlink) with `text`, mode 0600, owned as
+    before: written beside it first, so a crash leaves the old file or the new one."""
+    target = Path(os.path.realpath(path))
+    try:
+        owner: tuple[int, int] | None = (target.stat().st_uid, target.stat().st_gid)
+    except FileNotFoundError:
+        owner = None
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(OSError):  # only root may give a file away
+                    os.fchown(handle.fileno(), *owner)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

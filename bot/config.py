@@ -25,6 +25,10 @@ SECRET_ENV = {
     ("appservice", "hs_token"): "ROUTE_SIDECAR_HS_TOKEN",
     ("api", "tokens"): "ROUTE_SIDECAR_API_TOKENS",  # comma-separated
 }
+# The example file's stand-ins for secrets: refused wherever they come from.
+PLACEHOLDER_SECRETS = frozenset({"generate-me", "change-me-to-a-long-random-token"})
+MIN_SECRET_LENGTH = 16
+MIN_HISTORY_RETENTION = timedelta(hours=24)
 _TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -119,6 +123,8 @@ class Config:
     rooms: frozenset[str]
     agents: frozenset[str]
     routes_per_hour: int
+    # How long command, outcome, delivered-reply and transaction records are kept.
+    history_retention: timedelta = timedelta(days=30)
     log_level: str = "INFO"
     encryption: EncryptionConfig = EncryptionConfig()
     path: Path | None = field(default=None, compare=False)  # absolute
@@ -165,8 +171,16 @@ def parse_config(
         as_token=reader.secret("appservice.as_token"),
         hs_token=reader.secret("appservice.hs_token"),
     )
+    if appservice.hs_token == appservice.as_token:
+        raise ConfigError(
+            "appservice.hs_token", "must differ from appservice.as_token (a fresh random string)"
+        )
     api_listen = reader.listen("api.listen", 29334)
     tokens = reader.tokens("api.tokens")
+    if {appservice.as_token, appservice.hs_token} & set(tokens):
+        raise ConfigError(
+            "api.tokens", "must differ from appservice.as_token and appservice.hs_token"
+        )
     api = ApiConfig(
         listen=api_listen,
         tokens=tokens,
@@ -194,6 +208,11 @@ def parse_config(
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
     agents = frozenset(reader.string_list("agents", prefix="@"))
     routes_per_hour = reader.integer("limits.routes_per_hour", 30, minimum=0)
+    history_retention = reader.duration("limits.history_retention", timedelta(hours=720))
+    # The rate limit counts the last hour's commands; a redelivered transaction is known
+    # by its record: a day keeps both whatever the homeserver's retry schedule.
+    if history_retention < MIN_HISTORY_RETENTION:
+        raise ConfigError("limits.history_retention", "must be at least 24h")
     log_level = reader.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     encryption = _encryption(reader)
     reader.no_unknown_keys()
@@ -208,6 +227,7 @@ def parse_config(
         rooms=rooms,
         agents=agents,
         routes_per_hour=routes_per_hour,
+        history_retention=history_retention,
         log_level=log_level,
         encryption=encryption,
         path=Path(os.path.abspath(path)) if path is not None else None,
@@ -285,7 +305,7 @@ _KNOWN = {
     "permissions": None,
     "rooms": None,
     "agents": None,
-    "limits": {"routes_per_hour"},
+    "limits": {"routes_per_hour", "history_retention"},
     "logging": {"level"},
     "encryption": {"enabled", "device_name", "key_wait"},
 }
@@ -379,22 +399,29 @@ class _Reader:
 
     def secret(self, key: str) -> str:
         env = SECRET_ENV.get(tuple(key.split(".")))  # type: ignore[arg-type]
+        hint = f" (or set {env})" if env else ""
         if env and self.environ.get(env):
-            return self.environ[env]
+            value = self.environ[env]
+            if weak_secret(value):
+                raise ConfigError(
+                    key, f"{env} must be a random string of at least {MIN_SECRET_LENGTH} characters"
+                )
+            return value
         value = self.get(key, "")
-        if not isinstance(value, str) or len(value) < 16:
-            hint = f" (or set {env})" if env else ""
+        if not isinstance(value, str) or weak_secret(value):
             raise ConfigError(
                 key,
-                f"must be a random string of at least 16 characters{hint}; "
+                f"must be a random string of at least {MIN_SECRET_LENGTH} characters{hint}; "
                 "`route-sidecar generate-registration` writes one",
             )
         return value
 
     def tokens(self, key: str) -> tuple[str, ...]:
         env = SECRET_ENV[("api", "tokens")]
+        source = ""
         if self.environ.get(env):
             values: Any = [t.strip() for t in self.environ[env].split(",") if t.strip()]
+            source = f" in {env}"
         else:
             values = self.get(key, [])
         if not isinstance(values, list) or not all(isinstance(t, str) for t in values):
@@ -402,8 +429,20 @@ class _Reader:
         if not values:
             raise ConfigError(key, f"needs at least one token (or set {env})")
         for token in values:
-            if len(token) < 16:
-                raise ConfigError(key, "every token must be at least 16 characters")
+            if token in PLACEHOLDER_SECRETS and not source:
+                raise ConfigError(
+                    key,
+                    "holds the example's placeholder; "
+                    "`route-sidecar generate-registration` replaces it with a random token",
+                )
+            if weak_secret(token):
+                raise ConfigError(
+                    key,
+                    f"every token{source} must be a random string of at least "
+                    f"{MIN_SECRET_LENGTH} characters",
+                )
+        if len(set(values)) != len(values):
+            raise ConfigError(key, f"lists the same token twice{source}")
         return tuple(values)
 
     def string_list(self, key: str, prefix: str) -> list[str]:
@@ -511,6 +550,11 @@ class _Reader:
                 for key in nested:
                     if key not in keys:
                         raise ConfigError(f"{where}.{key}", "is not a known key")
+
+
+def weak_secret(value: str) -> bool:
+    """Too short to be a random token, or the example file's stand-in for one."""
+    return len(value) < MIN_SECRET_LENGTH or value in PLACEHOLDER_SECRETS
 
 
 def is_loopback(host: str) -> bool:

@@ -1,11 +1,13 @@
 """The SQLite database of mautrix's crypto and state stores, in the side-car's own file:
-keys written with fsync, and transactions that take the write lock when they begin; and
-the move of a store that earlier versions put in the wrong place back into that file."""
+keys written with fsync, and transactions that take the write lock when they begin; the
+key its pickles are encrypted with, in a file of its own; and the move of a store that
+earlier versions put in the wrong place back into that file."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, closing
@@ -16,7 +18,12 @@ from mautrix.util.async_db import Database, UpgradeTable
 from mautrix.util.async_db import aiosqlite as mautrix_sqlite
 from yarl import URL
 
+from .config import ConfigError
+
 IMMEDIATE_MARK = "_route_sidecar_begins_immediate"
+PICKLE_KEY_SUFFIX = ".pickle-key"
+# Where versions before this one kept the pickle key: a row of the side-car's `meta` table.
+PICKLE_KEY_META = "crypto_pickle_key"
 # mautrix's tables: the crypto store's and the room state cache's, with their versions.
 MAUTRIX_TABLE_PREFIXES = ("crypto_", "mx_")
 log = logging.getLogger("route_sidecar.crypto")
@@ -109,6 +116,78 @@ def move_misplaced_store(db_path: Path, misplaced: Sequence[Path]) -> None:
         log.warning("encryption store moved from=%s to=%s device=%s", old, db_path, device)
         _remove_database_file(old)
         return
+
+
+def pickle_key_path(db_path: Path) -> Path:
+    """The file, beside the database, of the key that encrypts mautrix's pickles in it."""
+    return db_path.with_name(f"{db_path.name}{PICKLE_KEY_SUFFIX}")
+
+
+def keep_pickle_key(db_path: Path, from_meta: str | None, create: bool) -> str | None:
+    """The key the Olm account and sessions in `db_path` are pickled with, kept in its own
+    0600 file beside the database, never in it: a copy of the database alone (a backup,
+    its WAL) then cannot unpickle the bot's device. A key earlier versions kept in the
+    `meta` table is written to the file first (the caller then deletes the row). With
+    `create`, a missing key is made, unless the database holds a device already: that
+    device was pickled with a key that is lost, and a new one would not read it."""
+    path = pickle_key_path(db_path)
+    kept = _read_pickle_key(path)
+    if from_meta is not None:
+        if kept != from_meta:
+            _write_private(path, from_meta)
+            log.warning(
+                "crypto pickle key moved out of the database to=%s replaced=%s",
+                path,
+                kept is not None,
+            )
+        return from_meta
+    if kept is not None or not create:
+        return kept
+    device = device_in(db_path)
+    if device is not None:
+        raise ConfigError(
+            "",
+            f"{path} is missing: the bot's device {device} in {db_path} is encrypted with "
+            "the key it held; restore that file from a backup",
+        )
+    key = secrets.token_hex(32)
+    _write_private(path, key)
+    return key
+
+
+def _read_pickle_key(path: Path) -> str | None:
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        key = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("", f"cannot read the crypto pickle key {path}: {error}") from None
+    if not key:
+        raise ConfigError("", f"the crypto pickle key file {path} is empty")
+    return key
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Written beside `path`, synced, then renamed over it: a crash leaves the old file
+    or the new one, never a part."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power loss
+    finally:
+        os.close(folder)
 
 
 def device_in(path: Path) -> str | None:

@@ -396,3 +396,11 @@ def encryption_off() -> Text:
         "read `/route` commands here. Ask the admin to set `encryption.enabled: true` (with "
         "python-olm installed), or use a room without encryption."
     )
+
+
+def command_failed(reference: str) -> Text:
+    return render(
+        f"⛔ Failed to handle command: it hit an error that retrying did not clear, so it did "
+        f"nothing (reference: {reference}). The room's other messages are handled as usual; "
+        "send the command again, and if it fails the same way, give the admin the reference."
+    )

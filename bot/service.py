@@ -46,6 +46,7 @@ from .turns import turn_key as derive_turn_key
 
 log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
+PRUNE_BATCH = 2000  # rows per table and transaction when pruning old records
 METADATA_VALUE_MAX = 512
 SUGGESTION = "suggest"  # key prefix of the outbox's failure suggestions
 # The outbox row (event type and key prefix) of a `/route leave`: the bot leaves the room.
@@ -483,6 +484,31 @@ class RouteService:
             log.info("encrypted room unreadable room=%s", message.room_id)
             self.outbox_changed.set()
 
+    async def on_event_given_up(self, message: RoomMessage, reference: str) -> None:
+        """A message whose handling kept failing, given up (bot.appservice): a command the
+        bot would have answered gets a reply with the reference its log line carries."""
+        config = self.config
+        if not (
+            policy.room_allowed(message.room_id, config)
+            and policy.listens_to(message.sender, message.msgtype, message.is_edit, config)
+            and cmd.parse_command(message.body, config.routing.prefixes) is not None
+        ):
+            return
+        async with self.store.atomic() as tx:
+            if await tx.command_handled(message.event_id):
+                return  # it was answered before it failed
+            added = await tx.add_effect(
+                f"reply:{message.event_id}",
+                message.room_id,
+                "m.room.message",
+                replies.notice_content(
+                    replies.command_failed(reference), message.event_id, message.thread_root
+                ),
+                self.clock(),
+            )
+        if added:
+            self.outbox_changed.set()
+
     async def on_redaction(self, redaction: Redaction) -> None:
         now = self.clock()
         async with self._lock, self._writing() as tx:
@@ -537,9 +563,7 @@ class RouteService:
                 placement = place_turn(key, seen)
                 if is_command_turn(turn.last_user_message, self.config.routing.prefixes):
                     placement = replace(placement, is_command=True)
-                claimed = core.claim_among(
-                    room, core.ClaimedTurn(key, placement), now, self.timing
-                )
+                claimed = core.claim_among(room, core.ClaimedTurn(key, placement), now, self.timing)
                 if claimed is None:
                     return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
                 intent = next(i for i in room if i.id == claimed.intent.id)
@@ -844,9 +868,20 @@ class RouteService:
             async with self.store.atomic(durable=False) as tx:
                 await tx.save_claim_times(turns)
 
-    async def forget_old_messages(self) -> None:
+    async def forget_old_records(self) -> None:
+        """Forget seen messages after SEEN_RETENTION, and every other record past
+        `limits.history_retention`, a batch per transaction so claims go on between."""
+        now = self.clock()
         async with self.store.atomic(durable=False) as tx:
-            await tx.forget_seen_before(self.clock() - SEEN_RETENTION)
+            await tx.forget_seen_before(now - SEEN_RETENTION)
+        deleted = PRUNE_BATCH
+        total = 0
+        while deleted >= PRUNE_BATCH:
+            async with self.store.atomic(durable=False) as tx:
+                deleted = await tx.prune_history(now - self.config.history_retention, PRUNE_BATCH)
+            total += deleted
+        if total:
+            log.info("old records pruned rows=%d", total)
 
     # ---- helpers ------------------------------------------------------------------
 
@@ -891,9 +926,7 @@ class RouteService:
                 )
 
 
-def _end_notice(
-    intent: Intent, now: datetime, timing: Timing, prefix: str
-) -> replies.Text | None:
+def _end_notice(intent: Intent, now: datetime, timing: Timing, prefix: str) -> replies.Text | None:
     if intent.state is IntentState.EXPIRED:
         return replies.expired(intent, timing)
     if intent.state is IntentState.CANCELLED or intent.is_closed:

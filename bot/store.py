@@ -98,7 +98,23 @@ PRUNED = {
     "outcomes": "at < ?",
     "effects": "(event_id IS NOT NULL OR failed = 1) AND created_at < ?",
     "intents": "state NOT IN ('pending', 'active') AND COALESCE(ended_at, created_at) < ?",
+    "event_failures": "failed_at < ?",
 }
+
+
+def make_private(path: Path) -> None:
+    """The database file and its side files readable by their owner only, before SQLite
+    opens them: it gives the -wal and -shm files it creates the database file's mode.
+    Files that earlier versions left readable by others are tightened."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))  # an empty file is a new database
+    for name in (str(path), f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("cannot make a database file private path=%s error=%s", name, error)
 
 
 class Store:
@@ -110,6 +126,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode=WAL")
@@ -118,11 +135,27 @@ class Store:
         await db.execute("PRAGMA busy_timeout=5000")
         store = cls(db, path)
         await store.migrate(load_migrations())
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
         return store
+
+    async def forget_meta(self, key: str) -> bool:
+        """Delete a `meta` row so that its value leaves the file's bytes: zeroed in its
+        page (secure_delete), and the WAL that held earlier copies of the page emptied
+        (a TRUNCATE checkpoint). False when another connection kept the WAL in use."""
+        async with self._lock:
+            await self._db.execute("PRAGMA secure_delete=ON")
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+            finally:
+                await self._db.execute("PRAGMA secure_delete=OFF")
+            async with self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+            return row is not None and row[0] == 0
 
     async def close(self) -> None:
         async with self._lock:
@@ -504,6 +537,33 @@ class Tx:
             (json.loads(row["event"]), row["session_id"], _from_ms(row["received_at"]))
             for row in rows
         ]
+
+    # events whose handling failed (bot.appservice)
+
+    async def count_event_failure(self, event_key: str, room_id: str | None, now: datetime) -> int:
+        """One more failed attempt at an event; how many there have been."""
+        row = await self._one(
+            """INSERT INTO event_failures (event_key, room_id, attempts, failed_at)
+               VALUES (?, ?, 1, ?) ON CONFLICT (event_key) DO UPDATE SET
+                   attempts = event_failures.attempts + 1, failed_at = excluded.failed_at
+               RETURNING attempts""",
+            (event_key, room_id, to_ms(now)),
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def give_up_event(self, event_key: str, reference: str, now: datetime) -> None:
+        await self.db.execute(
+            "UPDATE event_failures SET given_up_at = ?, reference = ? WHERE event_key = ?",
+            (to_ms(now), reference, event_key),
+        )
+
+    async def given_up_events(self) -> dict[str, str]:
+        """The events given up, by key, with their reference."""
+        rows = await self._all(
+            "SELECT event_key, reference FROM event_failures WHERE given_up_at IS NOT NULL"
+        )
+        return {row[0]: row[1] for row in rows}
 
     # effects (the outbox)
 

@@ -100,3 +100,72 @@ async def test_with_encryption_off_an_encrypted_room_gets_one_plain_notice(
         assert content["msgtype"] == "m.notice" and "encryption.enabled" in content["body"]
     finally:
         await sidecar.stop()
+
+
+# ---- bad transaction bodies and Matrix-style errors (issue 14) --------------------------
+
+
+async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, dict]:
+    """Raw bytes to the listener; the status and JSON body of its answer."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        length = int(
+            next(
+                line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
+        body = await asyncio.wait_for(reader.readexactly(length), timeout)
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+    finally:
+        writer.close()
+
+
+async def test_bad_bodies_get_400_and_refusals_are_matrix_errors(tmp_path: Path) -> None:
+    config = sidecar_config(tmp_path)
+    port = config.appservice.listen.port
+    auth = {"Authorization": f"Bearer {config.appservice.hs_token}"}
+    sidecar = await start_sidecar(config)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            deep = b"[" * 1000 + b"]" * 1000  # json.loads: RecursionError
+            for body in (deep, b'{"events": ' + deep + b"}", b"\xff\xfe{", b"{"):
+                response = await client.put(
+                    "/_matrix/app/v1/transactions/deep", content=body, headers=auth
+                )
+                assert response.status_code == 400, response.text
+                assert response.json()["errcode"] == "M_NOT_JSON"
+            response = await client.get("/_matrix/app/v1/nothing-here", headers=auth)
+            assert response.status_code == 404
+            assert response.json() == {"errcode": "M_UNRECOGNIZED", "error": "Not Found"}
+            response = await client.post("/_matrix/app/v1/transactions/1", headers=auth)
+            assert response.status_code == 405 and "PUT" in response.headers["Allow"]
+            assert response.json()["errcode"] == "M_UNRECOGNIZED"
+            # Over the limit without a length given: refused as it is read.
+            too_big = b" " * (64 * 1024 * 1024 + 1)
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                for start in range(0, len(too_big), 1 << 20):
+                    yield too_big[start : start + (1 << 20)]
+
+            response = await client.put(
+                "/_matrix/app/v1/transactions/big", content=chunks(), headers=auth
+            )
+            assert response.status_code == 413
+            assert response.json()["errcode"] == "M_TOO_LARGE"
+        # Over the limit by its Content-Length: refused before a byte of the body is sent.
+        status, error = await raw_exchange(
+            port,
+            b"PUT /_matrix/app/v1/transactions/huge HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + config.appservice.hs_token.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 67108865\r\n\r\n",
+        )
+        assert (status, error["errcode"]) == (413, "M_TOO_LARGE")
+    finally:
+        await sidecar.stop()

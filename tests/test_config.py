@@ -670,8 +670,14 @@ def test_generate_registration_writes_fresh_tokens_into_both_files(tmp_path: Pat
             assert line.strip() in rewritten, line
     original = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
     for section in original:
-        if section != "appservice":
+        if section not in ("appservice", "api"):
             assert config_2[section] == original[section]
+    # The example's placeholder API token is replaced once, and said so; a real one stays.
+    assert "api.tokens" in first.stdout and "api.tokens" not in second.stdout
+    [api_token] = config_2["api"]["tokens"]
+    assert config_1["api"]["tokens"] == [api_token] and len(api_token) >= 32
+    assert api_token not in first.stdout  # named where it is, not printed
+    assert {**config_2["api"], "tokens": None} == {**original["api"], "tokens": None}
 
     # The registration: the bot's exclusive namespace, the listener's URL, a private file.
     assert reg_2["url"] == original["appservice"]["address"]
@@ -769,3 +775,19 @@ def test_the_registration_asks_for_what_encryption_needs_only_when_it_is_on(
     registration = load_yaml(tmp_path / "reg.yaml")
     shown = {key: registration.get(key) for key in ENCRYPTION_FLAGS}
     assert shown == (ENCRYPTION_FLAGS if enabled else dict.fromkeys(ENCRYPTION_FLAGS))
+
+
+def test_history_retention_is_a_documented_duration_of_30_days_by_default() -> None:
+    assert "history_retention" in EXAMPLE.read_text(encoding="utf-8")
+    assert parse_config(example(), {}).history_retention == timedelta(days=30)
+    assert delete_path(example(), ("limits", "history_retention"))["limits"]
+    default = parse_config(delete_path(example(), ("limits", "history_retention")), {})
+    assert default.history_retention == timedelta(days=30)
+    raw = set_path(example(), ("limits", "history_retention"), "48h")
+    assert parse_config(raw, {}).history_retention == timedelta(hours=48)
+    assert error_of(set_path(example(), ("limits", "history_retention"), "soon")).key == (
+        "limits.history_retention"
+    )
+    # Shorter than a day would forget what the rate limit and redelivery checks read.
+    too_short = error_of(set_path(example(), ("limits", "history_retention"), "23h"))
+    assert too_short.key == "limits.history_retention" and "24h" in str(too_short)

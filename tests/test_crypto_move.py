@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,18 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmAccount, PgCryptoStore
 from mautrix.types import DeviceID, RoomID, UserID
 
-from bot.crypto_db import device_in, move_misplaced_store, open_crypto_db, sqlite_url
+from bot.app import start_sidecar
+from bot.config import Config, ConfigError, parse_config
+from bot.crypto_db import (
+    device_in,
+    move_misplaced_store,
+    open_crypto_db,
+    pickle_key_path,
+    sqlite_url,
+)
 from bot.store import Store
+
+from .api_support import TOKEN, free_port
 
 BOT = UserID("@route:example.org")
 PICKLE_KEY = "the-pickle-key-kept-in-the-sidecar-meta"
@@ -140,3 +151,90 @@ def test_a_database_url_is_built_from_an_absolute_path_only(tmp_path: Path) -> N
     odd = tmp_path / "a b#c?.db"
     assert sqlite_url(odd).path == str(odd)  # `#` and `?` stay part of the name
     assert os.path.isabs(sqlite_url(odd).path)
+
+
+# --- the pickle key: kept apart from the pickles it protects -----------------------------
+
+
+def encrypted_config(database: Path) -> Config:
+    """Encryption on, no homeserver there: start-up moves the key, the device waits."""
+    return parse_config(
+        {
+            "homeserver": {"address": f"http://127.0.0.1:{free_port()}", "domain": "example.org"},
+            "appservice": {
+                "address": "http://127.0.0.1:29333",
+                "listen": {"host": "127.0.0.1", "port": free_port()},
+                "as_token": "as-token-0123456789abcdef",
+                "hs_token": "hs-token-0123456789abcdef",
+            },
+            "api": {"listen": {"host": "127.0.0.1", "port": free_port()}, "tokens": [TOKEN]},
+            "database": f"sqlite:///{database}",
+            "targets": {"cloud": {"model": "ollama-cloud/glm-5.1"}},
+            "encryption": {"enabled": True},
+        },
+        {},
+    )
+
+
+def file_bytes(database: Path) -> bytes:
+    return b"".join(Path(name).read_bytes() for name in files_of(database))
+
+
+async def test_a_key_earlier_versions_kept_in_the_database_leaves_it_and_the_device_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    database = tmp_path / "route-sidecar.db"
+    await sidecar_file(database)  # the key in `meta`, as earlier versions kept it
+    keys = await make_crypto_store(database, "KEPTDEVICE")
+    assert PICKLE_KEY.encode() in file_bytes(database)
+    with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
+        sidecar = await start_sidecar(encrypted_config(database))
+    try:
+        # While it runs, with its WAL open: the key is in no byte of the database's files.
+        assert PICKLE_KEY.encode() not in file_bytes(database)
+        async with sidecar.store.atomic() as tx:
+            assert await tx.meta("crypto_pickle_key") is None
+    finally:
+        await sidecar.stop()
+    assert PICKLE_KEY.encode() not in file_bytes(database)
+    key_file = pickle_key_path(database)
+    assert key_file.read_text().strip() == PICKLE_KEY
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert [r for r in caplog.records if "pickle key moved" in r.getMessage()]
+    # The Olm account still unpickles with the key from its file: the same device.
+    assert await read_crypto_store(database) == ("KEPTDEVICE", keys, True)
+    # A second start finds the key in its file and leaves it there.
+    caplog.clear()
+    sidecar = await start_sidecar(encrypted_config(database))
+    await sidecar.stop()
+    assert key_file.read_text().strip() == PICKLE_KEY
+    assert not [r for r in caplog.records if "pickle key" in r.getMessage()]
+
+
+async def test_a_new_database_gets_a_random_key_in_its_own_file(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "route-sidecar.db"
+    sidecar = await start_sidecar(encrypted_config(database))
+    await sidecar.stop()
+    key = pickle_key_path(database).read_text().strip()
+    assert len(key) == 64 and key.encode() not in file_bytes(database)
+    assert stat.S_IMODE(pickle_key_path(database).stat().st_mode) == 0o600
+
+
+async def test_a_device_whose_key_file_is_lost_stops_start_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "route-sidecar.db"
+    await _empty_store(database)
+    await make_crypto_store(database, "ORPHAN")
+    with pytest.raises(ConfigError) as caught:
+        started = await start_sidecar(encrypted_config(database))
+        await started.stop()
+    message = str(caught.value)
+    assert str(pickle_key_path(database)) in message and "ORPHAN" in message
+    assert len(message.splitlines()) == 1
+    assert not pickle_key_path(database).exists()  # no new key that would not read it
+
+
+async def _empty_store(path: Path) -> None:
+    store = await Store.open(path)
+    await store.close()

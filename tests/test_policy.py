@@ -43,10 +43,10 @@ def make_config(**overrides: Any) -> Config:
         "homeserver": {"address": "http://127.0.0.1:8008", "domain": "example.org"},
         "appservice": {
             "address": "http://127.0.0.1:29333",
-            "as_token": TOKEN,
-            "hs_token": TOKEN,
+            "as_token": "as-" + TOKEN,
+            "hs_token": "hs-" + TOKEN,
         },
-        "api": {"tokens": [TOKEN]},
+        "api": {"tokens": ["api-" + TOKEN]},
         "database": "sqlite:///x.db",
         "targets": {
             "cloud": {"model": "ollama-cloud/glm-5.1", "aliases": ["c", "Remote"]},

@@ -290,3 +290,45 @@ async def notices_replying_to(service: RouteService) -> list[str]:
         for row in outbox
         if row["key"].startswith("undecryptable:")
     )
+
+
+def table_counts(path: Path) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {
+            table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("transactions", "commands", "outcomes", "effects", "intents")
+        }
+
+
+async def test_old_records_are_pruned_and_nothing_live_or_owed_is(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Issue 14: commands, outcomes, outbox rows and transactions are not kept forever."""
+    path = tmp_path / "db.sqlite"
+    service = await make_service(path, clock)
+    old = clock.now
+    await service.on_message(message("!route cloud", "$old-cmd", old))
+    await service.on_message(message("!route auto", "$old-auto", old))  # cancels it
+    async with service.store.atomic() as tx:
+        await tx.record_transaction("txn-old", old)
+        await tx.add_outcome(
+            intent_id=None, position=None, room_id=ROOM, turn=None, asker=None,
+            model="m", status="error", latency_ms=1, detail=None, now=old,
+        )  # fmt: skip
+        sent = [row for row in await tx.unsent_effects(old) if row["key"] == "reply:$old-cmd"]
+        await tx.mark_effect_sent(sent[0]["id"], "$reply")
+    before = table_counts(path)
+    assert before == {"transactions": 1, "commands": 2, "outcomes": 1, "effects": 3, "intents": 1}
+    clock.now += service.config.history_retention - timedelta(minutes=1)
+    await service.forget_old_records()
+    assert table_counts(path) == before  # not old enough yet
+    clock.now += timedelta(minutes=2)
+    await service.on_message(message("!route cloud --turns 2", "$new-cmd", clock.now))
+    await service.forget_old_records()
+    after = table_counts(path)
+    # Left: the new command, its intent and reply, and the old replies never sent (owed).
+    assert after == {"transactions": 0, "commands": 1, "outcomes": 0, "effects": 3, "intents": 1}
+    assert service.live.current(ROOM) is not None
+    await service.store.close()

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.turns import (
+    MAX_COMPARED_CHARS,
     MAX_ID_LENGTH,
     Placement,
     SeenMessage,
@@ -392,6 +393,49 @@ def test_a_note_with_a_quoted_line_does_not_change_the_hash() -> None:
 def test_normalise_message_is_idempotent(text: str) -> None:
     once = normalise_message(text)
     assert normalise_message(once) == once
+
+
+def plainly_normalised(text: str) -> str:
+    """normalise_message as SPEC words it, one step per rule, with no regard for speed: the
+    reference the quick version is checked against."""
+
+    def without_notes(text: str) -> str:
+        while (stripped := re.sub(r"^\s*\[[^\[\]]{0,2000}\]", "", text)) != text:
+            text = stripped
+        while (stripped := re.sub(r"\[[^\[\]]{0,2000}\]\s*$", "", text)) != text:
+            text = stripped
+        return text.strip()
+
+    text = without_notes(text)
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
+    text = without_notes("\n".join(lines)).casefold()
+    text = re.sub(r"(?<![\w])@[A-Za-z0-9._=/+-]+(?::[A-Za-z0-9.-]+(?::\d+)?)?", "", text)
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r" ([,.;:!?])", r"\1", text).strip()
+
+
+DECORATION = st.text(
+    alphabet=st.sampled_from(list("ab >[]@.,:!?\n\r\x0b\x1c\x85\u2028\t\u00a0ßİ1-"))
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(DECORATION, st.text(max_size=60)))
+def test_normalise_message_is_the_plain_rules(text: str) -> None:
+    """The quick normalisation (issue 14: a 64 KB message stalled every claim) means what
+    the plain one means, line breaks of every kind included."""
+    assert normalise_message(text) == plainly_normalised(text)
+
+
+def test_a_text_longer_than_any_room_message_could_make_is_not_compared() -> None:
+    """Issue 14: a 1 MB last user message was normalised inline (805 ms, every claim
+    waiting); no room message can match it, so it is not hashed at all."""
+    biggest_event = "why? " * (65536 // 5)
+    agent_text = "[Alice] " + biggest_event + "\n\n[System note: replying to:\n> ...]"
+    assert message_hash(SALT, agent_text) == message_hash(SALT, biggest_event) is not None
+    assert message_hash(SALT, "a" * MAX_COMPARED_CHARS) is not None
+    assert message_hash(SALT, "a" * (MAX_COMPARED_CHARS + 1)) is None
+    assert turn_key(Turn(last_user_message="x" * 1_000_000), SALT) is None
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import pytest
 from mautrix.types import UserID
 
 from bot.config import load_config
-from bot.crypto_db import MAUTRIX_TABLE_PREFIXES, device_in
+from bot.crypto_db import MAUTRIX_TABLE_PREFIXES, PICKLE_KEY_META, device_in, pickle_key_path
 from demo.encrypted_user import EncryptedUser
 
 from .harness import (
@@ -320,7 +320,9 @@ async def test_the_readme_deploy_steps_work_as_an_unprivileged_user(
 
 def split_like_earlier_versions(seed: Path, main: Path, misplaced: Path) -> None:
     """From one database holding both, the layout earlier versions left: the side-car's
-    tables in `main`, mautrix's at `misplaced`."""
+    tables in `main`, with the crypto pickle key in its `meta` table (not in a file of its
+    own), mautrix's at `misplaced`."""
+    key = pickle_key_path(seed).read_text(encoding="utf-8").strip()
     for target, keep_mautrix in ((main, False), (misplaced, True)):
         with closing(sqlite3.connect(seed)) as src, closing(sqlite3.connect(target)) as dst:
             src.backup(dst)
@@ -331,6 +333,8 @@ def split_like_earlier_versions(seed: Path, main: Path, misplaced: Path) -> None
                     and name.startswith(MAUTRIX_TABLE_PREFIXES) != keep_mautrix
                 ):
                     dst.execute(f'DROP TABLE "{name}"')
+            if not keep_mautrix:
+                dst.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (PICKLE_KEY_META, key))
             dst.commit()
 
 
@@ -377,6 +381,11 @@ async def test_a_store_earlier_versions_put_at_the_root_is_moved_back_keeping_th
                 assert f"device={devices[0]}" in moved[0]
                 assert not misplaced.exists()
                 assert device_in(main) == devices[0]
+                # The pickle key left the database for a private file of its own.
+                assert pickle_key_path(main).stat().st_mode & 0o777 == 0o600
+                with closing(sqlite3.connect(main)) as db:
+                    in_meta = "SELECT COUNT(*) FROM meta WHERE key = ?"
+                    assert db.execute(in_meta, (PICKLE_KEY_META,)).fetchone() == (0,)
                 await encrypted_command_is_answered(alice, room)
                 assert await bot_devices(alice) == devices  # no new device
     finally:
