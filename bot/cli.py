@@ -25,11 +25,13 @@ from .config import (
     SECRET_ENV,
     Config,
     ConfigError,
+    config_warnings,
     load_config,
     parse_config,
 )
 
 EXIT_CONFIG = 2
+log = logging.getLogger("route_sidecar.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate-registration":
             return generate_registration(config_path, Path(args.output))
         config = load_config(config_path)
+        warnings = config_warnings(config)
         if args.command == "check-config":
+            for warning in warnings:
+                print(f"route-sidecar: warning: {warning}", file=sys.stderr)
             print(
                 f"config OK: {config_path} (bot {config.bot_user_id}, "
                 f"{len(config.targets)} targets, API on "
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         setup_logging(config.log_level)
+        for warning in warnings:
+            log.warning("config warning: %s", warning)
         from .app import event_loop_factory, run
 
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:

@@ -100,6 +100,9 @@ class RoutingConfig:
     max_duration: timedelta = timedelta(hours=4)
     raw_models: RawModels = RawModels()
     failure_grace: timedelta = timedelta(seconds=15)
+    # How long an `again` waits for an agent to take its question before the bot says
+    # none did (an agent without the plugin never sees it).
+    again_wait: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,7 @@ def parse_config(
             level=reader.integer("routing.raw_models.level", 100, minimum=0),
         ),
         failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
+        again_wait=reader.duration("routing.again_wait", timedelta(seconds=60)),
     )
     permissions = reader.permissions("permissions")
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
@@ -301,6 +305,7 @@ _KNOWN = {
         "max_duration",
         "raw_models",
         "failure_grace",
+        "again_wait",
     },
     "permissions": None,
     "rooms": None,
@@ -550,6 +555,18 @@ class _Reader:
                 for key in nested:
                     if key not in keys:
                         raise ConfigError(f"{where}.{key}", "is not a known key")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What a valid config may still get wrong, one line each (`check-config` prints them,
+    `run` logs them)."""
+    warnings = []
+    if not config.agents:
+        warnings.append(
+            "agents is empty: list every agent's Matrix user id, or their answers count as "
+            "room questions (`again` may re-ask an agent's own answer)"
+        )
+    return warnings
 
 
 def weak_secret(value: str) -> bool:

@@ -27,6 +27,8 @@ class RoomMessage:
     thread_root: EventID | None  # the thread the message is in, if any
     is_edit: bool
     sent_at: datetime
+    # An edit's new text (`m.new_content`); `body` is then its `* ` fallback.
+    new_body: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +115,21 @@ def parse_event(raw: Any) -> RoomEvent | None:
     is_edit = relates.get("rel_type") == "m.replace" or "m.new_content" in content
     thread_root = _str(relates, "event_id") if relates.get("rel_type") == "m.thread" else None
     msgtype = content.get("msgtype")
+    new_content = content.get("m.new_content") if is_edit else None
+    new_body = new_content.get("body") if isinstance(new_content, Mapping) else None
     return RoomMessage(
         room_id=RoomID(room_id),
         event_id=EventID(event_id),
         sender=UserID(sender),
-        # Lone surrogates (JSON escapes) become "?": the body is hashed and quoted.
-        body=body[:MAX_BODY_CHARS].encode("utf-8", "replace").decode("utf-8"),
+        body=_clean(body),
         msgtype=msgtype if isinstance(msgtype, str) else None,
         thread_root=EventID(thread_root) if thread_root else None,
         is_edit=is_edit,
         sent_at=sent_at,
+        new_body=_clean(new_body) if isinstance(new_body, str) else None,
     )
+
+
+def _clean(body: str) -> str:
+    # Lone surrogates (JSON escapes) become "?": the body is hashed and quoted.
+    return body[:MAX_BODY_CHARS].encode("utf-8", "replace").decode("utf-8")

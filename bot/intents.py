@@ -93,6 +93,8 @@ class Intent:
     # Superseded or cleared while a turn was open: why and when. No new turn binds it.
     closed_at: datetime | None = None
     closed_by: EndReason | None = None
+    # An `again`: its question is one the agent plugin puts in the command's place.
+    reasks: bool = False
 
     @property
     def is_closed(self) -> bool:
@@ -128,6 +130,7 @@ def new_intent(
     command_at: datetime,
     now: datetime,
     question_hash: str | None = None,
+    reasks: bool = False,
 ) -> Intent:
     return Intent(
         id=intent_id,
@@ -141,6 +144,19 @@ def new_intent(
         command_at=command_at,
         created_at=now,
         question_hash=question_hash,
+        reasks=reasks,
+    )
+
+
+def reask_not_taken(intent: Intent, now: datetime, again_wait: timedelta) -> bool:
+    """An `again` whose question no turn has taken within `again_wait`: the room is told
+    (SPEC "Retry"); the intent stays pending until its TTL."""
+    return (
+        intent.reasks
+        and intent.state is IntentState.PENDING
+        and not intent.bound_turns
+        and not intent.is_closed
+        and now - intent.created_at >= again_wait
     )
 
 
@@ -245,6 +261,7 @@ class ClaimResult(StrEnum):
     BOUND = "bound"  # a new turn bound to the intent: override
     CONTINUED = "continued"  # a later call of a bound turn: override
     NO_INTENT = "no_intent"
+    AMBIGUOUS_ROOM = "ambiguous_room"  # no room given, and the text was seen in several
     OTHER_TURN = "other_turn"  # the intent is bound to (or waits for) another turn
     EARLIER_TURN = "earlier_turn"  # the turn's message came before the command
     COMMAND_TURN = "command_turn"  # the agent answering a /route message itself
@@ -362,9 +379,12 @@ def _refuse_new_turn(intent: Intent, turn: ClaimedTurn, now: datetime) -> ClaimR
     if intent.until is not None and now >= intent.until:
         return ClaimResult.OTHER_TURN
     if intent.is_prebound and not intent.bound_turns:
+        placed = turn.placement.message
         if turn.key is None or not (
             turn.key.turn_id == intent.command_event_id
             or turn.key.message_hash == intent.question_hash
+            # An agent without the plugin answers the command message's whole text.
+            or (placed is not None and placed.event_id == intent.command_event_id)
         ):
             return ClaimResult.OTHER_TURN
         # The same question asked before the command (the turn `again` re-asks, maybe

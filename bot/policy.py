@@ -175,6 +175,10 @@ def is_stale(sent_at: datetime, now: datetime, config: Config) -> bool:
 
 def listens_to(sender: str, msgtype: str | None, is_edit: bool, config: Config) -> bool:
     """Messages the bot reads at all: not its own, not an agent's, no notices, no edits."""
-    return not (
-        sender == config.bot_user_id or sender in config.agents or msgtype == "m.notice" or is_edit
-    )
+    return is_from_people(sender, msgtype, config) and not is_edit
+
+
+def is_from_people(sender: str, msgtype: str | None, config: Config) -> bool:
+    """Not the bot's, not an agent's, not a notice: a message an agent may answer (an edit
+    of one too: agents answer an edit as a new question)."""
+    return not (sender == config.bot_user_id or sender in config.agents or msgtype == "m.notice")

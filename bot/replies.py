@@ -319,6 +319,18 @@ def reask_confirmation(
     return what + render("\n".join(lines))
 
 
+def reask_not_taken(intent: Intent, waited: timedelta, timing: Timing, prefix: str) -> Text:
+    """The `again` reply once no agent took the question within `again_wait`."""
+    left = intent.created_at + timing.intent_ttl
+    return render(
+        f"⚠️ No agent picked up the question to re-ask on **{intent.target}** "
+        f"(`{intent.model}`) within {format_duration(waited)}: an agent without the "
+        "route-sidecar plugin never sees the question that `again` re-asks. Type the "
+        f"question again before {_when(left)} and it goes to {intent.target}. "
+        f"`{prefix} auto` cancels the route."
+    )
+
+
 def nothing_to_reask(target: str, prefix: str, ttl: timedelta) -> Text:
     return render(
         f"⛔ Nothing to re-ask: I have seen no question in this room in the last "

@@ -36,6 +36,7 @@ from .turns import (
     SeenMessage,
     Turn,
     TurnKey,
+    is_ambiguous,
     is_command_turn,
     message_hash,
     notice_place,
@@ -171,6 +172,9 @@ class RouteService:
         # later successful call of the turn can withdraw one not yet sent.
         self.failures: dict[str, datetime] = {}
         self.arrivals = Arrivals()
+        # `again` intents whose "no agent took it" edit is queued (the outbox key is the
+        # record that survives a restart; this spares the sweep a write per pass).
+        self.reasks_told: set[str] = set()
         # (room, user) → (the user's power level, the level to kick), from the homeserver;
         # None when it cannot say. Set by the composition root (bot.matrix).
         self.room_powers: Callable[[str, str], Awaitable[tuple[int, int] | None]] | None = None
@@ -252,6 +256,8 @@ class RouteService:
         """What a message is (a command or not), how the side-car records it, and the
         question an `again` would re-ask; None for messages the bot does not read."""
         config = self.config
+        if message.is_edit and policy.is_from_people(message.sender, message.msgtype, config):
+            return None, self._edit_seen(message), None
         if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
             return None
         prefixes = config.routing.prefixes
@@ -280,8 +286,29 @@ class RouteService:
             message_hash=message_hash(self.salt, stands_for or message.body),
             is_command=stands_for is None,
             sender=message.sender,
+            # An agent without the plugin answers the whole text (SPEC "The turn key").
+            other_hashes=self._hashes(message.body) if stands_for is not None else (),
         )
         return parsed, record, reask
+
+    def _edit_seen(self, message: RoomMessage) -> SeenMessage:
+        """An edit, seen as a new message of its sender (agents answer an edit as a new
+        question), known by its new text and by its `* ` fallback body. Never a command."""
+        new_text = message.new_body if message.new_body is not None else message.body
+        return SeenMessage(
+            room_id=message.room_id,
+            event_id=message.event_id,
+            thread_id=message.thread_root,
+            sent_at=message.sent_at,
+            message_hash=message_hash(self.salt, new_text),
+            is_command=cmd.parse_command(new_text, self.config.routing.prefixes) is not None,
+            sender=message.sender,
+            other_hashes=self._hashes(message.body),
+        )
+
+    def _hashes(self, text: str) -> tuple[str, ...]:
+        hashed = message_hash(self.salt, text)
+        return (hashed,) if hashed is not None else ()
 
     async def _on_command(
         self,
@@ -427,6 +454,7 @@ class RouteService:
             command_at=message.sent_at,
             now=now,
             question_hash=message_hash(self.salt, question) if question else None,
+            reasks=reask is not None,
         )
         replaced = None
         if current is not None:
@@ -541,7 +569,11 @@ class RouteService:
         key = derive_turn_key(turn, self.salt)
         if room_id is None and key is not None and key.message_hash is not None:
             async with self.store.atomic(durable=False) as tx:
-                room_id = resolve_room(await tx.rooms_with_hash(key.message_hash))
+                rooms = await tx.rooms_with_hash(key.message_hash)
+            if is_ambiguous(rooms):
+                log.info("claim not placed turn=%s reason=ambiguous_room", key)
+                return ClaimAnswer(False, ClaimResult.AMBIGUOUS_ROOM, None, turn.turn_id)
+            room_id = resolve_room(rooms)
         if room_id is None or room_id not in self.live:
             return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
         if not self._lock.locked():
@@ -845,11 +877,44 @@ class RouteService:
                             after.state,
                         )
                 self.outbox_changed.set()
+        await self._tell_reasks_not_taken(now)
         self.questions.forget_expired(now)
         forget_before = now - self.config.routing.failure_grace - self.timing.turn_idle
         for key in [k for k, at in self.failures.items() if at < forget_before]:
             del self.failures[key]
         self.metrics.active_intents.set(len(self.live))
+
+    async def _tell_reasks_not_taken(self, now: datetime) -> None:
+        """SPEC "Retry": an `again` that no turn took within `again_wait` (an agent without
+        the plugin never sees its question): its reply is edited to say so, once."""
+        wait = self.config.routing.again_wait
+        untold = [
+            intent
+            for intent in self.live.values()
+            if intent.id not in self.reasks_told and core.reask_not_taken(intent, now, wait)
+        ]
+        if not untold:
+            return
+        async with self.store.atomic() as tx:
+            for intent in untold:
+                await tx.add_effect(
+                    f"unpicked:{intent.id}",
+                    intent.room_id,
+                    "m.room.message",
+                    replies.edit_content(
+                        replies.reask_not_taken(intent, wait, self.timing, self.prefix), None
+                    ),
+                    now,
+                    edits=f"reply:{intent.command_event_id}",
+                )
+                log.info(
+                    "re-ask not taken room=%s intent=%s event=%s",
+                    intent.room_id,
+                    intent.id,
+                    intent.command_event_id,
+                )
+        self.reasks_told.update(intent.id for intent in untold)
+        self.outbox_changed.set()
 
     async def flush(self) -> None:
         """Write what is only in memory (at shutdown)."""

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -232,8 +232,11 @@ class Tx:
         async with self.db.execute(sql, tuple(params)) as cur:
             return await cur.fetchone()
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.db.execute(sql, tuple(params)) as cur:
+    async def _all(
+        self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()
+    ) -> list[aiosqlite.Row]:
+        named = isinstance(params, Mapping)  # `:name` parameters
+        async with self.db.execute(sql, params if named else tuple(params)) as cur:
             return list(await cur.fetchall())
 
     # meta
@@ -292,8 +295,8 @@ class Tx:
             """INSERT INTO intents (id, room_id, target, model, scope_kind, scope_turns,
                    scope_seconds, sender, command_event_id, command_thread_id, command_at,
                    created_at, state, question_hash, ended_at, end_reason, closed_at,
-                   closed_by)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   closed_by, reasks)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (id) DO UPDATE SET state = excluded.state,
                    ended_at = excluded.ended_at, end_reason = excluded.end_reason,
                    closed_at = excluded.closed_at, closed_by = excluded.closed_by""",
@@ -316,6 +319,7 @@ class Tx:
                 intent.end_reason.value if intent.end_reason is not None else None,
                 to_ms(intent.closed_at) if intent.closed_at is not None else None,
                 intent.closed_by.value if intent.closed_by is not None else None,
+                int(intent.reasks),
             ),
         )
         for position, turn in enumerate(intent.bound_turns):
@@ -396,13 +400,25 @@ class Tx:
                 for m in messages
             ],
         )
+        others = [(m.event_id, h) for m in messages for h in m.other_hashes if h != m.message_hash]
+        if others:
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO seen_hashes (event_id, message_hash) VALUES (?, ?)", others
+            )
 
     async def seen_for_turn(self, room_id: str, key: TurnKey) -> list[SeenMessage]:
+        """The messages a turn may answer: with its hash (as their text or one of their
+        other texts, then shown with that hash), its event id or its thread."""
         rows = await self._all(
-            """SELECT * FROM seen_messages WHERE room_id = ? AND
-                   (message_hash = ? OR event_id = ? OR thread_id = ?)
+            """SELECT event_id, room_id, thread_id, sent_at, is_command, sender,
+                   CASE WHEN message_hash IS NOT :hash AND event_id IN
+                       (SELECT event_id FROM seen_hashes WHERE message_hash = :hash)
+                   THEN :hash ELSE message_hash END AS message_hash
+               FROM seen_messages WHERE room_id = :room AND
+                   (message_hash = :hash OR event_id = :turn OR thread_id = :turn OR event_id IN
+                       (SELECT event_id FROM seen_hashes WHERE message_hash = :hash))
                ORDER BY sent_at DESC LIMIT 200""",
-            (room_id, key.message_hash, key.turn_id, key.turn_id),
+            {"room": room_id, "hash": key.message_hash, "turn": key.turn_id},
         )
         return [_seen(row) for row in rows]
 
@@ -416,9 +432,13 @@ class Tx:
         return [(row[0], row[1], row[2]) for row in reversed(rows)]
 
     async def rooms_with_hash(self, message_hash: str) -> list[str]:
+        """Up to two rooms where a message with this text (or other text) was seen."""
         rows = await self._all(
-            "SELECT DISTINCT room_id FROM seen_messages WHERE message_hash = ? LIMIT 2",
-            (message_hash,),
+            """SELECT room_id FROM seen_messages WHERE message_hash = :hash
+               UNION SELECT room_id FROM seen_messages WHERE event_id IN
+                   (SELECT event_id FROM seen_hashes WHERE message_hash = :hash)
+               LIMIT 2""",
+            {"hash": message_hash},
         )
         return [row[0] for row in rows]
 
@@ -707,4 +727,5 @@ def _intent_from(row: aiosqlite.Row, turns: Sequence[aiosqlite.Row]) -> Intent:
         end_reason=EndReason(row["end_reason"]) if row["end_reason"] else None,
         closed_at=from_ms(row["closed_at"]),
         closed_by=EndReason(row["closed_by"]) if row["closed_by"] else None,
+        reasks=bool(row["reasks"]),
     )

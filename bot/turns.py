@@ -89,7 +89,8 @@ def content_text(content: Any) -> str | None:
 
 
 def extract_turn(body: Any) -> Turn:
-    """Room id, turn id and last user message from an OpenAI chat-completions body.
+    """Room id, turn id and last user message from an OpenAI chat-completions body: the
+    room from Hermes's `**Matrix Room ID:**` line, else from the `user` field.
 
     Never raises: anything it cannot read is simply absent from the result. The last user
     message is looked for from the end, so a long conversation costs only its tail.
@@ -113,7 +114,23 @@ def extract_turn(body: Any) -> Turn:
             turn_id = turn_id or _first_match(_THREAD_LINE, text)
             if room_id and turn_id:
                 break
+    if room_id is None:
+        # matrix-gptbot names the room in OpenAI's `user` field (an end-user id).
+        room_id = _room_id_or_none(body.get("user"))
     return Turn(room_id=room_id, turn_id=turn_id, last_user_message=last_user)
+
+
+def _room_id_or_none(value: Any) -> str | None:
+    """A value that has a room id's shape (`!` and no blanks; room version 12 ids have no
+    server part), else None."""
+    if (
+        isinstance(value, str)
+        and value.startswith("!")
+        and 1 < len(value) <= MAX_ID_LENGTH
+        and not any(c.isspace() for c in value)
+    ):
+        return value
+    return None
 
 
 def _is_mapping(value: Any) -> bool:
@@ -228,6 +245,9 @@ class SeenMessage:
     message_hash: str | None
     is_command: bool
     sender: str | None = None
+    # Hashes of the other texts an agent may answer for it (SPEC "The turn key"): a
+    # multi-line command's whole text, an edit's `* ` fallback body.
+    other_hashes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +302,11 @@ def resolve_room(candidate_rooms: Sequence[str]) -> str | None:
     """A room found from message hashes counts only when it is the one room that matches."""
     distinct = set(candidate_rooms)
     return next(iter(distinct)) if len(distinct) == 1 else None
+
+
+def is_ambiguous(candidate_rooms: Sequence[str]) -> bool:
+    """The text was seen in more than one room: a claim says so (`ambiguous_room`)."""
+    return len(set(candidate_rooms)) > 1
 
 
 def is_command_turn(last_user_message: str | None, prefixes: tuple[str, ...]) -> bool:

@@ -41,14 +41,20 @@ WORK = REPO / ".run" / "demo"
 
 
 class DispatcherLog(logging.Handler):
-    """The dispatcher's one line per call, kept to print after the conversation."""
+    """The dispatcher's one line per call, kept to print after the conversation; with
+    `--keep`, printed as they come from then on (which model served each call of your
+    own client or agent)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
+        self.live = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        line = record.getMessage()
+        self.lines.append(line)
+        if self.live:
+            print(f"  dispatcher │ {line}", flush=True)
 
 
 def write_config(hs_port: int, as_port: int, api_port: int, api_token: str) -> Path:
@@ -285,11 +291,13 @@ Everything keeps running. Connect any Matrix client:
   homeserver  http://127.0.0.1:{hs_port}   user alice / alice-password
   room        {room}
   try         !route cloud · !route status · !route targets · !route help
-  dispatcher  {dispatcher_url}/v1 (OpenAI-compatible)
+  dispatcher  {dispatcher_url}/v1 (OpenAI-compatible; point your own agent's base URL here)
+  models      {ModelStack.LOCAL} (default, "local") · {ModelStack.CLOUD} ("cloud")
   lookup API  curl -s -H 'Authorization: Bearer {api_token}' -H 'Content-Type: application/json' \\
                 -d '{{"room_id": "{room}", "last_user_message": "hi"}}' http://127.0.0.1:{api_port}/v1/claim
   files       {WORK}
-Press Ctrl-C to stop.""")
+Press Ctrl-C to stop. The dispatcher's lines follow, one per LLM call:""")
+            dispatcher_log.live = True
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

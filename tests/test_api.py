@@ -902,3 +902,21 @@ async def test_random_claim_bodies_never_yield_a_5xx_nor_change_state_without_ov
     assert response.status_code in (200, 400, 413), response.text  # 413: over 4 KiB
     if response.status_code != 200 or not response.json()["override"]:
         await assert_changed_nothing(api, before, f"claim {body!r}")
+
+
+async def test_a_text_seen_in_two_rooms_is_answered_ambiguous_room_and_counted(
+    api: Api, pending: str
+) -> None:
+    """Issue 18: a question asked word for word in two rooms placed the claim nowhere,
+    silently; the answer and /metrics now say why."""
+    await api.say(ROOM, "Is the staging database up?", ago=2.0)
+    await api.say("!elsewhere:example.org", "Is the staging database up?", ago=2.0)
+    response = await api.claim({"last_user_message": "is the staging database up?"})
+    answer = response.json()
+    assert (answer["override"], answer["reason"], answer["room_id"]) == (
+        False,
+        "ambiguous_room",
+        None,
+    )
+    lines = (await api.client.get("/metrics")).text.splitlines()
+    assert 'route_sidecar_claims_total{result="ambiguous_room"} 1.0' in lines
