@@ -41,9 +41,7 @@ constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
 run: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	$(VENV)/bin/python -m demo.run $(ARGS)
 
-test: setup
-	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
-	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
+test: setup lint
 	ROUTE_SIDECAR_REQUIRE_SYNAPSE=1 SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python \
 		$(VENV)/bin/python -m pytest -q $(addprefix --ignore=,$(HERMES_TESTS)) \
 		--ignore=tests/test_litellm_hook.py $(PYTEST_ARGS)
@@ -69,9 +67,11 @@ test-compat: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SYNAPSE_COMPAT_INSTA
 bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python -m bench $(ARGS)
 
+# ruff on everything; mypy --strict on the product and its integrations (pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
+	$(VENV)/bin/mypy
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
 	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed

@@ -24,10 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import bearer_token, token_matches
 from .config import Config
-from .intents import ClaimResult, Intent, Timing, expires_at
+from .intents import ClaimAnswer, ClaimResult, Intent, Timing, expires_at
 from .listeners import GuardedServer, connection_limit
 from .metrics import Metrics
-from .service import ClaimAnswer, RouteService
+from .service import RouteService
 from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
 
 log = logging.getLogger("route_sidecar.api")

@@ -36,7 +36,7 @@ class Sidecar:
     service: RouteService
     bot: MatrixBot
     crypto: Any = None  # bot.crypto.BotCrypto when encryption is on
-    runners: list[web.AppRunner] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +87,7 @@ async def start_sidecar(config: Config) -> Sidecar:
     if config.encryption.enabled:
         from .crypto import BotCrypto  # python-olm: only when encryption is on
 
+        assert pickle_key is not None  # kept (or made) whenever encryption is on
         crypto = BotCrypto(config, config.database_path, pickle_key)
     bot = MatrixBot(
         config,

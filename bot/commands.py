@@ -192,13 +192,14 @@ def parse_command(
     if word in ("status", "help", "targets", "history", "leave", *CLEAR_WORDS):
         if rest:
             return CommandError(f"`{p} {word}` takes no arguments. Type `{p} help` for usage.")
-        command: Command = {
+        named: dict[str, Command] = {
             "status": ShowStatus(),
             "help": ShowHelp(),
             "targets": ListTargets(),
             "history": ShowHistory(),
             "leave": LeaveRoom(),
-        }.get(word) or ClearIntent(word)
+        }
+        command = named.get(word) or ClearIntent(word)
         return _no_question(command, question, p)
     if word in AGAIN_WORDS:
         return CommandError(

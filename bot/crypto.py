@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mautrix.api import Method
 from mautrix.api import Path as ApiPath
@@ -34,6 +34,7 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmMachine, PgCryptoStore
 from mautrix.errors import DecryptionError, MatrixRequestError, SessionNotFound
 from mautrix.types import (
+    JSON,
     ASToDeviceEvent,
     DecryptedOlmEvent,
     DeviceID,
@@ -89,7 +90,7 @@ class BotOlmMachine(OlmMachine):
         self.requested: dict[SessionID, KeyRequest] = {}
 
     async def _receive_forwarded_room_key(self, evt: DecryptedOlmEvent) -> None:
-        key: ForwardedRoomKeyEventContent = evt.content
+        key = cast(ForwardedRoomKeyEventContent, evt.content)
         refused = _refusal(self.requested.get(key.session_id), evt, key)
         if refused:
             log.warning(
@@ -145,13 +146,13 @@ class BotCrypto:
             mxid=bot,
             token=config.appservice.as_token,
             state_store=self.state_store,
-            log=logging.getLogger("route_sidecar.crypto.client"),  # type: ignore[arg-type]
+            log=logging.getLogger("route_sidecar.crypto.client"),
         )
         self.machine = BotOlmMachine(
             self.client,
             self.crypto_store,
             self.state_store,
-            log=logging.getLogger("route_sidecar.crypto.olm"),  # type: ignore[arg-type]
+            log=logging.getLogger("route_sidecar.crypto.olm"),
         )
         self._send_lock = asyncio.Lock()
         self._asking: dict[SessionID, asyncio.Future[datetime | None]] = {}
@@ -175,7 +176,8 @@ class BotCrypto:
         if not device_id:
             await self.crypto_store.put_device_id(self.client.device_id)
             log.info("bot device created device=%s", self.client.device_id)
-        if not device_id or not self.machine.account.shared:
+        account = self.machine.account
+        if not device_id or account is None or not account.shared:
             await self.machine.share_keys()
         await self._cross_sign_own_device()
         self.ready.set()
@@ -218,7 +220,9 @@ class BotCrypto:
         lists = transaction.get(DEVICE_LISTS_KEY)
         if isinstance(lists, Mapping):
             try:
-                await self.machine.handle_as_device_lists(DeviceLists.deserialize(dict(lists)))
+                await self.machine.handle_as_device_lists(
+                    DeviceLists.deserialize(cast(JSON, dict(lists)))
+                )
             except Exception as error:
                 log.warning("device lists not handled error=%s", type(error).__name__)
         for key in TO_DEVICE_KEYS:
@@ -232,7 +236,9 @@ class BotCrypto:
                 if isinstance(raw, Mapping) and raw.get("type") == PROBE_TYPE.t:
                     continue
                 try:
-                    await self.machine.handle_as_to_device_event(ASToDeviceEvent.deserialize(raw))
+                    await self.machine.handle_as_to_device_event(
+                        cast(ASToDeviceEvent, ASToDeviceEvent.deserialize(raw))
+                    )
                 except Exception as error:  # one bad to-device event must not stop the rest
                     log.warning("to-device event not handled error=%s", type(error).__name__)
             break
@@ -242,7 +248,7 @@ class BotCrypto:
         if raw.get("type") not in TRACKED_STATE or "state_key" not in raw:
             return
         try:
-            event = StateEvent.deserialize(dict(raw))
+            event = StateEvent.deserialize(cast(JSON, dict(raw)))
         except Exception:
             return
         await self.state_store.update_state(event)
@@ -261,7 +267,7 @@ class BotCrypto:
         """The decrypted event as the homeserver would show a plain one; Undecryptable
         when the key is missing (yet) or the event is broken."""
         try:
-            event = EncryptedEvent.deserialize(dict(raw))
+            event = EncryptedEvent.deserialize(cast(JSON, dict(raw)))
         except Exception:
             raise Undecryptable("not an encrypted event the bot understands") from None
         try:
@@ -270,7 +276,7 @@ class BotCrypto:
             raise Undecryptable("no room key (yet)", str(error.session_id)) from None
         except DecryptionError as error:
             raise Undecryptable(type(error).__name__) from None
-        return decrypted.serialize()
+        return cast(dict[str, Any], decrypted.serialize())
 
     async def wait_for_key(self, room_id: str, session_id: str, timeout: float) -> bool:
         """Whether the session's key is known within `timeout` (a room key, or the answer
@@ -367,7 +373,7 @@ class BotCrypto:
         try:
             while True:
                 await self.client.send_to_one_device(
-                    PROBE_TYPE, self.client.mxid, self.client.device_id, {}
+                    PROBE_TYPE, self.client.mxid, self.client.device_id, cast(Any, {})
                 )
                 left = deadline - loop.time()
                 with contextlib.suppress(TimeoutError):
@@ -455,4 +461,4 @@ def own_otk_counts(
     count = devices.get(device_id) if isinstance(devices, Mapping) else None
     if not isinstance(count, Mapping):
         return {}
-    return {user_id: {device_id: DeviceOTKCount.deserialize(count)}}
+    return {user_id: {device_id: DeviceOTKCount.deserialize(cast(JSON, count))}}

@@ -44,7 +44,7 @@ def open_crypto_db(db_path: Path, upgrade_table: UpgradeTable, log: logging.Logg
         upgrade_table=upgrade_table,
         # Keys are written with fsync: a lost Olm ratchet means messages nobody can read.
         db_args={"init_commands": ["PRAGMA synchronous = FULL"]},
-        log=log,  # type: ignore[arg-type]
+        log=log,
     )
 
 
@@ -79,7 +79,7 @@ def begin_transactions_immediate() -> None:
             mautrix_sqlite.in_transaction.reset(token)
 
     setattr(transaction, IMMEDIATE_MARK, True)
-    connection.transaction = transaction  # type: ignore[method-assign]
+    connection.transaction = transaction  # type: ignore[method-assign,assignment]
 
 
 def move_misplaced_store(db_path: Path, misplaced: Sequence[Path]) -> None:

@@ -272,6 +272,44 @@ class ClaimResult(StrEnum):
         return self in (ClaimResult.BOUND, ClaimResult.CONTINUED)
 
 
+METADATA_VALUE_MAX = 512  # OpenAI metadata: at most 16 string pairs of this length
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What an override routes to, and on whose word: from the intent."""
+
+    intent_id: str
+    target: str
+    model: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimAnswer:
+    override: bool
+    result: ClaimResult
+    room_id: str | None
+    turn_id: str | None
+    route: Route | None = None  # set when `override`
+    expires_at: datetime | None = None  # the intent's end, to the whole second
+
+    def metadata(self) -> dict[str, str]:
+        """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
+        cap = METADATA_VALUE_MAX
+        data: dict[str, str] = {}
+        if self.room_id:
+            data["matrix_room_id"] = self.room_id[:cap]
+        if self.turn_id:
+            data["route_turn_id"] = self.turn_id[:cap]
+        if self.route is not None:
+            data["matrix_sender"] = self.route.sender[:cap]
+            data["route_target"] = self.route.target[:cap]
+            data["route_intent_id"] = self.route.intent_id[:cap]
+            data["route_origin"] = "/route"
+        return data
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     intent: Intent

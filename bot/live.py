@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from . import intents as core
-from .intents import BoundTurn, Intent, Timing
+from .intents import BoundTurn, ClaimAnswer, Intent, Timing
 from .turns import TurnKey
 
 
@@ -31,7 +30,7 @@ class OpenTurn:
     turn: BoundTurn
     # What the service answered for this turn, and until when that answer holds (its own
     # cache: it goes when the turn does, and the turn goes whenever the intent changes).
-    answer: Any = None
+    answer: tuple[datetime, ClaimAnswer] | None = None
 
 
 class LiveIntents:

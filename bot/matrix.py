@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import ClientSession
 from mautrix.api import Method, Path
@@ -93,7 +93,7 @@ class MatrixBot:
     @property
     def intent(self) -> IntentAPI:
         assert self.api is not None, "MatrixBot.start() first"
-        return self.api.bot_intent()
+        return cast(IntentAPI, self.api.bot_intent())
 
     async def ensure_registered(self, stop: asyncio.Event) -> None:
         """Register the bot user (and its display name), retrying while the homeserver is
@@ -200,7 +200,7 @@ class MatrixBot:
                     event_id = await self.intent.send_message_event(
                         RoomID(row["room_id"]),
                         EventType.find(event_type),
-                        content,
+                        cast(Any, content),  # a plain JSON object: mautrix sends it as it is
                         txn_id=txn_id,
                     )
             except MatrixStandardRequestError as error:
@@ -218,8 +218,11 @@ class MatrixBot:
             crash_point("event-sent")
             async with self.store.atomic() as tx:
                 stored = await tx.mark_effect_sent(row["id"], event_id)
-                late = stored is not None and stored != row["content"]
-                if late and row["event_type"] != LEAVE_EFFECT:
+                if (
+                    stored is not None
+                    and stored != row["content"]
+                    and row["event_type"] != LEAVE_EFFECT
+                ):
                     # Replaced while it was being sent (a receipt's later outcome): what
                     # the room shows catches up by an edit, at the next delivery pass.
                     await tx.add_effect(

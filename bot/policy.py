@@ -55,7 +55,8 @@ def room_power(user_id: str, state: Sequence[Mapping[str, Any]]) -> tuple[int, i
         creators = {create.get("sender"), *(additional if isinstance(additional, list) else ())}
         if user_id in creators:
             return CREATOR_POWER, _level(levels.get("kick"), 50)
-    users = levels.get("users") if isinstance(levels.get("users"), Mapping) else {}
+    users_field = levels.get("users")
+    users: Mapping[str, Any] = users_field if isinstance(users_field, Mapping) else {}
     level = _level(users.get(user_id), _level(levels.get("users_default"), 0))
     return level, _level(levels.get("kick"), 50)
 

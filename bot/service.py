@@ -16,7 +16,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,15 @@ from . import policy, replies
 from .config import Config
 from .events import EncryptedMessage, Invite, Redaction, RoomMessage
 from .faults import crash_point
-from .intents import ClaimResult, EndReason, Intent, IntentState, Timing
+from .intents import (
+    ClaimAnswer,
+    ClaimResult,
+    EndReason,
+    Intent,
+    IntentState,
+    Route,
+    Timing,
+)
 from .live import LiveIntents
 from .metrics import Metrics
 from .questions import LastQuestions, Question
@@ -48,7 +56,6 @@ from .turns import turn_key as derive_turn_key
 log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
 PRUNE_BATCH = 2000  # rows per table and transaction when pruning old records
-METADATA_VALUE_MAX = 512
 SUGGESTION = "suggest"  # key prefix of the outbox's failure suggestions
 # The outbox row (event type and key prefix) of a `/route leave`: the bot leaves the room.
 LEAVE_EFFECT = "route_sidecar.leave"
@@ -63,41 +70,6 @@ CLAIM_WAIT_SECONDS = 0.5  # the longest a claim waits for its turn's message to 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """What an override routes to, and on whose word: from the intent."""
-
-    intent_id: str
-    target: str
-    model: str
-    sender: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimAnswer:
-    override: bool
-    result: ClaimResult
-    room_id: str | None
-    turn_id: str | None
-    route: Route | None = None  # set when `override`
-    expires_at: datetime | None = None  # the intent's end, to the whole second
-
-    def metadata(self) -> dict[str, str]:
-        """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
-        cap = METADATA_VALUE_MAX
-        data: dict[str, str] = {}
-        if self.room_id:
-            data["matrix_room_id"] = self.room_id[:cap]
-        if self.turn_id:
-            data["route_turn_id"] = self.turn_id[:cap]
-        if self.route is not None:
-            data["matrix_sender"] = self.route.sender[:cap]
-            data["route_target"] = self.route.target[:cap]
-            data["route_intent_id"] = self.route.intent_id[:cap]
-            data["route_origin"] = "/route"
-        return data
 
 
 class Arrivals:

@@ -68,7 +68,8 @@ def load_migrations() -> list[Migration]:
 def split_statements(sql: str) -> list[str]:
     """Split a migration into statements for one-at-a-time execution (aiosqlite's
     executescript commits on its own, so it cannot share the version bump's transaction)."""
-    statements, current = [], []
+    statements: list[str] = []
+    current: list[str] = []
     for line in sql.splitlines():
         stripped = line.strip()
         if stripped.startswith("--") and not current:
@@ -170,7 +171,7 @@ class Store:
             )
             async with self._db.execute("SELECT MAX(version) FROM schema_version") as cur:
                 row = await cur.fetchone()
-            current = row[0] or 0
+            current = (row[0] if row is not None else None) or 0
             latest = migrations[-1].version if migrations else 0
             if current > latest:
                 raise RuntimeError(

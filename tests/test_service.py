@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from bot import intents as core
 from bot.config import parse_config
 from bot.events import RoomMessage
-from bot.intents import ClaimResult, Timing
+from bot.intents import ClaimAnswer, ClaimResult, Route, Timing
 from bot.metrics import Metrics
-from bot.service import ClaimAnswer, Route, RouteService
+from bot.service import RouteService
 from bot.store import Store
 from bot.turns import Turn
 from bot.turns import turn_key as derive_turn_key

@@ -106,7 +106,7 @@ def question_ttl_from_env(environ: Mapping[str, str] = os.environ) -> timedelta:
     raw = environ.get(QUESTION_TTL_ENV, "")
     if not raw.strip():
         return DEFAULT_QUESTION_TTL
-    ttl = commands.parse_duration(raw)
+    ttl: timedelta | None = commands.parse_duration(raw)
     if ttl is None:
         raise ValueError(
             f"{QUESTION_TTL_ENV}={raw!r}: give a duration such as 15m, 90s or 1h30m, "

@@ -199,7 +199,7 @@ class RouteHook(CustomLogger):
             call = self._calls.get(call_id) if call_id else None
             if call is None:  # not claimed (or the side-car did not answer): nothing to say
                 return
-            if done:
+            if done and call_id is not None:
                 self._forget(call_id)
             served = ServedDeployment.from_logging(kwargs, call.model_group)
             await self.route_client().report(
