@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
+from types import MethodType
 from typing import Any
 
 import orjson
@@ -229,18 +230,6 @@ def intent_json(intent: Intent, timing: Timing) -> dict[str, Any]:
 # ---- the application -------------------------------------------------------------------
 
 
-# Every endpoint: method, path (`{}` stands for one path segment, given to the handler),
-# the LookupApi method that answers it, and whether it needs an API token.
-ROUTES: tuple[tuple[str, str, str, bool], ...] = (
-    ("POST", "/v1/claim", "claim", True),
-    ("POST", "/v1/intents/{intent_id}/outcome", "outcome", True),
-    ("POST", "/v1/outcome", "turn_outcome", True),
-    ("GET", "/v1/rooms/{room_id}/intent", "get_intent", True),
-    ("DELETE", "/v1/rooms/{room_id}/intent", "delete_intent", True),
-    ("GET", "/v1/openapi.json", "openapi", False),
-    ("GET", "/healthz", "healthz", False),
-    ("GET", "/metrics", "metrics_page", False),
-)
 _SEGMENT = re.compile(r"\{[a-z_]+\}")
 
 
@@ -270,9 +259,9 @@ class LookupApi:
         self._openapi = resources.files("bot").joinpath("openapi.json").read_bytes()
         self._continued: dict[int, tuple[ClaimAnswer, bytes]] = {}  # id → answer, its body
         paths: dict[str, _Path] = {}
-        for method, path, name, authed in ROUTES:
+        for method, path, handler, authed in ROUTES:
             found = paths.setdefault(path, _Path(tuple(_SEGMENT.sub("{}", path).split("/")), {}))
-            endpoint = self._endpoint(getattr(self, name), authed)
+            endpoint = self._endpoint(MethodType(handler, self), authed)
             found.methods[method] = endpoint
             if method == "GET":
                 found.methods["HEAD"] = endpoint
@@ -456,3 +445,17 @@ class LookupApi:
     async def metrics_page(self, request: web.BaseRequest) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# Every endpoint: method, path (`{}` stands for one path segment, given to the handler),
+# the LookupApi method that answers it, and whether it needs an API token.
+ROUTES: tuple[tuple[str, str, Endpoint, bool], ...] = (
+    ("POST", "/v1/claim", LookupApi.claim, True),
+    ("POST", "/v1/intents/{intent_id}/outcome", LookupApi.outcome, True),
+    ("POST", "/v1/outcome", LookupApi.turn_outcome, True),
+    ("GET", "/v1/rooms/{room_id}/intent", LookupApi.get_intent, True),
+    ("DELETE", "/v1/rooms/{room_id}/intent", LookupApi.delete_intent, True),
+    ("GET", "/v1/openapi.json", LookupApi.openapi, False),
+    ("GET", "/healthz", LookupApi.healthz, False),
+    ("GET", "/metrics", LookupApi.metrics_page, False),
+)

@@ -94,7 +94,7 @@ async def start_sidecar(config: Config) -> Sidecar:
         store,
         metrics,
         instance,
-        unstored=service.unstored,
+        queued=service.outbox,
         clock=service.clock,
         crypto=crypto,
     )
@@ -118,7 +118,7 @@ async def start_sidecar(config: Config) -> Sidecar:
     stop = sidecar.stopping
     sidecar.tasks += [
         asyncio.create_task(_register(bot, crypto, appservice, stop)),
-        asyncio.create_task(run_outbox(bot, service.outbox_changed, stop)),
+        asyncio.create_task(run_outbox(bot, service.outbox.changed, stop)),
         asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
         asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_records, stop)),
     ]

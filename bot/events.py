@@ -11,20 +11,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mautrix.types import EventID, RoomID, UserID
-
 MAX_BODY_CHARS = 65_536
 MAX_ID_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
 class RoomMessage:
-    room_id: RoomID
-    event_id: EventID
-    sender: UserID
+    room_id: str
+    event_id: str
+    sender: str
     body: str
     msgtype: str | None
-    thread_root: EventID | None  # the thread the message is in, if any
+    thread_root: str | None  # the thread the message is in, if any
     is_edit: bool
     sent_at: datetime
     # An edit's new text (`m.new_content`); `body` is then its `* ` fallback.
@@ -33,23 +31,23 @@ class RoomMessage:
 
 @dataclass(frozen=True, slots=True)
 class Invite:
-    room_id: RoomID
-    sender: UserID
-    invitee: UserID
+    room_id: str
+    sender: str
+    invitee: str
 
 
 @dataclass(frozen=True, slots=True)
 class Redaction:
-    room_id: RoomID
-    redacted_event_id: EventID
-    sender: UserID
+    room_id: str
+    redacted_event_id: str
+    sender: str
 
 
 @dataclass(frozen=True, slots=True)
 class EncryptedMessage:
-    room_id: RoomID
-    event_id: EventID
-    sender: UserID
+    room_id: str
+    event_id: str
+    sender: str
 
 
 RoomEvent = RoomMessage | Invite | Redaction | EncryptedMessage
@@ -91,13 +89,13 @@ def parse_event(raw: Any) -> RoomEvent | None:
     if event_type == "m.room.member":
         invitee = _str(raw, "state_key")
         if invitee and content.get("membership") == "invite":
-            return Invite(RoomID(room_id), UserID(sender), UserID(invitee))
+            return Invite(room_id, sender, invitee)
         return None
     if event_type == "m.room.redaction":
         redacts = _str(raw, "redacts") or _str(content, "redacts")
-        return Redaction(RoomID(room_id), EventID(redacts), UserID(sender)) if redacts else None
+        return Redaction(room_id, redacts, sender) if redacts else None
     if event_type == "m.room.encrypted":
-        return EncryptedMessage(RoomID(room_id), EventID(event_id), UserID(sender))
+        return EncryptedMessage(room_id, event_id, sender)
     if event_type != "m.room.message":
         return None
     body = content.get("body")
@@ -118,12 +116,12 @@ def parse_event(raw: Any) -> RoomEvent | None:
     new_content = content.get("m.new_content") if is_edit else None
     new_body = new_content.get("body") if isinstance(new_content, Mapping) else None
     return RoomMessage(
-        room_id=RoomID(room_id),
-        event_id=EventID(event_id),
-        sender=UserID(sender),
+        room_id=room_id,
+        event_id=event_id,
+        sender=sender,
         body=_clean(body),
         msgtype=msgtype if isinstance(msgtype, str) else None,
-        thread_root=EventID(thread_root) if thread_root else None,
+        thread_root=thread_root if thread_root else None,
         is_edit=is_edit,
         sent_at=sent_at,
         new_body=_clean(new_body) if isinstance(new_body, str) else None,

@@ -16,8 +16,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import intents as core
-from .intents import BoundTurn, ClaimAnswer, Intent, Timing
+from .intents import (
+    BoundTurn,
+    ClaimAnswer,
+    Intent,
+    Timing,
+    continue_turn,
+    current_of,
+    with_turn,
+)
 from .turns import TurnKey
 
 
@@ -59,13 +66,13 @@ class LiveIntents:
                 if intent.id == open_turn.intent_id:
                     if intent.bound_turns[open_turn.position] is not open_turn.turn:
                         # Folded once; the open turn stays.
-                        intents[index] = core.with_turn(intent, open_turn.position, open_turn.turn)
+                        intents[index] = with_turn(intent, open_turn.position, open_turn.turn)
                     break
         return tuple(intents)
 
     def current(self, room_id: str) -> Intent | None:
         """The room's current intent (the newest that a new turn may bind), if any."""
-        return core.current_of(self.room(room_id))
+        return current_of(self.room(room_id))
 
     def intent(self, room_id: str, intent_id: str) -> Intent | None:
         return next((i for i in self.room(room_id) if i.id == intent_id), None)
@@ -112,7 +119,7 @@ class LiveIntents:
             intents = self._rooms.get(room_id, [])
             self.room(room_id)  # folds the room's other open turn, if any
             for index in range(len(intents) - 1, -1, -1):
-                claimed = core.continue_turn(intents[index], key, now, timing)
+                claimed = continue_turn(intents[index], key, now, timing)
                 if claimed is not None and claimed.turn_position is not None:
                     break
             else:

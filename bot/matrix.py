@@ -21,11 +21,10 @@ from mautrix.client.state_store import MemoryStateStore
 from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import EventType, RoomID, UserID
 
-from . import policy, replies
+from . import outbox, policy, replies
 from .config import Config
 from .faults import crash_point
 from .metrics import Metrics
-from .service import LEAVE_EFFECT
 from .store import Store
 
 if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
@@ -36,9 +35,6 @@ MAX_ATTEMPTS = 8
 LEFT_ROOM = "(left)"  # what a leave's outbox row records in place of an event id
 ASKED_TO_LEAVE = "Asked to leave by a room admin (`/route leave`)"
 NOT_ALLOWED = "This room is not on the route side-car's allow-list (`rooms` in its config)"
-# Notices about what the bot cannot read go out unencrypted: when keys do not reach the
-# bot, its encrypted messages may not reach the sender either.
-SENT_IN_CLEAR = ("undecryptable:", "unreadable:")
 
 
 class _MemoryASStateStore(MemoryStateStore, ASStateStore):
@@ -57,7 +53,7 @@ class MatrixBot:
         store: Store,
         metrics: Metrics,
         instance: str,
-        unstored: dict[str, dict[str, Any]] | None = None,
+        queued: outbox.Outbox | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         crypto: BotCrypto | None = None,
     ) -> None:
@@ -67,9 +63,7 @@ class MatrixBot:
         self.store = store
         self.metrics = metrics
         self.instance = instance  # per-database id: keeps transaction ids unique
-        # Contents to send instead of the stored ones (they quote a question, which is
-        # never written to disk), by outbox key; after a restart the stored copy is sent.
-        self.unstored = unstored if unstored is not None else {}
+        self.outbox = queued if queued is not None else outbox.Outbox()
         self.session: ClientSession | None = None
         self.api: AppServiceAPI | None = None
         self.registered = asyncio.Event()
@@ -117,9 +111,9 @@ class MatrixBot:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 60)
 
-    async def join(self, room_id: RoomID) -> bool:
+    async def join(self, room_id: str) -> bool:
         try:
-            await self.intent.join_room_by_id(room_id)
+            await self.intent.join_room_by_id(RoomID(room_id))
         except MatrixRequestError as error:
             log.warning("room join failed room=%s error=%s", room_id, error.errcode)
             return False
@@ -149,16 +143,16 @@ class MatrixBot:
             return None
         return policy.room_power(user_id, state if isinstance(state, list) else [])
 
-    async def leave(self, room_id: RoomID, reason: str) -> None:
+    async def leave(self, room_id: str, reason: str) -> None:
         try:
-            await self.intent.leave_room(room_id, reason=reason)
+            await self.intent.leave_room(RoomID(room_id), reason=reason)
             log.info("room left room=%s", room_id)
         except MatrixRequestError as error:
             log.warning("room leave failed room=%s error=%s", room_id, error.errcode)
 
-    async def decline(self, room_id: RoomID, reason: str) -> None:
+    async def decline(self, room_id: str, reason: str) -> None:
         try:
-            await self.intent.leave_room(room_id, reason=reason)
+            await self.intent.leave_room(RoomID(room_id), reason=reason)
             log.info("invite declined room=%s", room_id)
         except MatrixRequestError as error:
             log.warning("invite decline failed room=%s error=%s", room_id, error.errcode)
@@ -171,90 +165,79 @@ class MatrixBot:
             pending = await tx.unsent_effects(self.clock())
         sent = 0
         unsent_rooms: set[str] = set()  # rooms with an earlier event not sent in this pass
-        for row in pending:
-            if row["event_type"] == LEAVE_EFFECT and row["room_id"] in unsent_rooms:
+        for effect in pending:
+            is_leave = effect.kind is outbox.EffectKind.LEAVE
+            if is_leave and effect.room_id in unsent_rooms:
                 continue  # leave only once everything before it is sent
-            content: dict[str, Any] = self.unstored.get(row["key"]) or json.loads(row["content"])
-            if row["edits"]:
+            content = self.outbox.content_of(effect)
+            if effect.edits:
                 async with self.store.atomic() as tx:
-                    target = await tx.effect_event_id(row["edits"])
+                    target = await tx.effect_event_id(effect.edits)
                 if target is None:
-                    unsent_rooms.add(row["room_id"])
+                    unsent_rooms.add(effect.room_id)
                     continue  # the event it edits is not sent yet (or failed): later
                 content["m.relates_to"]["event_id"] = target
-            txn_id = f"rs-{self.instance}-{row['id']}"
-            event_type = row["event_type"]
+            txn_id = f"rs-{self.instance}-{effect.id}"
+            event_type = effect.event_type
             try:
-                if event_type == LEAVE_EFFECT:  # `/route leave`, after its reply
-                    await self.intent.leave_room(RoomID(row["room_id"]), reason=ASKED_TO_LEAVE)
+                if is_leave:  # `/route leave`, after its reply
+                    await self.intent.leave_room(RoomID(effect.room_id), reason=ASKED_TO_LEAVE)
                     event_id = LEFT_ROOM
                 else:
                     if (
                         self.crypto is not None
-                        and not row["key"].startswith(SENT_IN_CLEAR)
-                        and await self.crypto.is_encrypted(row["room_id"])
+                        and not effect.sent_in_clear
+                        and await self.crypto.is_encrypted(effect.room_id)
                     ):
                         event_type, content = await self.crypto.encrypt(
-                            row["room_id"], event_type, content
+                            effect.room_id, event_type, content
                         )
                     event_id = await self.intent.send_message_event(
-                        RoomID(row["room_id"]),
+                        RoomID(effect.room_id),
                         EventType.find(event_type),
                         cast(Any, content),  # a plain JSON object: mautrix sends it as it is
                         txn_id=txn_id,
                     )
             except MatrixStandardRequestError as error:
                 permanent = error.http_status < 500 and error.http_status != 429
-                give_up = permanent or row["attempts"] + 1 >= MAX_ATTEMPTS
-                await self._attempt_failed(row, give_up, error.errcode)
-                unsent_rooms.add(row["room_id"])
+                give_up = permanent or effect.attempts + 1 >= MAX_ATTEMPTS
+                await self._attempt_failed(effect, give_up, error.errcode)
+                unsent_rooms.add(effect.room_id)
                 continue
             except Exception as error:  # network or homeserver trouble
-                await self._attempt_failed(
-                    row, row["attempts"] + 1 >= MAX_ATTEMPTS, type(error).__name__
-                )
-                unsent_rooms.add(row["room_id"])
+                give_up = effect.attempts + 1 >= MAX_ATTEMPTS
+                await self._attempt_failed(effect, give_up, type(error).__name__)
+                unsent_rooms.add(effect.room_id)
                 continue
             crash_point("event-sent")
             async with self.store.atomic() as tx:
-                stored = await tx.mark_effect_sent(row["id"], event_id)
-                if (
-                    stored is not None
-                    and stored != row["content"]
-                    and row["event_type"] != LEAVE_EFFECT
-                ):
+                stored = await tx.mark_effect_sent(effect.id, event_id)
+                if stored is not None and stored != effect.content and not is_leave:
                     # Replaced while it was being sent (a receipt's later outcome): what
                     # the room shows catches up by an edit, at the next delivery pass.
-                    await tx.add_effect(
-                        f"{row['key']}:late-edit",
-                        row["room_id"],
-                        row["event_type"],
-                        replies.edit_of(json.loads(stored)),
-                        self.clock(),
-                        edits=row["key"],
-                    )
-            self.unstored.pop(row["key"], None)
+                    edit = replies.edit_of(json.loads(stored))
+                    await tx.add_effect(outbox.late_edit(effect, edit), self.clock())
+            self.outbox.settled(effect.key)
             self.metrics.room_effects.labels("sent").inc()
             log.info(
-                "room event sent room=%s key=%s event=%s",
-                row["room_id"],
-                row["key"].split(":")[0],
-                event_id,
+                "room event sent room=%s kind=%s event=%s", effect.room_id, effect.kind, event_id
             )
             sent += 1
         return sent
 
-    async def _attempt_failed(self, row: Any, give_up: bool, error: str) -> None:
+    async def _attempt_failed(
+        self, effect: outbox.PendingEffect, give_up: bool, error: str
+    ) -> None:
         async with self.store.atomic() as tx:
-            await tx.mark_effect_attempt(row["id"], give_up)
+            await tx.mark_effect_attempt(effect.id, give_up)
         if give_up:
-            self.unstored.pop(row["key"], None)
+            self.outbox.settled(effect.key)
         self.metrics.room_effects.labels("failed" if give_up else "retry").inc()
         log.warning(
-            "room event %s room=%s key=%s error=%s",
+            "room event %s room=%s kind=%s error=%s",
             "abandoned" if give_up else "send failed",
-            row["room_id"],
-            row["key"].split(":")[0],
+            effect.room_id,
+            effect.kind,
             error,
         )
 

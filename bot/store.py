@@ -25,6 +25,7 @@ import aiosqlite
 from .commands import Scope, ScopeKind
 from .history import Call, PastTurn, TurnCall
 from .intents import BoundTurn, EndReason, Intent, IntentState
+from .outbox import Effect, EffectKind, PendingEffect
 from .turns import SeenMessage, TurnKey
 
 log = logging.getLogger("route_sidecar.store")
@@ -495,11 +496,12 @@ class Tx:
             ),
         )
 
-    async def turn_outcomes(self, intent_id: str, position: int | None) -> list[aiosqlite.Row]:
-        return await self._all(
+    async def turn_outcomes(self, intent_id: str, position: int | None) -> list[Call]:
+        rows = await self._all(
             "SELECT * FROM outcomes WHERE intent_id = ? AND position IS ? ORDER BY id",
             (intent_id, position),
         )
+        return [_call(row) for row in rows]
 
     async def routed_turns(self, room_id: str, limit: int) -> list[PastTurn]:
         """The room's last turns bound to an intent, newest first, with their calls."""
@@ -512,9 +514,7 @@ class Tx:
         return [
             PastTurn(
                 at=_from_ms(row["bound_at"]),
-                calls=tuple(
-                    _call(o) for o in await self.turn_outcomes(row["intent_id"], row["position"])
-                ),
+                calls=tuple(await self.turn_outcomes(row["intent_id"], row["position"])),
                 who=row["sender"],
                 target=row["target"],
                 model=row["model"],
@@ -588,40 +588,39 @@ class Tx:
 
     # effects (the outbox)
 
-    async def add_effect(
-        self,
-        key: str,
-        room_id: str,
-        event_type: str,
-        content: dict[str, Any],
-        now: datetime,
-        edits: str | None = None,
-    ) -> bool:
+    async def add_effect(self, effect: Effect, now: datetime) -> bool:
         """Queue a room event; False when an effect with this key is queued already."""
         cur = await self.db.execute(
             """INSERT INTO effects (key, room_id, event_type, content, edits, created_at)
                VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING""",
-            (key, room_id, event_type, json.dumps(content), edits, to_ms(now)),
+            (
+                effect.key,
+                effect.room_id,
+                effect.event_type,
+                json.dumps(effect.content),
+                effect.edits,
+                to_ms(now),
+            ),
         )
         return cur.rowcount > 0
 
-    async def hold_effect(
-        self,
-        key: str,
-        room_id: str,
-        content: dict[str, Any],
-        now: datetime,
-        not_before: datetime,
-    ) -> bool:
-        """Queue a room message to be sent at `not_before`, or move an unsent one with this
+    async def hold_effect(self, effect: Effect, now: datetime, not_before: datetime) -> bool:
+        """Queue a room event to be sent at `not_before`, or move an unsent one with this
         key to that time with the new content. False: this key was sent already."""
         cur = await self.db.execute(
             """INSERT INTO effects (key, room_id, event_type, content, created_at, not_before)
-               VALUES (?, ?, 'm.room.message', ?, ?, ?)
+               VALUES (?, ?, ?, ?, ?, ?)
                ON CONFLICT (key) DO UPDATE SET content = excluded.content,
                    not_before = excluded.not_before
                WHERE effects.event_id IS NULL AND effects.failed = 0""",
-            (key, room_id, json.dumps(content), to_ms(now), to_ms(not_before)),
+            (
+                effect.key,
+                effect.room_id,
+                effect.event_type,
+                json.dumps(effect.content),
+                to_ms(now),
+                to_ms(not_before),
+            ),
         )
         return cur.rowcount > 0
 
@@ -631,13 +630,15 @@ class Tx:
         )
         return cur.rowcount > 0
 
-    async def held_effects(self, key_prefix: str) -> list[aiosqlite.Row]:
-        """Unsent effects still held back, whose key starts with `key_prefix`."""
-        return await self._all(
-            """SELECT key, not_before FROM effects WHERE event_id IS NULL AND failed = 0
+    async def held_effects(self, kind: EffectKind) -> list[str]:
+        """The keys of unsent effects of this kind still held back."""
+        key_prefix = f"{kind}:"
+        rows = await self._all(
+            """SELECT key FROM effects WHERE event_id IS NULL AND failed = 0
                AND not_before IS NOT NULL AND substr(key, 1, ?) = ?""",
             (len(key_prefix), key_prefix),
         )
+        return [str(row[0]) for row in rows]
 
     async def replace_unsent_effect(self, key: str, content: dict[str, Any]) -> bool:
         cur = await self.db.execute(
@@ -646,13 +647,26 @@ class Tx:
         )
         return cur.rowcount > 0
 
-    async def unsent_effects(self, now: datetime, limit: int = 50) -> list[aiosqlite.Row]:
+    async def unsent_effects(self, now: datetime, limit: int = 50) -> list[PendingEffect]:
         """Effects due (not held back past `now`), oldest first."""
-        return await self._all(
-            """SELECT * FROM effects WHERE event_id IS NULL AND failed = 0
+        rows = await self._all(
+            """SELECT id, key, room_id, event_type, content, edits, attempts FROM effects
+               WHERE event_id IS NULL AND failed = 0
                AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT ?""",
             (to_ms(now), limit),
         )
+        return [
+            PendingEffect(
+                id=row["id"],
+                key=row["key"],
+                room_id=row["room_id"],
+                event_type=row["event_type"],
+                content=row["content"],
+                edits=row["edits"],
+                attempts=row["attempts"],
+            )
+            for row in rows
+        ]
 
     async def effect_event_id(self, key: str) -> str | None:
         row = await self._one("SELECT event_id FROM effects WHERE key = ?", (key,))

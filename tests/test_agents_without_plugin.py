@@ -203,9 +203,9 @@ async def unpicked(service: RouteService) -> list[dict]:
     async with service.store.atomic() as tx:
         rows = await tx.unsent_effects(service.clock() + timedelta(days=1))
     return [
-        {"edits": row["edits"], "content": json.loads(row["content"])}
+        {"edits": row.edits, "content": json.loads(row.content)}
         for row in rows
-        if row["key"].startswith("unpicked:")
+        if row.key.startswith("unpicked:")
     ]
 
 

@@ -124,7 +124,7 @@ async def test_again_re_asks_the_last_question_not_an_older_one(api: Api) -> Non
     await api.say(ROOM, "!route status", ago=20)  # a command is not a question
     await api.say(ROOM, "here is my answer", sender=AGENT, ago=10)  # nor is the agent's
     await api.say(ROOM, "!route cloud again", event_id="$again", ago=1)
-    quoted = api.sidecar.service.unstored["reply:$again"]["body"]
+    quoted = api.sidecar.service.outbox.unstored["reply:$again"]["body"]
     assert QUESTION in quoted and BOB in quoted
     assert "older" not in quoted
     # The older question's text does not bind the intent; the re-asked one does.
@@ -135,7 +135,7 @@ async def test_again_re_asks_the_last_question_not_an_older_one(api: Api) -> Non
 async def test_the_multi_line_question_is_a_question_to_re_ask(api: Api) -> None:
     await api.say(ROOM, f"/route local\n{QUESTION}", event_id="$multi", ago=30)
     await api.say(ROOM, "!route cloud again", event_id="$again", ago=1)
-    assert QUESTION in api.sidecar.service.unstored["reply:$again"]["body"]
+    assert QUESTION in api.sidecar.service.outbox.unstored["reply:$again"]["body"]
     assert (await live_intent(api) or {})["target"] == "cloud"
 
 
@@ -193,7 +193,7 @@ async def test_the_question_text_is_never_written_to_the_database(api: Api) -> N
     await report(api, "$again", secret, "error", model=CLOUD)
     await report(api, "$secret", secret, "error")
     await api.say(ROOM, "!route history", ago=0)
-    assert secret in api.sidecar.service.unstored["reply:$again"]["body"]  # memory only
+    assert secret in api.sidecar.service.outbox.unstored["reply:$again"]["body"]  # memory only
     await api.sidecar.service.flush()
     for path in api.db_path.parent.iterdir():
         if path.name.startswith(api.db_path.name):

@@ -145,7 +145,7 @@ async def test_claim_times_kept_in_memory_are_written_by_the_sweep(
 async def outbox(service: RouteService) -> list[tuple[str, str, dict]]:
     async with service.store.atomic(durable=False) as tx:
         rows = await tx.unsent_effects(service.clock() + timedelta(days=1))
-    return [(row["key"], row["event_type"], json.loads(row["content"])) for row in rows]
+    return [(row.key, row.event_type, json.loads(row.content)) for row in rows]
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
             await service.store.close()
 
     async def calls_of_a_turn(service: RouteService, clock: Clock) -> None:
-        service.timing = Timing(TIMING_TTL, timedelta(milliseconds=idle_ms))
+        service.state.timing = Timing(TIMING_TTL, timedelta(milliseconds=idle_ms))
         await service.on_message(message(command, "$cmd", clock.now))
         clock.now += timedelta(seconds=1)
         await service.on_message(message("why?", "$q", clock.now))
@@ -286,9 +286,9 @@ async def notices_replying_to(service: RouteService) -> list[str]:
     async with service.store.atomic(durable=False) as tx:
         outbox = await tx.unsent_effects(service.clock())
     return sorted(
-        json.loads(row["content"])["m.relates_to"]["m.in_reply_to"]["event_id"]
+        json.loads(row.content)["m.relates_to"]["m.in_reply_to"]["event_id"]
         for row in outbox
-        if row["key"].startswith("undecryptable:")
+        if row.key.startswith("undecryptable:")
     )
 
 
@@ -317,8 +317,8 @@ async def test_old_records_are_pruned_and_nothing_live_or_owed_is(
             intent_id=None, position=None, room_id=ROOM, turn=None, asker=None,
             model="m", status="error", latency_ms=1, detail=None, now=old,
         )  # fmt: skip
-        sent = [row for row in await tx.unsent_effects(old) if row["key"] == "reply:$old-cmd"]
-        await tx.mark_effect_sent(sent[0]["id"], "$reply")
+        sent = [row for row in await tx.unsent_effects(old) if row.key == "reply:$old-cmd"]
+        await tx.mark_effect_sent(sent[0].id, "$reply")
     before = table_counts(path)
     assert before == {"transactions": 1, "commands": 2, "outcomes": 1, "effects": 3, "intents": 1}
     clock.now += service.config.history_retention - timedelta(minutes=1)
