@@ -1,7 +1,7 @@
 # One command to run the demo, one to run every test. Both set up what they need:
 # .venv (the side-car and test tools), .venv-synapse (a local Synapse, kept apart) and,
-# for the tests, .venv-hermes/<version> (one per Hermes Agent version) and .venv-litellm
-# (each pins its own versions of shared libraries).
+# for the tests, .venv-hermes/<version> (one per Hermes Agent version), .venv-litellm and
+# .venv-gptbot (each pins its own versions of shared libraries).
 PYTHON ?= python3
 VENV := .venv
 SYNAPSE_VENV := .venv-synapse
@@ -26,6 +26,13 @@ LITELLM_VENV := .venv-litellm
 DEPLOY_VENV := .venv-deploy
 DEPLOY_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11) $(PYTHON))
 PRODUCT_FILES := pyproject.toml $(wildcard bot/*.py bot/*.json migrations/*.sql)
+# matrix-gptbot, the second real agent (no plugin; tests/e2e/test_gptbot.py): its own venv.
+# geopy and beautifulsoup4 are imported but not declared. Offline it cannot fetch
+# tiktoken's encodings: the files litellm ships (named by tiktoken's cache keys) are
+# copied into its TIKTOKEN_CACHE_DIR.
+GPTBOT_VENV := .venv-gptbot
+GPTBOT_PACKAGES := 'matrix-gptbot[openai]==0.3.21' geopy beautifulsoup4
+LITELLM_TOKENIZERS = $(LITELLM_VENV)/lib/python3.11/site-packages/litellm/litellm_core_utils/tokenizers
 # litellm.proxy.utils needs fastapi, backoff, redis and orjson; litellm[proxy] pulls a
 # package PyPI does not have, so they are pinned here.
 LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
@@ -74,7 +81,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
-	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed
+	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed $(GPTBOT_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt)
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +119,16 @@ $(LITELLM_VENV)/.installed: pyproject.toml
 		$(LITELLM_PACKAGES)
 	touch $@
 
+$(GPTBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
+	$(PYTHON) -m venv $(GPTBOT_VENV)
+	$(GPTBOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(GPTBOT_VENV)/bin/pip install --quiet $(call constrained,gptbot) $(GPTBOT_PACKAGES)
+	mkdir -p $(GPTBOT_VENV)/tiktoken-cache
+	find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
+		-exec cp {} $(GPTBOT_VENV)/tiktoken-cache/ \;
+	test -n "$$(ls $(GPTBOT_VENV)/tiktoken-cache)"
+	touch $@
+
 # Reinstalled whenever the product changes: it is a copy, not an editable install.
 $(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
 	test -x $(DEPLOY_VENV)/bin/pip || $(DEPLOY_PYTHON) -m venv $(DEPLOY_VENV)
@@ -131,9 +148,10 @@ lock:
 	freeze $(SYNAPSE_VENV) synapse-$(SYNAPSE_VERSION); \
 	for v in $(SYNAPSE_COMPAT_VERSIONS); do freeze .venv-synapse-$$v synapse-$$v; done; \
 	for v in $(HERMES_VERSIONS); do freeze $(HERMES_VENVS)/$$v hermes-$$v; done; \
-	freeze $(LITELLM_VENV) litellm
+	freeze $(LITELLM_VENV) litellm; \
+	freeze $(GPTBOT_VENV) gptbot
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) .run \
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) $(GPTBOT_VENV) .run \
 		.pytest_cache .hypothesis
 	rm -rf .venv-synapse-*
