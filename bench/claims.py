@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .http import Case, Load, Summary, Wrk, alternate, p50, p99, paired, rps
+from .http import Case, Load, Summary, Wrk, alternate, cpu_per_request, p50, p99, paired, rps
 from .ingest import message_event, put_transaction
-from .report import AT_LEAST, AT_MOST, Row, Target
+from .report import AT_LEAST, AT_MOST, Row, Target, median
 from .servers import Server
 
 ROOM_IDLE = "!idle-room:bench"
@@ -51,9 +51,13 @@ def openai_body(room_id: str, size: int) -> dict[str, Any]:
 
 
 def seed_active_turn(sidecar: Server) -> None:
-    """`!route cloud --for 4h`, then the question (the turn's message), as Synapse would
-    push them; then the first claim of the turn, which binds it."""
+    """A message in the idle room; `!route cloud --for 4h`, then the question (the turn's
+    message) in the active one, as Synapse would push them; then the first claim of the
+    turn, which binds it."""
     events = [
+        # The idle room is one the bot is in (a room id it has never seen counts as no
+        # hint at all, SPEC "The turn key"): it has had a message, and no command.
+        message_event(ROOM_IDLE, "@bob:bench", "$hello", "good morning", 3000),
         message_event(ROOM_ACTIVE, "@alice:bench", "$command", "!route cloud --for 4h", 2000),
         message_event(ROOM_ACTIVE, "@alice:bench", TURN, QUESTION, 1000),
     ]
@@ -150,9 +154,26 @@ def claim_rows(got: dict[str, Summary], c: int, full_size: int, plan: ClaimsPlan
             baseline=bare.rps,
             baseline_label="bare",
             ratio=paired(idle, bare, rps),
-            target=Target(AT_LEAST, 1.0),
+            # Decided (issue 14): parity with aiohttp's own limit, within 5%.
+            target=Target(AT_LEAST, 0.95),
             note=f"{how}; p50 {idle.p50_ms:.2f} ms, p99 {idle.p99_ms:.2f} ms",
             failed=_errors(idle),
+        ),
+        Row(
+            f"2a CPU time per claim, room with no intent ({c} conns)",
+            median([r.cpu_us_per_request for r in idle.rounds]),
+            "µs",
+            baseline=median([r.cpu_us_per_request for r in bare.rounds]),
+            baseline_label="bare",
+            ratio=paired(idle, bare, cpu_per_request),
+            # "No more instructions per claim than the yardstick": this VM counts no
+            # instructions (perf: not supported), so the server's CPU time stands in.
+            target=Target(AT_MOST, 1.0),
+            note=(
+                f"{how}; the server's user + system CPU time (/proc) over each run, per "
+                "claim: the stand-in for instructions per claim, which this VM's perf "
+                "cannot count"
+            ),
         ),
         Row(
             f"2b claim inside an active turn: claims/s ({c} conns)",

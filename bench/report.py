@@ -122,6 +122,17 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def verdict(rows: Sequence[Row]) -> str:
+    """One line: PASS when every figure with a target met it (and none failed to be
+    measured), else FAIL with the figures that did not."""
+    judged = [row for row in rows if row.passed is not None]
+    missed = [row.figure for row in judged if not row.passed]
+    met = len(judged) - len(missed)
+    if not missed:
+        return f"bench: PASS ({met} of {len(judged)} targets met)"
+    return f"bench: FAIL ({met} of {len(judged)} targets met; missed: {'; '.join(missed)})"
+
+
 def notes(rows: Sequence[Row]) -> str:
     lines = []
     for row in rows:

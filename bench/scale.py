@@ -28,6 +28,7 @@ from typing import Any
 
 from .claims import ROOM_IDLE, claim, explicit_body
 from .http import Case, Load, Wrk, alternate, paired, rps
+from .ingest import message_event, put_transaction
 from .report import AT_LEAST, AT_MOST, Row, Target, median
 from .servers import SERVER_CPU, Server, SidecarConfig, start_sidecar
 
@@ -188,6 +189,9 @@ def scale_figures(wrk: Wrk, work: Path, plan: ScalePlan, pin: bool) -> tuple[lis
         body = explicit_body(ROOM_IDLE)
         for server in servers.values():
             server.resume()
+            # A room the bot is in (one it never saw counts as no room hint at all).
+            hello = message_event(ROOM_IDLE, "@bob:bench", "$hello", "good morning")
+            put_transaction(server, f"hello-{server.name}", [hello])
             if claim(server, body).get("override") is not False:
                 raise RuntimeError(f"{server.name}: a room with no intent got an override")
         encoded = json.dumps(body).encode()

@@ -150,6 +150,7 @@ class AppserviceShell:
 
     async def transaction(self, request: web.Request) -> web.Response:
         txn_id = request.match_info["txn_id"]
+        log.debug("transaction received txn=%s", txn_id)  # bench/matrix.py times from here
         if request.content_length is not None and request.content_length > MAX_TRANSACTION_BYTES:
             # Refused before a byte of it is read.
             return _matrix_error(413, "M_TOO_LARGE", f"Over {MAX_TRANSACTION_BYTES} bytes")

@@ -160,9 +160,12 @@ class MatrixBot:
     # ---- the outbox -------------------------------------------------------------------
 
     async def deliver_outbox(self) -> int:
-        """Send every queued room event, oldest first. Returns how many were sent."""
+        """Send every queued room event: replies to commands first (what someone just
+        typed and waits for; a command that ends a route also queues the edit of the older
+        confirmation, which can wait one send), then the rest, oldest first. Returns how
+        many were sent."""
         async with self.store.atomic() as tx:
-            pending = await tx.unsent_effects(self.clock())
+            pending = outbox.in_sending_order(await tx.unsent_effects(self.clock()))
         sent = 0
         unsent_rooms: set[str] = set()  # rooms with an earlier event not sent in this pass
         for effect in pending:
@@ -192,6 +195,8 @@ class MatrixBot:
                         event_type, content = await self.crypto.encrypt(
                             effect.room_id, event_type, content
                         )
+                    # bench/matrix.py: the side-car's own time ends here.
+                    log.debug("room event sending room=%s key=%s", effect.room_id, effect.key)
                     event_id = await self.intent.send_message_event(
                         RoomID(effect.room_id),
                         EventType.find(event_type),

@@ -84,6 +84,12 @@ class PendingEffect:
         return self.kind in SENT_IN_CLEAR
 
 
+def in_sending_order(pending: list[PendingEffect]) -> list[PendingEffect]:
+    """Replies first, then everything else, each oldest first. An edit still waits for
+    the event it edits, and a leave for everything before it in its room (the sender)."""
+    return sorted(pending, key=lambda effect: (effect.kind is not EffectKind.REPLY, effect.id))
+
+
 # ---- the keys and effects, one builder per kind ------------------------------------
 
 

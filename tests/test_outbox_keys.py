@@ -73,3 +73,14 @@ def test_a_content_kept_in_memory_is_sent_until_settled() -> None:
     assert queued.content_of(pending("reply:$other")) == CONTENT
     queued.settled("reply:$c")
     assert queued.content_of(pending("reply:$c")) == CONTENT
+
+
+def test_replies_are_sent_first_then_the_rest_oldest_first() -> None:
+    rows = [
+        PendingEffect(n, key, "!r", "m.room.message", "{}", None, 0)
+        for n, key in enumerate(
+            ["ended:i1", "reply:$b", "receipt:i0:0", "reply:$a", "route_sidecar.leave:$a"], 1
+        )
+    ]
+    order = [effect.key for effect in outbox.in_sending_order(rows)]
+    assert order == ["reply:$b", "reply:$a", "ended:i1", "receipt:i0:0", "route_sidecar.leave:$a"]
