@@ -25,7 +25,8 @@ LITELLM_VENV := .venv-litellm
 # unprivileged user may run: tests/e2e/test_deploy.py follows those steps as `nobody`.
 DEPLOY_VENV := .venv-deploy
 DEPLOY_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11) $(PYTHON))
-PRODUCT_FILES := pyproject.toml $(wildcard bot/*.py bot/*.json migrations/*.sql)
+PRODUCT_FILES := pyproject.toml $(wildcard route_sidecar/*.py route_sidecar/*/*.py \
+	route_sidecar/*.json route_sidecar/migrations/*.sql)
 # matrix-gptbot, the second real agent (no plugin; tests/e2e/test_gptbot.py): its own venv.
 # geopy and beautifulsoup4 are imported but not declared. Offline it cannot fetch
 # tiktoken's encodings: the files litellm ships (named by tiktoken's cache keys) are
@@ -76,8 +77,8 @@ bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 
 # ruff on everything; mypy --strict on the product and its integrations (pyproject.toml).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check bot tests bench demo synapse-example integrations
-	$(VENV)/bin/ruff format --check bot tests bench demo synapse-example integrations
+	$(VENV)/bin/ruff check route_sidecar tests bench demo synapse-example integrations
+	$(VENV)/bin/ruff format --check route_sidecar tests bench demo synapse-example integrations
 	$(VENV)/bin/mypy
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \

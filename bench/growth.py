@@ -21,12 +21,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bot.config import parse_config
-from bot.events import RoomMessage
-from bot.metrics import Metrics
-from bot.service import RouteService
-from bot.store import Store
-from bot.turns import Turn
+from route_sidecar.config import parse_config
+from route_sidecar.core.events import RoomMessage
+from route_sidecar.core.turns import Turn
+from route_sidecar.metrics import Metrics
+from route_sidecar.service import RouteService
+from route_sidecar.store import Store
 
 from .report import AT_MOST, Row, Target
 

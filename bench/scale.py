@@ -1,6 +1,6 @@
 """Flat in scale (figure 3) and start-up (figure 8), on side-car databases filled directly
 with SQLite before the side-car starts (the schema is made by the side-car's own
-migrations, through `bot.store.Store.open`).
+migrations, through `route_sidecar.store.Store.open`).
 
 Three databases:
 
@@ -48,7 +48,7 @@ class Shape:
 
 
 async def _create_schema(path: Path) -> None:
-    from bot.store import Store
+    from route_sidecar.store import Store
 
     store = await Store.open(path)
     await store.close()

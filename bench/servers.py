@@ -206,7 +206,7 @@ def start_sidecar(config: SidecarConfig, name: str = "side-car", cpu: int | None
     path = config.work / f"{name}.yaml"
     path.write_text(json.dumps(config.as_dict()), encoding="utf-8")
     path.chmod(0o600)
-    command = pinned([sys.executable, "-m", "bot", "run", "-c", str(path)], cpu)
+    command = pinned([sys.executable, "-m", "route_sidecar", "run", "-c", str(path)], cpu)
     process, started = _spawn(command, config.work / f"{name}.log")
     log_path = config.work / f"{name}.log"
     return Server(

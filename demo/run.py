@@ -195,7 +195,7 @@ def start_servers() -> Servers:
         [
             sys.executable,
             "-m",
-            "bot",
+            "route_sidecar",
             "generate-registration",
             "-c",
             str(config),
@@ -216,7 +216,7 @@ def start_servers() -> Servers:
     )
     log_file = (WORK / "sidecar.log").open("ab")
     sidecar = subprocess.Popen(
-        [sys.executable, "-m", "bot", "run", "-c", str(config)],
+        [sys.executable, "-m", "route_sidecar", "run", "-c", str(config)],
         cwd=REPO,
         stdout=log_file,
         stderr=log_file,

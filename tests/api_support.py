@@ -1,5 +1,5 @@
 """The lookup API under test: a real side-car started in-process, an httpx client that
-checks every response against bot/openapi.json, and a snapshot of the stored state."""
+checks every response against route_sidecar/openapi.json, and a snapshot of the stored state."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from bot.app import Sidecar, start_sidecar
-from bot.config import parse_config
-from bot.events import RoomMessage
+from route_sidecar.app import Sidecar, start_sidecar
+from route_sidecar.config import parse_config
+from route_sidecar.core.events import RoomMessage
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent / "bot" / "openapi.json"
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "route_sidecar" / "openapi.json"
 TOKEN = "lookup-token-0123456789abcdef"
 OTHER_TOKEN = "second-lookup-token-fedcba9876"
 MAX_BODY_BYTES = 4096
@@ -52,7 +52,8 @@ def outcome_path(intent_id: str) -> str:
 
 
 class OpenApi:
-    """bot/openapi.json: which statuses each path and method documents, and their bodies."""
+    """route_sidecar/openapi.json: which statuses each path and method documents, and
+    their bodies."""
 
     URI = "urn:route-sidecar:openapi"
     METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import config_warnings, parse_config
-from bot.events import RoomMessage, parse_event
-from bot.intents import ClaimResult
-from bot.metrics import Metrics
-from bot.service import RouteService
-from bot.store import Store
-from bot.turns import Turn, extract_turn
+from route_sidecar.config import config_warnings, parse_config
+from route_sidecar.core.events import RoomMessage, parse_event
+from route_sidecar.core.intents import ClaimResult
+from route_sidecar.core.turns import Turn, extract_turn
+from route_sidecar.metrics import Metrics
+from route_sidecar.service import RouteService
+from route_sidecar.store import Store
 
 from .test_service import RAW, ROOM, Clock, message
 

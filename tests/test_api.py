@@ -1,6 +1,6 @@
 """SPEC "The lookup API": the real side-car, driven over HTTP the way a dispatcher does.
 
-Every response any test here receives is checked against bot/openapi.json (status
+Every response any test here receives is checked against route_sidecar/openapi.json (status
 documented for the path and method, body valid against its schema): see
 `tests.api_support.OpenApi.check`, installed as the client's response hook.
 """
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from bot.api import ROUTES
+from route_sidecar.api import ROUTES
 from tests.api_support import (
     ALICE,
     AUTH,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from bot.app import start_sidecar
+from route_sidecar.app import start_sidecar
 
 from .api_support import ROOM, sidecar_config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bot.claims import CLAIM_WAIT_SECONDS
+from route_sidecar.claims import CLAIM_WAIT_SECONDS
 from tests.api_support import ROOM, Api
 
 QUESTION = "Why is the staging database read-only?"

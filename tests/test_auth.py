@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.auth import bearer_token, token_matches
+from route_sidecar.auth import bearer_token, token_matches
 
 
 def test_the_bearer_scheme_is_case_insensitive_and_the_token_exact() -> None:

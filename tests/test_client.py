@@ -1,4 +1,4 @@
-"""SPEC "Integrations": `bot.client.RouteClient`, the dispatcher's side of the lookup API.
+"""SPEC "Integrations": `route_sidecar.client.RouteClient`, the dispatcher's side of the lookup API.
 
 Against the real side-car it returns the decisions the API gives; against a side-car
 that is down, slow or answering garbage it fails open (no override, a warning, never an
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bot.client import Decision, RouteClient
+from route_sidecar.client import Decision, RouteClient
 from tests.api_support import ALICE, ROOM, TOKEN, Api, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -479,7 +479,8 @@ async def test_the_token_is_sent_as_a_bearer_authorization(fake: FakeSidecar) ->
 
 def test_bot_client_imports_none_of_the_servers_dependencies() -> None:
     probe = (
-        "import sys, bot.client; print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        "import sys, route_sidecar.client; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
         " {'mautrix','aiohttp','aiosqlite','prometheus_client'}))"
     )
     result = subprocess.run(

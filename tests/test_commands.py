@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.commands import (
+from route_sidecar.core.commands import (
     AGAIN_WORDS,
     CLEAR_WORDS,
     DEFAULT_PREFIXES,

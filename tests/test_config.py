@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from bot.commands import DEFAULT_PREFIXES, RESERVED_WORDS
-from bot.config import SECRET_ENV, Config, ConfigError, load_config, parse_config
+from route_sidecar.config import SECRET_ENV, Config, ConfigError, load_config, parse_config
+from route_sidecar.core.commands import DEFAULT_PREFIXES, RESERVED_WORDS
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.yaml"
@@ -721,7 +721,7 @@ def test_generate_registration_on_a_bad_config_exits_2_and_writes_nothing(
 
 
 def test_encryption_is_on_by_default_when_python_olm_is_installed() -> None:
-    from bot.config import encryption_available
+    from route_sidecar.config import encryption_available
 
     config = parse_config(example(), {})
     assert config.encryption.enabled is encryption_available()
@@ -743,9 +743,9 @@ def test_encryption_can_be_switched_off_and_its_keys_are_checked() -> None:
 def test_encryption_asked_for_without_python_olm_is_refused_naming_the_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import bot.config
+    import route_sidecar.config
 
-    monkeypatch.setattr(bot.config, "encryption_available", lambda: False)
+    monkeypatch.setattr(route_sidecar.config, "encryption_available", lambda: False)
     error = error_of(example() | {"encryption": {"enabled": True}}, {})
     assert error.key == "encryption.enabled" and "python-olm" in str(error)
     assert parse_config(example(), {}).encryption.enabled is False  # the default follows
@@ -763,7 +763,7 @@ ENCRYPTION_FLAGS = {
 def test_the_registration_asks_for_what_encryption_needs_only_when_it_is_on(
     tmp_path: Path, enabled: bool
 ) -> None:
-    from bot.config import encryption_available
+    from route_sidecar.config import encryption_available
 
     if enabled and not encryption_available():
         pytest.fail("python-olm is part of the test environment (.[test,encryption])")

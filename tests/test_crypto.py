@@ -1,15 +1,17 @@
-"""bot/crypto.py's pure helpers (the encrypted paths themselves run against Synapse in
+"""route_sidecar/crypto.py's pure helpers (the encrypted paths themselves run against Synapse in
 tests/e2e/test_encryption.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("olm", reason="bot/crypto.py needs python-olm (route-sidecar[encryption])")
+pytest.importorskip(
+    "olm", reason="route_sidecar/crypto.py needs python-olm (route-sidecar[encryption])"
+)
 
 from mautrix.types import DeviceID, UserID
 
-from bot.crypto import own_otk_counts
+from route_sidecar.crypto import own_otk_counts
 
 BOT = UserID("@route:localhost")
 DEVICE = DeviceID("EWRGy-H4upmYsA")

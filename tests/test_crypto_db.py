@@ -1,4 +1,4 @@
-"""bot/crypto_db.py: mautrix's stores share the side-car's SQLite file, so a mautrix
+"""route_sidecar/crypto_db.py: mautrix's stores share the side-car's SQLite file, so a mautrix
 transaction that reads, then writes after the side-car's store has committed, must not
 fail (it did, with "database is locked", before its transactions began IMMEDIATE)."""
 
@@ -12,7 +12,7 @@ import aiosqlite
 from mautrix.util.async_db import Connection, UpgradeTable
 from mautrix.util.async_db import aiosqlite as mautrix_sqlite
 
-from bot.crypto_db import begin_transactions_immediate, open_crypto_db
+from route_sidecar.crypto_db import begin_transactions_immediate, open_crypto_db
 
 upgrade_table = UpgradeTable()
 

@@ -1,4 +1,4 @@
-"""bot/crypto_db.move_misplaced_store: a device that earlier versions kept in a misplaced
+"""route_sidecar/crypto_db.move_misplaced_store: a device that earlier versions kept in a misplaced
 file (a relative database path read from `/`) is brought into the side-car's file with
 mautrix's real crypto store, the same device and account; an old store is never passed
 over in silence. (The end-to-end move, through the real `/` and Synapse, is in
@@ -20,16 +20,16 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmAccount, PgCryptoStore
 from mautrix.types import DeviceID, RoomID, UserID
 
-from bot.app import start_sidecar
-from bot.config import Config, ConfigError, parse_config
-from bot.crypto_db import (
+from route_sidecar.app import start_sidecar
+from route_sidecar.config import Config, ConfigError, parse_config
+from route_sidecar.crypto_db import (
     device_in,
     move_misplaced_store,
     open_crypto_db,
     pickle_key_path,
     sqlite_url,
 )
-from bot.store import Store
+from route_sidecar.store import Store
 
 from .api_support import TOKEN, free_port
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.events import (
+from route_sidecar.core.events import (
     MAX_BODY_CHARS,
     EncryptedMessage,
     Invite,

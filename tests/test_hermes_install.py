@@ -76,7 +76,14 @@ def on_path(installed: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     side-car's own modules not: the plugin must work without them."""
     monkeypatch.syspath_prepend(str(installed))
     monkeypatch.setenv("PYTHONPATH", str(installed))
-    for name in ("bot", "bot.commands", "bot.questions", "integrations", "integrations.hermes"):
+    for name in (
+        "route_sidecar",
+        "route_sidecar.core",
+        "route_sidecar.core.commands",
+        "route_sidecar.core.questions",
+        "integrations",
+        "integrations.hermes",
+    ):
         monkeypatch.setitem(sys.modules, name, None)
     for name in [m for m in sys.modules if m == PACKAGE or m.startswith(f"{PACKAGE}.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -99,10 +106,11 @@ def test_pip_installs_the_plugin_and_none_of_the_side_cars_server_dependencies(
     assert {"mautrix", "aiohttp", "aiosqlite", "ruamel-yaml"} <= side_car_dependencies()
     for dependency in side_car_dependencies():
         assert not any(normal(name).startswith(dependency) for name in top_level), dependency
-    # The side-car's rules came along as copies of bot/commands.py and bot/questions.py.
+    # The side-car's rules came along as copies of route_sidecar/core/commands.py and
+    # route_sidecar/core/questions.py.
     for name in ("commands", "questions"):
         copied = (installed / PACKAGE / f"{name}.py").read_text()
-        assert copied == (REPO / "bot" / f"{name}.py").read_text()
+        assert copied == (REPO / "route_sidecar" / "core" / f"{name}.py").read_text()
 
 
 def load(monkeypatch: pytest.MonkeyPatch) -> dict:

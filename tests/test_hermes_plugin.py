@@ -420,15 +420,17 @@ def test_a_symlinked_plugin_needs_nothing_installed_in_hermes_venv(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Hermes's own venv usually lacks route-sidecar: the linked folder's commands.py and
-    # questions.py are links to the checkout's bot/ files, loaded as the plugin's own modules.
+    # questions.py are links to the checkout's route_sidecar/core/ files, loaded as the
+    # plugin's own modules.
     for name in ("commands", "questions"):
-        monkeypatch.setitem(sys.modules, f"bot.{name}", None)  # makes `import bot.x` fail
+        monkeypatch.setitem(sys.modules, f"route_sidecar.core.{name}", None)  # import fails
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
     for name in ("commands", "questions"):
         module = getattr(plugin_module(), name)
         assert module.__name__ == f"{MODULE}.{name}"
-        assert Path(module.__file__).resolve() == PLUGIN_DIR.parent.parent / "bot" / f"{name}.py"
+        linked = PLUGIN_DIR.parent.parent / "route_sidecar" / "core" / f"{name}.py"
+        assert Path(module.__file__).resolve() == linked
     assert_skipped(dispatch("!route cloud"))
     assert dispatch(f"/route cloud\n{QUESTION}") == [{"action": "rewrite", "text": QUESTION}]
     assert dispatch("!route big again") == reasks(QUESTION)
@@ -436,7 +438,7 @@ def test_a_symlinked_plugin_needs_nothing_installed_in_hermes_venv(
 
 def copy_plugin(home: Path, *, keep_links: bool) -> None:
     """The plugin folder copied into HERMES_HOME (not linked), then enabled as documented.
-    `keep_links`: copied as `cp -r` does, its links to bot/ left dangling; otherwise as
+    `keep_links`: copied as `cp -r` does, its links to route_sidecar/ left dangling; otherwise as
     `cp -rL` does, with copies of the linked files."""
     shutil.copytree(
         PLUGIN_DIR,
@@ -453,7 +455,7 @@ def test_a_plugin_folder_copied_with_its_links_followed_works_alone(
     monkeypatch.setenv("HERMES_HOME", str(tmp_path))
     copy_plugin(tmp_path, keep_links=False)
     for name in ("commands", "questions"):
-        monkeypatch.setitem(sys.modules, f"bot.{name}", None)
+        monkeypatch.setitem(sys.modules, f"route_sidecar.core.{name}", None)
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
     assert plugin_module().commands.__name__ == f"{MODULE}.commands"
@@ -471,15 +473,15 @@ def test_a_copied_plugin_with_dangling_links_uses_an_installed_side_car_or_says_
     assert not (tmp_path / "plugins" / PLUGIN / "commands.py").exists()  # a dangling link
     entry = load_plugins(monkeypatch)
     assert entry["enabled"], entry["error"]
-    assert plugin_module().commands.__name__ == "bot.commands"
-    assert plugin_module().questions.__name__ == "bot.questions"
+    assert plugin_module().commands.__name__ == "route_sidecar.core.commands"
+    assert plugin_module().questions.__name__ == "route_sidecar.core.questions"
     assert_skipped(dispatch("/route cloud"))
     assert dispatch(QUESTION) == []
     assert dispatch("/route cloud again") == reasks(QUESTION)
 
     for name in ("commands", "questions"):
         with monkeypatch.context() as mp:
-            mp.setitem(sys.modules, f"bot.{name}", None)
+            mp.setitem(sys.modules, f"route_sidecar.core.{name}", None)
             entry = load_plugins(mp)
             assert not entry["enabled"]
             assert f"cannot load {name}.py" in (entry["error"] or "")

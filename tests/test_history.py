@@ -11,8 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.history import HISTORY_LENGTH, Call, PastTurn, TurnCall, failed_turns, latest
-from bot.store import Store
+from route_sidecar.core.history import (
+    HISTORY_LENGTH,
+    Call,
+    PastTurn,
+    TurnCall,
+    failed_turns,
+    latest,
+)
+from route_sidecar.store import Store
 
 T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)
 LOCAL = "glm-4.7-flash:q4_K_M"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import Scope
-from bot.intents import (
+from route_sidecar.core.commands import Scope
+from route_sidecar.core.intents import (
     BoundTurn,
     Claimed,
     ClaimedTurn,
@@ -34,7 +34,7 @@ from bot.intents import (
     whole_second,
     with_turn,
 )
-from bot.turns import Placement, TurnKey
+from route_sidecar.core.turns import Placement, TurnKey
 
 ROOM = "!abc:example.org"
 T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)  # the command reaches the room

@@ -1,29 +1,18 @@
-"""The package's layers (issue 15): a pure core that does no I/O and knows no shell, and
-the shells around it. Read from the source (imports only), so a new import that breaks
-the rule fails here, and a new module must be put in a layer before the suite passes."""
+"""The package's layers (issue 15): `route_sidecar.core` does no I/O and knows no shell;
+the shells (`route_sidecar.*`) wire it to Matrix, HTTP, SQLite and the process. Read
+from the source (imports only), so a new import that breaks the rule fails here, and a
+new top-level module must be put in a layer before the suite passes."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "bot"
+PACKAGE = Path(__file__).resolve().parent.parent / "route_sidecar"
+CORE_DIR = PACKAGE / "core"
 
-# The rules, with no I/O: command parsing, intents, turn keys, policy, replies, the
-# events as data, history, questions, and the live index of intents.
-CORE = {
-    "commands",
-    "intents",
-    "turns",
-    "policy",
-    "replies",
-    "events",
-    "history",
-    "questions",
-    "live",
-}
 # The settings the core reads (dataclasses); loading them (YAML, environment, files) is
-# the one part of it that touches the outside, and never calls the core back.
+# the one part of it that touches the outside, and it never calls a shell.
 SETTINGS = {"config"}
 # What wires the core to the world: Matrix, the lookup API, SQLite, encryption, the
 # process, and the use cases that run the core's answers through the store.
@@ -67,58 +56,73 @@ CORE_STDLIB = {
 }
 
 
-def imports_of(module: str) -> tuple[set[str], set[str]]:
-    """(top-level outside modules, sibling modules of the package) `module` imports."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+def imports_of(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level outside modules, package modules as `core.x` or `x`) a file imports.
+    Relative imports are read from where the file is (`core/` or the package)."""
+    in_core = path.parent.name == "core"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     outside: set[str] = set()
-    siblings: set[str] = set()
+    inside: set[str] = set()
+
+    def named(level: int, module: str) -> str:
+        base = "core" if in_core and level == 1 else ""
+        return f"{base}.{module}".strip(".")
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             outside.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 assert node.module is not None
-                outside.add(node.module.split(".")[0])
+                top = node.module.split(".")[0]
+                if top == "route_sidecar":
+                    rest = node.module.split(".")[1:]
+                    inside.add(".".join(rest[:2] if rest[:1] == ["core"] else rest[:1]))
+                else:
+                    outside.add(top)
             elif node.module:
-                siblings.add(node.module.split(".")[0])
+                inside.add(named(node.level, ".".join(node.module.split(".")[:2])))
             else:  # from . import x, y
-                siblings.update(alias.name for alias in node.names)
-    return outside, siblings
+                inside.update(named(node.level, alias.name) for alias in node.names)
+    return outside, inside
+
+
+def core_modules() -> list[Path]:
+    return sorted(p for p in CORE_DIR.glob("*.py") if p.stem != "__init__")
 
 
 def test_every_module_is_in_one_layer() -> None:
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
-    layers = (CORE, SETTINGS, SHELLS)
-    assert modules == CORE | SETTINGS | SHELLS, "put a new module in a layer here"
-    assert sum(len(layer) for layer in layers) == len(modules), "a module in two layers"
+    top = {path.stem for path in PACKAGE.glob("*.py")}
+    assert top == SETTINGS | SHELLS, "put a new module in a layer here (or in core/)"
+    assert not SETTINGS & SHELLS
+    assert len(core_modules()) >= 9
 
 
 def test_the_core_imports_no_io_library_and_no_shell() -> None:
-    for module in sorted(CORE):
-        outside, siblings = imports_of(module)
-        assert outside <= CORE_STDLIB, f"bot/{module}.py imports {outside - CORE_STDLIB}"
-        assert siblings <= CORE | SETTINGS, f"bot/{module}.py imports {siblings - CORE}"
+    allowed = {f"core.{p.stem}" for p in core_modules()} | SETTINGS
+    for path in core_modules():
+        outside, inside = imports_of(path)
+        assert outside <= CORE_STDLIB, f"core/{path.name} imports {outside - CORE_STDLIB}"
+        assert inside <= allowed, f"core/{path.name} imports {inside - allowed}"
 
 
 def test_the_settings_call_no_shell() -> None:
+    core = {f"core.{p.stem}" for p in core_modules()}
     for module in sorted(SETTINGS):
-        _, siblings = imports_of(module)
-        assert siblings <= CORE, f"bot/{module}.py imports {siblings - CORE}"
+        _, inside = imports_of(PACKAGE / f"{module}.py")
+        assert inside <= core, f"{module}.py imports {inside - core}"
 
 
 def test_the_rule_reads_imports_the_way_they_are_written(tmp_path: Path) -> None:
-    """The reader itself: a shell import written either way is found."""
-    global PACKAGE
-    saved = PACKAGE
-    PACKAGE = tmp_path
-    try:
-        (tmp_path / "probe.py").write_text(
-            "import asyncio\nfrom aiohttp import web\nfrom . import store\n"
-            "from .matrix import MatrixBot\nfrom .turns import x as y\n",
-            encoding="utf-8",
-        )
-        outside, siblings = imports_of("probe")
-    finally:
-        PACKAGE = saved
+    """The reader itself: shell imports written every way are found, from core/."""
+    (tmp_path / "core").mkdir()
+    probe = tmp_path / "core" / "probe.py"
+    probe.write_text(
+        "import asyncio\nfrom aiohttp import web\nfrom .. import store\n"
+        "from ..matrix import MatrixBot\nfrom .turns import x as y\nfrom . import intents\n"
+        "from route_sidecar.api import LookupApi\nfrom route_sidecar.core.policy import z\n",
+        encoding="utf-8",
+    )
+    outside, inside = imports_of(probe)
     assert outside == {"asyncio", "aiohttp"}
-    assert siblings == {"store", "matrix", "turns"}
+    assert inside == {"store", "matrix", "core.turns", "core.intents", "api", "core.policy"}

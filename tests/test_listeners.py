@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bot import listeners
-from bot.app import Sidecar, start_sidecar
+from route_sidecar import listeners
+from route_sidecar.app import Sidecar, start_sidecar
 
 from .api_support import TOKEN, free_port, sidecar_config
 
@@ -165,7 +165,7 @@ def small_sidecar(tmp_path: Path) -> Iterator[dict]:
     path.write_text(json.dumps(config), encoding="utf-8")
     log = (tmp_path / "sidecar.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "run", "-c", str(path)],
+        [sys.executable, "-m", "route_sidecar", "run", "-c", str(path)],
         cwd=REPO_ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

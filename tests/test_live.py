@@ -1,6 +1,6 @@
-"""bot/live.py: the live intents in memory, by room (the current one and those a newer
-command closed while a turn was being answered). Each room's open turn is kept apart from
-its intent and folded in on read; whatever the order of calls, reads, writes and
+"""route_sidecar/core/live.py: the live intents in memory, by room (the current one and
+those a newer command closed while a turn was being answered). Each room's open turn is
+kept apart from its intent and folded in on read; whatever the order of calls, reads, writes and
 supersedes, what it holds and answers is what the core's `claim_among` gives on the
 intents themselves."""
 
@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import Scope
-from bot.intents import (
+from route_sidecar.core.commands import Scope
+from route_sidecar.core.intents import (
     ClaimedTurn,
     ClaimResult,
     EndReason,
@@ -24,8 +24,8 @@ from bot.intents import (
     current_of,
     new_intent,
 )
-from bot.live import LiveIntents
-from bot.turns import Placement, TurnKey
+from route_sidecar.core.live import LiveIntents
+from route_sidecar.core.turns import Placement, TurnKey
 
 T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)
 ROOMS = ("!a:test", "!b:test")

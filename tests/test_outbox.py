@@ -1,4 +1,4 @@
-"""bot/matrix.py's outbox against a stand-in homeserver (a unit test of that module): a
+"""route_sidecar/matrix.py's outbox against a stand-in homeserver (a unit test of that module): a
 notice replaced while it is being sent (a turn's receipt, when the turn's next outcome
 arrives meanwhile) is followed by an edit, so the room never keeps the older text."""
 
@@ -12,9 +12,9 @@ from typing import Any
 
 from mautrix.types import EventID
 
-from bot.matrix import MatrixBot
-from bot.metrics import Metrics
-from bot.turns import Turn
+from route_sidecar.core.turns import Turn
+from route_sidecar.matrix import MatrixBot
+from route_sidecar.metrics import Metrics
 
 from .test_service import ROOM, Clock, make_service, message
 

@@ -1,4 +1,4 @@
-"""bot/outbox.py's keys: each builder's key names its kind, keys keep the form earlier
+"""route_sidecar/outbox.py's keys: each builder's key names its kind, keys keep the form earlier
 versions stored (rows outlive an upgrade: a queued reply written by the last version
 must still be recognised, sent in clear or edited by this one), and a key no version
 writes is delivered as it is, never a crash."""
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from bot import outbox
-from bot.outbox import EffectKind, Outbox, PendingEffect
+from route_sidecar import outbox
+from route_sidecar.outbox import EffectKind, Outbox, PendingEffect
 
 CONTENT = {"msgtype": "m.notice", "body": "hi"}
 C = CONTENT

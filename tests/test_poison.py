@@ -2,7 +2,7 @@
 MAX_EVENT_ATTEMPTS times (the homeserver resends its transaction after each 500), then
 given up: a command gets a reply with a reference, the log names room, event and
 reference, and the transaction is acknowledged, so the rooms after it go on. Nothing is
-ever applied twice. The failure comes from a fail point (bot/faults.py)."""
+ever applied twice. The failure comes from a fail point (route_sidecar/faults.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bot import faults
-from bot.app import start_sidecar
-from bot.appservice import MAX_EVENT_ATTEMPTS
+from route_sidecar import faults
+from route_sidecar.app import start_sidecar
+from route_sidecar.appservice import MAX_EVENT_ATTEMPTS
 
 from .api_support import sidecar_config
 

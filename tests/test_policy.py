@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import RESERVED_WORDS, RouteTo, Scope, parse_command
-from bot.config import Config, parse_config
-from bot.policy import (
+from route_sidecar.config import Config, parse_config
+from route_sidecar.core.commands import RESERVED_WORDS, RouteTo, Scope, parse_command
+from route_sidecar.core.policy import (
     Refused,
     Resolved,
     find_target,

@@ -11,13 +11,13 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.questions import LastQuestions, Question
+from route_sidecar.core.questions import LastQuestions, Question
 
 TTL = timedelta(minutes=15)
 T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)
 ROOM = "!abc:example.org"
 OTHER = "!other:example.org"
-QUESTIONS_FILE = Path(__file__).resolve().parent.parent / "bot" / "questions.py"
+QUESTIONS_FILE = Path(__file__).resolve().parent.parent / "route_sidecar" / "core" / "questions.py"
 
 
 def asked(text: str, minutes: float = 0, sender: str = "@alice:example.org") -> Question:

@@ -10,11 +10,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import RESERVED_WORDS, RouteTo, Scope, parse_command, typable_prefix
-from bot.config import Target
-from bot.history import Call, PastTurn
-from bot.intents import ClaimedTurn, EndReason, Intent, Timing, cancel, claim, new_intent
-from bot.replies import (
+from route_sidecar.config import Target
+from route_sidecar.core.commands import (
+    RESERVED_WORDS,
+    RouteTo,
+    Scope,
+    parse_command,
+    typable_prefix,
+)
+from route_sidecar.core.history import Call, PastTurn
+from route_sidecar.core.intents import (
+    ClaimedTurn,
+    EndReason,
+    Intent,
+    Timing,
+    cancel,
+    claim,
+    new_intent,
+)
+from route_sidecar.core.replies import (
     DETAIL_CHARS,
     EXCERPT_CHARS,
     Text,
@@ -39,7 +53,7 @@ from bot.replies import (
     status,
     targets_list,
 )
-from bot.turns import TurnKey
+from route_sidecar.core.turns import TurnKey
 
 T0 = datetime(2026, 5, 9, 11, 0, tzinfo=UTC)
 TIMING = Timing()

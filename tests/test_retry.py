@@ -1,6 +1,6 @@
 """SPEC "Retry": `/route <target> again`, `POST /v1/outcome`, the failure suggestion and
 `/route history`, on the real side-car over HTTP (every response checked against
-bot/openapi.json). The room side is the appservice's path into the service; the bot's
+route_sidecar/openapi.json). The room side is the appservice's path into the service; the bot's
 replies are read from the outbox, since no homeserver runs here (tests/e2e does that)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bot.commands import RouteTo, parse_command
+from route_sidecar.core.commands import RouteTo, parse_command
 from tests.api_support import (
     AGENT,
     ALICE,

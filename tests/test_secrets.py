@@ -23,8 +23,8 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from bot.config import ConfigError, encryption_available, parse_config
-from bot.crypto_db import pickle_key_path
+from route_sidecar.config import ConfigError, encryption_available, parse_config
+from route_sidecar.crypto_db import pickle_key_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.yaml"
@@ -45,7 +45,7 @@ def wide_umask() -> None:
 
 
 def side_car(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bot", *args]
+    return [sys.executable, "-m", "route_sidecar", *args]
 
 
 def clean_env() -> dict[str, str]:
@@ -79,7 +79,7 @@ def config_file(folder: Path, encryption: bool) -> tuple[Path, int]:
 
 @contextmanager
 def running(config: Path, api_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m bot run -c config`, started from a shell whose umask is 022."""
+    """`python -m route_sidecar run -c config`, started from a shell whose umask is 022."""
     log = config.parent / "sidecar.log"
     with log.open("ab") as out:
         process = subprocess.Popen(

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bot import intents as core
-from bot.config import parse_config
-from bot.events import RoomMessage
-from bot.intents import ClaimAnswer, ClaimResult, Route, Timing
-from bot.metrics import Metrics
-from bot.service import RouteService
-from bot.store import Store
-from bot.turns import Turn
-from bot.turns import turn_key as derive_turn_key
+from route_sidecar.config import parse_config
+from route_sidecar.core import intents as core
+from route_sidecar.core.events import RoomMessage
+from route_sidecar.core.intents import ClaimAnswer, ClaimResult, Route, Timing
+from route_sidecar.core.turns import Turn
+from route_sidecar.core.turns import turn_key as derive_turn_key
+from route_sidecar.metrics import Metrics
+from route_sidecar.service import RouteService
+from route_sidecar.store import Store
 
 ROOM = "!room:test"
 TIMING_TTL = timedelta(minutes=15)
@@ -73,7 +73,7 @@ async def test_a_failed_write_leaves_memory_as_the_database_has_it(
     tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = await make_service(tmp_path / "db.sqlite", clock)
-    from bot.store import Tx
+    from route_sidecar.store import Tx
 
     async def broken(*args: object, **kwargs: object) -> bool:
         raise RuntimeError("disk full")
@@ -206,8 +206,8 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
     command: str, idle_ms: int, calls: list[tuple[int, str]]
 ) -> None:
     """The service gives a later call of a turn the previous call's answer while that
-    holds (bot/live.py, `expiry_second_holds_until`). Every answer must equal the one made
-    from the intent itself, with a turn_idle that is not whole seconds."""
+    holds (route_sidecar/core/live.py, `expiry_second_holds_until`). Every answer must
+    equal the one made from the intent itself, with a turn_idle that is not whole seconds."""
 
     async def scenario(path: Path) -> None:
         clock = Clock()
@@ -262,7 +262,7 @@ async def test_each_sender_whose_message_went_unread_gets_the_notice(
     per room every ten minutes, in reply to their own message."""
     from mautrix.types import EventID, RoomID, UserID
 
-    from bot.events import EncryptedMessage
+    from route_sidecar.core.events import EncryptedMessage
 
     service = await make_service(tmp_path / "db.sqlite", clock)
 

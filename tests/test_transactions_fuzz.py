@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bot.app import Sidecar, start_sidecar
-from bot.commands import parse_command
+from route_sidecar.app import Sidecar, start_sidecar
+from route_sidecar.core.commands import parse_command
 
 from .api_support import ROOM, sidecar_config
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.turns import (
+from route_sidecar.core.turns import (
     MAX_COMPARED_CHARS,
     MAX_ID_LENGTH,
     Placement,

@@ -27,7 +27,7 @@ import httpx
 from aiohttp import web
 from ruamel.yaml import YAML
 
-from bot.client import Decision, RouteClient
+from route_sidecar.client import Decision, RouteClient
 
 log = logging.getLogger("dispatcher")
 # Fields an OpenAI-compatible upstream may refuse: OpenAI rejects `metadata` without

@@ -55,8 +55,8 @@ Action = dict[str, str]
 def _load_side_car_module(name: str) -> ModuleType:
     """One of the side-car's pure modules, `commands` or `questions`, next to this file.
 
-    Both are the side-car's own bot/<name>.py (standard library only): this folder holds
-    symbolic links to them, and the wheel built from it (`pip install
+    Both are the side-car's own route_sidecar/core/<name>.py (standard library only): this
+    folder holds symbolic links to them, and the wheel built from it (`pip install
     ./integrations/hermes`) holds copies. So the plugin needs nothing else installed in
     Hermes's environment, and always uses the rules of the side-car it came with.
     """
@@ -68,7 +68,7 @@ def _load_side_car_module(name: str) -> ModuleType:
     except ImportError:
         pass
     try:  # a folder copied without following its links, next to an installed side-car
-        return importlib.import_module(f"bot.{name}")
+        return importlib.import_module(f"route_sidecar.core.{name}")
     except ImportError as error:
         here = Path(__file__).parent / f"{name}.py"
         raise ImportError(

@@ -1,1 +1,1 @@
-../../bot/commands.py
+../../route_sidecar/core/commands.py

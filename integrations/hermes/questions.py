@@ -1,1 +1,1 @@
-../../bot/questions.py
+../../route_sidecar/core/questions.py

@@ -1,5 +1,5 @@
 """The crash loop's tools (issue 6, point 1): the side-car started with a kill point
-(`ROUTE_SIDECAR_CRASH_AT`, see bot/faults.py), the plan of kill points and counts, the
+(`ROUTE_SIDECAR_CRASH_AT`, see route_sidecar/faults.py), the plan of kill points and counts, the
 traffic one run drives, the read-only look at the side-car's database, and the
 exactly-once checks both loops make after the restart. The users who post are pluggable
 (`CrashRun.senders`): the encrypted loop (issue 6, point 6) drives the same traffic from
@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from bot import faults  # parsed here, unset: the test process itself never dies
+from route_sidecar import faults  # parsed here, unset: the test process itself never dies
 
 from .harness import (
     BOT,

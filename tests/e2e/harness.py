@@ -99,7 +99,7 @@ class Sidecar:
             [
                 sys.executable,
                 "-m",
-                "bot",
+                "route_sidecar",
                 "generate-registration",
                 "-c",
                 str(self.config_path),
@@ -141,7 +141,7 @@ class Sidecar:
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bot", "run", "-c", str(self.config_path)],
+            [sys.executable, "-m", "route_sidecar", "run", "-c", str(self.config_path)],
             cwd=REPO_ROOT,
             stdout=log,
             stderr=log,

@@ -1,6 +1,6 @@
 """SPEC "Intents" (nothing lost across a crash) and "The appservice side" (events handled
 before the transaction is acknowledged), issue 6 point 1: the side-car is SIGKILLed at
-each of its kill points (bot/faults.py) in a loop against the session's real Synapse and
+each of its kill points (route_sidecar/faults.py) in a loop against the session's real Synapse and
 real HTTP, restarted without the kill point, and then:
 
 - every command Synapse delivered is reflected exactly once: one `commands` row, one

@@ -1,7 +1,7 @@
 """Issue 6, point 6: the crash loop of point 1 (tests/e2e/test_crash.py) in an encrypted
 room. alice is a real encrypting client (demo/encrypted_user.py); she alone posts in the
 room (commands and questions, Megolm-encrypted), claims and outcomes go over HTTP as in
-the plain loop. The side-car is SIGKILLed at each of its kill points (bot/faults.py),
+the plain loop. The side-car is SIGKILLed at each of its kill points (route_sidecar/faults.py),
 restarted without the kill point, and then:
 
 - the bot still decrypts alice's next command (a `!route status` sent after the restart
@@ -69,7 +69,7 @@ REPORT_ENV = "ROUTE_SIDECAR_CRASH_REPORT_ENCRYPTED"
 REDELIVERY_TIMEOUT = 120.0  # Synapse backs off 2 s, 4 s, 8 s, ... after failed pushes
 KEY_WAIT = 10.0  # how long alice's client waits for a room key before flagging an event
 UNREADABLE = "could not decrypt"
-# What the side-car logs about asking for room keys (bot/crypto.py), counted per run.
+# What the side-car logs about asking for room keys (route_sidecar/crypto.py), counted per run.
 KEY_LOG = {
     "keys_requested": "room key requested ",
     "keys_not_requested": "room key not requested ",

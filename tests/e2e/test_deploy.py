@@ -27,9 +27,14 @@ import httpx
 import pytest
 from mautrix.types import UserID
 
-from bot.config import load_config
-from bot.crypto_db import MAUTRIX_TABLE_PREFIXES, PICKLE_KEY_META, device_in, pickle_key_path
 from demo.encrypted_user import EncryptedUser
+from route_sidecar.config import load_config
+from route_sidecar.crypto_db import (
+    MAUTRIX_TABLE_PREFIXES,
+    PICKLE_KEY_META,
+    device_in,
+    pickle_key_path,
+)
 
 from .harness import (
     API_TOKEN,

@@ -1,5 +1,5 @@
 """Issue 14, poison events, through a real Synapse: a command whose handling always fails
-(a fail point, bot/faults.py) is answered 500 until Synapse has sent its transaction
+(a fail point, route_sidecar/faults.py) is answered 500 until Synapse has sent its transaction
 MAX_EVENT_ATTEMPTS times; then the bot replies with a reference, the log names the room,
 the event and the reference, and the commands queued behind it in other rooms are
 answered."""
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bot import faults
-from bot.appservice import MAX_EVENT_ATTEMPTS
+from route_sidecar import faults
+from route_sidecar.appservice import MAX_EVENT_ATTEMPTS
 
 from .conftest import open_room
 from .harness import LookupClient, MatrixUser, Sidecar

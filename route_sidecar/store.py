@@ -22,11 +22,11 @@ from typing import Any
 
 import aiosqlite
 
-from .commands import Scope, ScopeKind
-from .history import Call, PastTurn, TurnCall
-from .intents import BoundTurn, EndReason, Intent, IntentState
+from .core.commands import Scope, ScopeKind
+from .core.history import Call, PastTurn, TurnCall
+from .core.intents import BoundTurn, EndReason, Intent, IntentState
+from .core.turns import SeenMessage, TurnKey
 from .outbox import Effect, EffectKind, PendingEffect
-from .turns import SeenMessage, TurnKey
 
 log = logging.getLogger("route_sidecar.store")
 _MIGRATION_NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
@@ -52,8 +52,8 @@ class Migration:
 
 
 def load_migrations() -> list[Migration]:
-    """The numbered `.sql` files shipped as `bot.migrations`, in order, without gaps."""
-    folder = resources.files("bot.migrations")
+    """The numbered `.sql` files shipped as `route_sidecar.migrations`, in order, without gaps."""
+    folder = resources.files("route_sidecar.migrations")
     found = []
     for entry in folder.iterdir():
         match = _MIGRATION_NAME.fullmatch(entry.name)
@@ -559,7 +559,7 @@ class Tx:
             for row in rows
         ]
 
-    # events whose handling failed (bot.appservice)
+    # events whose handling failed (route_sidecar.appservice)
 
     async def count_event_failure(self, event_key: str, room_id: str | None, now: datetime) -> int:
         """One more failed attempt at an event; how many there have been."""

@@ -1,5 +1,5 @@
 -- route-sidecar schema, version 1. Append-only: never edit an applied migration.
--- No message text is stored anywhere: only salted hashes (see bot/turns.py).
+-- No message text is stored anywhere: only salted hashes (see route_sidecar/core/turns.py).
 
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,

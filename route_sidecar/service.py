@@ -1,9 +1,9 @@
 """The side-car's use cases, in one object the shells call: a room event arrives
-(bot/room_events.py), a claim is asked (bot/claims.py), an outcome is reported
-(bot/outcomes.py), time passes (the sweep, here). Each one reads state, asks the pure
+(route_sidecar/room_events.py), a claim is asked (route_sidecar/claims.py), an outcome is reported
+(route_sidecar/outcomes.py), time passes (the sweep, here). Each one reads state, asks the pure
 core (commands, policy, intents, turns) what happens, and writes the new state and the
-room events it owes (bot/outbox.py) in one database transaction through the shared
-`RouteState` (bot/state.py). It holds no routing rule of its own.
+room events it owes (route_sidecar/outbox.py) in one database transaction through the shared
+`RouteState` (route_sidecar/state.py). It holds no routing rule of its own.
 """
 
 from __future__ import annotations
@@ -13,20 +13,21 @@ import secrets
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from . import intents, outbox, replies
+from . import outbox
 from .arrivals import ARRIVALS_KEPT
 from .claims import Claims
 from .config import Config
-from .events import EncryptedMessage, Invite, Redaction, RoomMessage
-from .intents import ClaimAnswer, Intent, Timing
-from .live import LiveIntents
+from .core import intents, replies
+from .core.events import EncryptedMessage, Invite, Redaction, RoomMessage
+from .core.intents import ClaimAnswer, Intent, Timing
+from .core.live import LiveIntents
+from .core.turns import Turn
 from .metrics import Metrics
 from .outbox import Outbox
 from .outcomes import Outcomes
 from .room_events import RoomEvents, RoomPowers
 from .state import RouteState
 from .store import Store
-from .turns import Turn
 
 log = logging.getLogger("route_sidecar.service")
 SEEN_RETENTION = timedelta(hours=24)
@@ -96,7 +97,7 @@ class RouteService:
         await self.outcomes.load()
         log.info("live intents loaded count=%d", len(state.live))
 
-    # ---- room events (bot/room_events.py) --------------------------------------------
+    # ---- room events (route_sidecar/room_events.py) --------------------------------------------
 
     def accepts_invite(self, invite: Invite) -> bool:
         return self.room_events.accepts_invite(invite)
@@ -119,7 +120,7 @@ class RouteService:
     async def on_redaction(self, redaction: Redaction) -> None:
         await self.room_events.on_redaction(redaction)
 
-    # ---- claims and the API's intent view (bot/claims.py) -----------------------------
+    # ---- claims and the API's intent view (route_sidecar/claims.py) -----------------------------
 
     async def claim(self, turn: Turn) -> ClaimAnswer:
         return await self.claims.claim(turn)
@@ -130,7 +131,7 @@ class RouteService:
     async def cancel_room_intent(self, room_id: str) -> Intent | None:
         return await self.claims.cancel_room_intent(room_id)
 
-    # ---- outcomes (bot/outcomes.py) ----------------------------------------------------
+    # ---- outcomes (route_sidecar/outcomes.py) ----------------------------------------------------
 
     async def record_outcome(
         self,

@@ -1,7 +1,7 @@
 """Chat commands: message text → a command, or an error saying what to type instead.
 
 Pure: no I/O, no config file, no clock. `parse_command` knows only the syntax;
-`bot.policy` checks a parsed command against the config (targets, caps, levels).
+`route_sidecar.core.policy` checks a parsed command against the config (targets, caps, levels).
 """
 
 from __future__ import annotations

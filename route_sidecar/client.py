@@ -1,8 +1,9 @@
 """The dispatcher side: ask the side-car how to route one LLM call, report what was served.
 
-Depends on httpx and on `bot.turns` (standard library only), not on the server. Fail-open
-by design: a side-car that is down, slow past the timeout or answering garbage means
-"no override" and a logged warning, never an exception in the dispatcher's request path.
+Depends on httpx and on `route_sidecar.core.turns` (standard library only), not on the
+server. Fail-open by design: a side-car that is down, slow past the timeout or answering
+garbage means "no override" and a logged warning, never an exception in the dispatcher's
+request path.
 
     client = RouteClient("http://127.0.0.1:29334", token)
     decision = await client.claim(request=body)
@@ -23,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .turns import Turn, extract_turn
+from .core.turns import Turn, extract_turn
 
 __all__ = ["Decision", "RouteClient", "Turn", "extract_turn"]
 log = logging.getLogger("route_sidecar.client")

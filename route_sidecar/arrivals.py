@@ -1,11 +1,11 @@
 """The room messages the side-car has received, for the claims that wait on them. In
-memory; reloaded at start from the messages seen (bot/service.py)."""
+memory; reloaded at start from the messages seen (route_sidecar/service.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from .turns import Turn
+from .core.turns import Turn
 
 ARRIVALS_KEPT = 200_000  # event ids and thread roots remembered for claims to wait on
 

@@ -3,7 +3,7 @@
 -- Who sent a message seen: tells whose targets a failed turn's suggestion lists.
 ALTER TABLE seen_messages ADD COLUMN sender TEXT;
 
--- The turn an outcome belongs to (`<turn id>/<message hash>`, as bot.turns.TurnKey.ref),
+-- The turn an outcome belongs to (`<turn id>/<message hash>`, as route_sidecar.core.turns.TurnKey.ref),
 -- for calls with and without an intent, and who asked the turn's question when known.
 ALTER TABLE outcomes ADD COLUMN turn TEXT;
 ALTER TABLE outcomes ADD COLUMN asker TEXT;

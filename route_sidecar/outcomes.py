@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from . import commands, outbox, policy, replies
+from . import outbox
+from .core import commands, policy, replies
+from .core.intents import Intent
+from .core.turns import SeenMessage, Turn, TurnKey, notice_place, place_turn, resolve_room
+from .core.turns import turn_key as derive_turn_key
 from .faults import crash_point
-from .intents import Intent
 from .state import RouteState
 from .store import Tx
-from .turns import SeenMessage, Turn, TurnKey, notice_place, place_turn, resolve_room
-from .turns import turn_key as derive_turn_key
 
 log = logging.getLogger("route_sidecar.service")
 

@@ -1,7 +1,7 @@
 """Turns: which room, which turn and which user message an LLM call belongs to.
 
 Pure: request body → `Turn`; `Turn` → `TurnKey`; Matrix body → the same normal form as
-the agent's last user message, so the two can be compared by hash. `bot.client` imports
+the agent's last user message, so the two can be compared by hash. `route_sidecar.client` imports
 `extract_turn` from here: the dispatcher side and the server use one implementation.
 """
 

@@ -51,8 +51,8 @@ from mautrix.types import (
 )
 
 from .config import Config
+from .core.events import Undecryptable
 from .crypto_db import open_crypto_db
-from .events import Undecryptable
 
 log = logging.getLogger("route_sidecar.crypto")
 # Unstable keys of the transaction extensions (Synapse 1.163).

@@ -25,11 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import bearer_token, token_matches
 from .config import Config
-from .intents import ClaimAnswer, ClaimResult, Intent, Timing, expires_at
+from .core.intents import ClaimAnswer, ClaimResult, Intent, Timing, expires_at
+from .core.turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
 from .listeners import GuardedServer, connection_limit
 from .metrics import Metrics
 from .service import RouteService
-from .turns import MAX_ID_LENGTH, Turn, extract_turn, merge_turn
 
 log = logging.getLogger("route_sidecar.api")
 MAX_MODEL_LENGTH = 255
@@ -56,7 +56,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 
 def malformed_response(status: int, message: str) -> web.Response:
-    """A request aiohttp could not parse (bot.listeners)."""
+    """A request aiohttp could not parse (route_sidecar.listeners)."""
     return error_response(status, "bad_request", message)
 
 
@@ -256,7 +256,7 @@ class LookupApi:
         self.service = service
         self.metrics = metrics
         self._tokens = [t.encode() for t in config.api.tokens]
-        self._openapi = resources.files("bot").joinpath("openapi.json").read_bytes()
+        self._openapi = resources.files("route_sidecar").joinpath("openapi.json").read_bytes()
         self._continued: dict[int, tuple[ClaimAnswer, bytes]] = {}  # id → answer, its body
         paths: dict[str, _Path] = {}
         for method, path, handler, authed in ROUTES:

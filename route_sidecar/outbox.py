@@ -1,6 +1,6 @@
 """The outbox: every room event the side-car owes (a reply, a receipt, an edit, a
 reaction, a leave) is queued as an `Effect` in the same database transaction as the
-change that owes it, and sent by bot/matrix.py, which reads `PendingEffect`s back.
+change that owes it, and sent by route_sidecar/matrix.py, which reads `PendingEffect`s back.
 This module is the one place for the kinds of effect, their keys and their rows: a key
 names what the event is about, so queueing the same one twice is a no-op (the table's
 unique key), and a crash between the change and the send loses nothing.
@@ -153,7 +153,7 @@ def suggestion(room_id: str, turn_ref: str, content: dict[str, Any]) -> Effect:
 
 
 def undecryptable(room_id: str, sender: str, bucket: int, content: dict[str, Any]) -> Effect:
-    """One per sender, room and time bucket (bot.service.UNDECRYPTABLE_NOTICE_EVERY)."""
+    """One per sender, room and time bucket (route_sidecar.service.UNDECRYPTABLE_NOTICE_EVERY)."""
     key = f"{EffectKind.UNDECRYPTABLE}:{room_id}:{sender}:{bucket}"
     return Effect(key, room_id, ROOM_MESSAGE, content)
 

@@ -19,17 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import policy
 from .auth import bearer_token, token_matches
 from .config import Config
-from .events import EncryptedMessage, Invite, Redaction, RoomMessage, Undecryptable, parse_event
+from .core import policy
+from .core.events import (
+    EncryptedMessage,
+    Invite,
+    Redaction,
+    RoomMessage,
+    Undecryptable,
+    parse_event,
+)
 from .faults import crash_point, fail_point
 from .listeners import GuardedAppRunner, connection_limit
 from .matrix import NOT_ALLOWED, MatrixBot
 from .metrics import Metrics
 from .service import RouteService, utcnow
 
-if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
+if TYPE_CHECKING:  # route_sidecar.crypto needs python-olm, an optional dependency
     from .crypto import BotCrypto
 
 log = logging.getLogger("route_sidecar.appservice")

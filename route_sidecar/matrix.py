@@ -21,13 +21,14 @@ from mautrix.client.state_store import MemoryStateStore
 from mautrix.errors import MatrixRequestError, MatrixStandardRequestError
 from mautrix.types import EventType, RoomID, UserID
 
-from . import outbox, policy, replies
+from . import outbox
 from .config import Config
+from .core import policy, replies
 from .faults import crash_point
 from .metrics import Metrics
 from .store import Store
 
-if TYPE_CHECKING:  # bot.crypto needs python-olm, an optional dependency
+if TYPE_CHECKING:  # route_sidecar.crypto needs python-olm, an optional dependency
     from .crypto import BotCrypto
 
 log = logging.getLogger("route_sidecar.matrix")

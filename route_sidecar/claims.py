@@ -1,6 +1,6 @@
 """Where a claim is answered (`POST /v1/claim`, SPEC "The lookup API"): the room is found
-(the hint, else the message hash), the turn key derived (bot/turns.py), and the room's
-intents asked whether this call's turn is theirs (bot/intents.py `claim_among`). A
+(the hint, else the message hash), the turn key derived (core/turns.py), and the room's
+intents asked whether this call's turn is theirs (core/intents.py `claim_among`). A
 later call of a bound turn, the common case, is answered in memory. The lookup API's
 view of a room's intent (`GET`/`DELETE /v1/rooms/{id}/intent`) is here too.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from . import intents, outbox, replies
+from . import outbox
+from .core import intents, replies
+from .core.intents import ClaimAnswer, ClaimResult, EndReason, Intent, Route
+from .core.turns import Turn, TurnKey, is_ambiguous, is_command_turn, place_turn, resolve_room
+from .core.turns import turn_key as derive_turn_key
 from .faults import crash_point
-from .intents import ClaimAnswer, ClaimResult, EndReason, Intent, Route
 from .state import RouteState
-from .turns import Turn, TurnKey, is_ambiguous, is_command_turn, place_turn, resolve_room
-from .turns import turn_key as derive_turn_key
 
 log = logging.getLogger("route_sidecar.service")
 CLAIM_WAIT_SECONDS = 0.5  # the longest a claim waits for its turn's message to arrive

@@ -35,7 +35,7 @@ class Sidecar:
     store: Store
     service: RouteService
     bot: MatrixBot
-    crypto: Any = None  # bot.crypto.BotCrypto when encryption is on
+    crypto: Any = None  # route_sidecar.crypto.BotCrypto when encryption is on
     runners: list[web.BaseRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,7 +131,7 @@ async def start_sidecar(config: Config) -> Sidecar:
 
 
 async def _pickle_key(config: Config, store: Store) -> str | None:
-    """The crypto store's pickle key, from its own file (bot/crypto_db.keep_pickle_key).
+    """The crypto store's pickle key, from its own file (route_sidecar/crypto_db.keep_pickle_key).
     One that earlier versions kept in the database is moved out of it, and its bytes with
     it; an encryption store they left at a misplaced path is moved in first."""
     async with store.atomic() as tx:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from .commands import DEFAULT_PREFIXES, RESERVED_WORDS, parse_duration
+from .core.commands import DEFAULT_PREFIXES, RESERVED_WORDS, parse_duration
 
 SECRET_ENV = {
     ("appservice", "as_token"): "ROUTE_SIDECAR_AS_TOKEN",

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..config import Target
 from .commands import RouteTo, format_command, format_duration
-from .config import Target
 from .history import PastTurn
 from .intents import EndReason, Intent, IntentState, Timing, expires_at
 

@@ -1,6 +1,6 @@
 """What the side-car does with room events: every message is seen (its salted hash, for
-message-hash room resolution), a `/route` command is parsed (bot/commands.py), checked
-(bot/policy.py) and applied to the room's intent (bot/intents.py), with its reply queued
+message-hash room resolution), a `/route` command is parsed (core/commands.py), checked
+(core/policy.py) and applied to the room's intent (core/intents.py), with its reply queued
 in the same transaction; redactions cancel, unreadable messages get a notice.
 """
 
@@ -11,14 +11,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
-from . import commands, history, intents, outbox, policy, replies
-from .events import EncryptedMessage, Invite, Redaction, RoomMessage
+from . import outbox
+from .core import commands, history, intents, policy, replies
+from .core.events import EncryptedMessage, Invite, Redaction, RoomMessage
+from .core.intents import EndReason, Intent
+from .core.questions import LastQuestions, Question
+from .core.turns import SeenMessage, message_hash
 from .faults import crash_point
-from .intents import EndReason, Intent
-from .questions import LastQuestions, Question
 from .state import RouteState
 from .store import Tx
-from .turns import SeenMessage, message_hash
 
 log = logging.getLogger("route_sidecar.service")
 LEAVING = "leaving"  # the result label of a `/route leave` that is honoured
@@ -38,7 +39,7 @@ class RoomEvents:
         self.state = state
         # SPEC "Retry": each room's last question, in memory only.
         self.questions = LastQuestions(state.config.routing.intent_ttl)
-        self.room_powers: RoomPowers | None = None  # set by the composition root (bot.app)
+        self.room_powers: RoomPowers | None = None  # set by the composition root, app.py
 
     def accepts_invite(self, invite: Invite) -> bool:
         config = self.state.config
@@ -334,7 +335,7 @@ class RoomEvents:
             state.outbox.queued()
 
     async def on_event_given_up(self, message: RoomMessage, reference: str) -> None:
-        """A message whose handling kept failing, given up (bot.appservice): a command the
+        """A message whose handling kept failing, given up (route_sidecar.appservice): a command the
         bot would have answered gets a reply with the reference its log line carries."""
         state = self.state
         config = state.config

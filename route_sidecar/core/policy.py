@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..config import Config, Target
 from .commands import RouteTo, Scope, ScopeKind, format_duration
-from .config import Config, Target
 
 RATE_WINDOW = timedelta(hours=1)
 

@@ -1,10 +1,10 @@
 """The routing state every use case shares, and the one place an intent change is
-written: the live intents in memory (bot/live.py, rebuilt from SQLite at start, so a
+written: the live intents in memory (route_sidecar/core/live.py, rebuilt from SQLite at start, so a
 claim for a room with nothing set never waits for the database), the store behind
 them, the lock that makes one writer of intents at a time, and `record_change`, which
 writes an intent's new state, keeps the memory true and queues what the room must see
-of it. The use cases (bot/room_events.py, bot/claims.py, bot/outcomes.py and the sweep
-in bot/service.py) ask the pure core what happens and write it through here.
+of it. The use cases (room_events.py, claims.py, outcomes.py and the sweep in
+service.py) ask the pure core what happens and write it through here.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 
-from . import intents, outbox, replies
+from . import outbox
 from .arrivals import Arrivals
 from .config import Config
-from .intents import EndReason, Intent, IntentState, Timing
-from .live import LiveIntents
+from .core import intents, replies
+from .core.intents import EndReason, Intent, IntentState, Timing
+from .core.live import LiveIntents
 from .metrics import Metrics
 from .outbox import Outbox
 from .store import Store, Tx
