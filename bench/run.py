@@ -5,11 +5,12 @@
     make bench ARGS=--quick          # smoke run (about 25 s): small counts, no Synapse
     .venv/bin/python -m bench --only claims,scale --json bench.json
 
-Figures: 1-2 claims against a bare aiohttp yardstick, 3 flat in scale, 4 a 200 KB OpenAI
-body, 5 appservice ingest, 6 the side-car's own time from a command's arrival to its
-reply's send, through Synapse, 7 memory, 8 start-up, 9 the reference dispatcher's latency
-with and without the side-car, 10 claims during a flood of 64 KB messages, 11 the
-database's size over days of traffic with pruning.
+Figures: 1-2 claims against a bare aiohttp yardstick (2a's instructions per claim under
+callgrind), 3 flat in scale, 4 a 200 KB OpenAI body, 5 appservice ingest, 6 the
+side-car's own time from a command's arrival to its reply's send, through Synapse, 7
+memory, 8 start-up, 9 the reference dispatcher's latency with and without the side-car,
+10 claims during a flood of 64 KB messages, 11 the database's size over days of traffic
+with pruning.
 
 HTTP load comes from wrk (one thread); with 2+ cores the servers run pinned to CPU 0
 and wrk to CPU 1. Not a test: targets missed are reported, not raised; the exit status
@@ -36,13 +37,24 @@ from .flood import flood_figures
 from .growth import growth_figures
 from .http import Wrk
 from .ingest import ingest_figures
+from .instructions import instruction_figures
 from .memory import memory_figures
 from .report import Row
 from .scale import ScalePlan, scale_figures
 from .servers import SERVER_CPU, Server, SidecarConfig, pinning_available, start_bare
 from .servers import start_sidecar as spawn_sidecar
 
-FIGURES = ("claims", "memory", "ingest", "flood", "scale", "matrix", "dispatcher", "growth")
+FIGURES = (
+    "claims",
+    "memory",
+    "ingest",
+    "flood",
+    "scale",
+    "instructions",
+    "matrix",
+    "dispatcher",
+    "growth",
+)
 NEEDS_MAIN_SIDECAR = {"claims", "memory", "ingest", "flood"}
 
 
@@ -63,6 +75,7 @@ class Plan:
     dispatcher_requests: int
     growth_days: int
     growth_turns: int
+    instruction_claims: int
 
 
 FULL = Plan(
@@ -81,6 +94,7 @@ FULL = Plan(
     dispatcher_requests=1000,
     growth_days=12,
     growth_turns=100,
+    instruction_claims=3000,
 )
 QUICK = Plan(
     quick=True,
@@ -98,8 +112,9 @@ QUICK = Plan(
     dispatcher_requests=0,
     growth_days=6,
     growth_turns=5,
+    instruction_claims=300,
 )
-SKIPPED_WHEN_QUICK = {"matrix", "dispatcher"}
+SKIPPED_WHEN_QUICK = {"matrix", "dispatcher", "instructions"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -242,6 +257,11 @@ class Bench:
                 plan.warmup_requests,
             )
             self.figure("scale", lambda: scale_figures(self.wrk, self.work, scale_plan, self.pin))
+        if "instructions" in figures:
+            self.figure(
+                "instructions",
+                lambda: instruction_figures(self.wrk, self.work, plan.instruction_claims),
+            )
         if "matrix" in figures:
             from .matrix import matrix_figures
 

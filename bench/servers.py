@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,13 +201,19 @@ class SidecarConfig:
         }
 
 
-def start_sidecar(config: SidecarConfig, name: str = "side-car", cpu: int | None = None) -> Server:
-    """Start `route-sidecar run` (not waiting for it: see `Server.wait_ready`)."""
+def start_sidecar(
+    config: SidecarConfig,
+    name: str = "side-car",
+    cpu: int | None = None,
+    wrapper: Sequence[str] = (),
+) -> Server:
+    """Start `route-sidecar run` (not waiting for it: see `Server.wait_ready`), under
+    `wrapper` (valgrind, say) when given."""
     config.work.mkdir(parents=True, exist_ok=True)
     path = config.work / f"{name}.yaml"
     path.write_text(json.dumps(config.as_dict()), encoding="utf-8")
     path.chmod(0o600)
-    command = pinned([sys.executable, "-m", "route_sidecar", "run", "-c", str(path)], cpu)
+    command = pinned([*wrapper, sys.executable, "-m", "route_sidecar", "run", "-c", str(path)], cpu)
     process, started = _spawn(command, config.work / f"{name}.log")
     log_path = config.work / f"{name}.log"
     return Server(
@@ -217,10 +224,10 @@ def start_sidecar(config: SidecarConfig, name: str = "side-car", cpu: int | None
 # ---- the yardstick --------------------------------------------------------------------------
 
 
-def start_bare(work: Path, cpu: int | None = None) -> Server:
+def start_bare(work: Path, cpu: int | None = None, wrapper: Sequence[str] = ()) -> Server:
     """Start bench/bare.py on a free port with a fresh token (in its environment)."""
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "BENCH_BARE_TOKEN": token}
-    command = pinned([sys.executable, "-m", "bench.bare", "--port", str(port)], cpu)
+    command = pinned([*wrapper, sys.executable, "-m", "bench.bare", "--port", str(port)], cpu)
     process, started = _spawn(command, work / "bare.log", env)
     return Server("bare aiohttp", process, port, token, work / "bare.log", started)

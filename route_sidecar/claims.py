@@ -34,10 +34,18 @@ class Claims:
             arrived = await state.arrivals.wait(turn.turn_id, CLAIM_WAIT_SECONDS)
             log.info("claim waited for its message turn=%s arrived=%s", turn.turn_id, arrived)
         live = state.live
-        room_id = state.known_room(turn.room_id)
-        if (room_id is not None or not live) and room_id not in live:
-            # The common case, answered before any hashing: nothing is set for the room.
-            return ClaimAnswer(False, ClaimResult.NO_INTENT, turn.room_id, turn.turn_id)
+        room_id = turn.room_id
+        if room_id is None:
+            if not live:  # nothing is set anywhere: no room to look for
+                return ClaimAnswer(False, ClaimResult.NO_INTENT, None, turn.turn_id)
+        elif room_id not in live:
+            if room_id in state.arrivals.rooms:
+                # The common case, answered before any hashing: nothing is set for the room.
+                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            # A room id naming no room the side-car knows counts as absent (state.known_room).
+            if not live:
+                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            room_id = None
         key = derive_turn_key(turn, state.salt)
         if room_id is None and key is not None and key.message_hash is not None:
             async with state.store.atomic(durable=False) as tx:

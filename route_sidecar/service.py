@@ -160,7 +160,8 @@ class RouteService:
         now = state.clock()
         await self._save_claim_times()
         timing = state.timing
-        if any(intents.advance(i, now, timing) != i for i in list(state.live.values())):
+        live = state.live.values()  # once a second over every live intent: read it once
+        if any(intents.advance(i, now, timing) != i for i in live):
             async with state.lock:
                 changed = [
                     (intent, advanced)
@@ -177,20 +178,23 @@ class RouteService:
                             after.state,
                         )
                 state.outbox.queued()
-        await self._tell_reasks_not_taken(now)
+            live = state.live.values()  # what the changes left
+        await self._tell_reasks_not_taken(live, now)
         self.room_events.questions.forget_expired(now)
         self.outcomes.forget_quiet_failures(now)
         state.metrics.active_intents.set(len(state.live))
 
-    async def _tell_reasks_not_taken(self, now: datetime) -> None:
+    async def _tell_reasks_not_taken(self, live: list[Intent], now: datetime) -> None:
         """SPEC "Retry": an `again` that no turn took within `again_wait` (an agent without
         the plugin never sees its question): its reply is edited to say so, once."""
         state = self.state
         wait = state.config.routing.again_wait
         untold = [
             intent
-            for intent in state.live.values()
-            if intent.id not in self.reasks_told and intents.reask_not_taken(intent, now, wait)
+            for intent in live
+            if intent.reasks  # few are: the rest cost one attribute read
+            and intent.id not in self.reasks_told
+            and intents.reask_not_taken(intent, now, wait)
         ]
         if not untold:
             return

@@ -51,6 +51,10 @@ class LiveIntents:
     def __len__(self) -> int:
         return sum(len(intents) for intents in self._rooms.values())
 
+    def __bool__(self) -> bool:
+        """Whether anything is live anywhere (without counting: `len` walks every room)."""
+        return bool(self._rooms)
+
     def __contains__(self, room_id: object) -> bool:
         """Whether anything is live in the room."""
         return room_id in self._rooms
