@@ -76,6 +76,7 @@ class Plan:
     growth_days: int
     growth_turns: int
     instruction_claims: int
+    instruction_rounds: int
 
 
 FULL = Plan(
@@ -95,6 +96,7 @@ FULL = Plan(
     growth_days=12,
     growth_turns=100,
     instruction_claims=3000,
+    instruction_rounds=3,
 )
 QUICK = Plan(
     quick=True,
@@ -113,6 +115,7 @@ QUICK = Plan(
     growth_days=6,
     growth_turns=5,
     instruction_claims=300,
+    instruction_rounds=1,
 )
 SKIPPED_WHEN_QUICK = {"matrix", "dispatcher", "instructions"}
 
@@ -260,7 +263,9 @@ class Bench:
         if "instructions" in figures:
             self.figure(
                 "instructions",
-                lambda: instruction_figures(self.wrk, self.work, plan.instruction_claims),
+                lambda: instruction_figures(
+                    self.wrk, self.work, plan.instruction_claims, plan.instruction_rounds
+                ),
             )
         if "matrix" in figures:
             from .matrix import matrix_figures
