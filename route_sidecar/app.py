@@ -18,7 +18,7 @@ from aiohttp import web
 from .api import LookupApi
 from .appservice import AppserviceShell
 from .config import Config, ConfigError, is_loopback
-from .crypto_db import PICKLE_KEY_META, keep_pickle_key, move_misplaced_store
+from .crypto_db import PICKLE_KEY_META, crypto_store_path, keep_pickle_key, move_store_to_its_file
 from .matrix import MatrixBot, run_outbox
 from .metrics import Metrics
 from .service import RouteService, new_salt
@@ -88,7 +88,7 @@ async def start_sidecar(config: Config) -> Sidecar:
         from .crypto import BotCrypto  # python-olm: only when encryption is on
 
         assert pickle_key is not None  # kept (or made) whenever encryption is on
-        crypto = BotCrypto(config, config.database_path, pickle_key)
+        crypto = BotCrypto(config, crypto_store_path(config.database_path), pickle_key)
     bot = MatrixBot(
         config,
         store,
@@ -133,12 +133,18 @@ async def start_sidecar(config: Config) -> Sidecar:
 async def _pickle_key(config: Config, store: Store) -> str | None:
     """The crypto store's pickle key, from its own file (route_sidecar/crypto_db.keep_pickle_key).
     One that earlier versions kept in the database is moved out of it, and its bytes with
-    it; an encryption store they left at a misplaced path is moved in first."""
+    it; the encryption store they kept in the database, or left at a misplaced path, is
+    moved to its own file first."""
     async with store.atomic() as tx:
         in_meta = await tx.meta(PICKLE_KEY_META)
     path = config.database_path
     if config.encryption.enabled:
-        await asyncio.to_thread(move_misplaced_store, path, config.misplaced_crypto_stores)
+        await asyncio.to_thread(
+            move_store_to_its_file,
+            crypto_store_path(path),
+            path,
+            config.misplaced_crypto_stores,
+        )
     key = await asyncio.to_thread(keep_pickle_key, path, in_meta, config.encryption.enabled)
     if in_meta is not None and not await store.forget_meta(PICKLE_KEY_META):
         log.warning("the database's write-ahead log is in use: the old key leaves it later")

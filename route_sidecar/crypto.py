@@ -133,10 +133,10 @@ def _refusal(
 class BotCrypto:
     """The bot's device: decrypts what it receives, encrypts what it sends."""
 
-    def __init__(self, config: Config, db_path: Path, pickle_key: str) -> None:
+    def __init__(self, config: Config, crypto_path: Path, pickle_key: str) -> None:
         self.config = config
         self.db = open_crypto_db(
-            db_path, PgCryptoStore.upgrade_table, logging.getLogger("route_sidecar.crypto.db")
+            crypto_path, PgCryptoStore.upgrade_table, logging.getLogger("route_sidecar.crypto.db")
         )
         bot = UserID(config.bot_user_id)
         self.crypto_store = PgCryptoStore(bot, pickle_key, self.db)

@@ -1,7 +1,7 @@
-"""The SQLite database of mautrix's crypto and state stores, in the side-car's own file:
-keys written with fsync, and transactions that take the write lock when they begin; the
-key its pickles are encrypted with, in a file of its own; and the move of a store that
-earlier versions put in the wrong place back into that file."""
+"""The SQLite database of mautrix's crypto and state stores, in a file of its own beside
+the side-car's (keys written with fsync); the key its pickles are encrypted with, in a
+file of its own; and the move of a store from where earlier versions kept it (the
+side-car's database, or a misplaced file) into that file."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 from mautrix.util.async_db import Database, UpgradeTable
-from mautrix.util.async_db import aiosqlite as mautrix_sqlite
 from yarl import URL
 
 from .config import ConfigError
+from .store import make_private
 
-IMMEDIATE_MARK = "_route_sidecar_begins_immediate"
+CRYPTO_FILE_STEM_SUFFIX = "-crypto"
 PICKLE_KEY_SUFFIX = ".pickle-key"
 # Where versions before this one kept the pickle key: a row of the side-car's `meta` table.
 PICKLE_KEY_META = "crypto_pickle_key"
@@ -37,10 +36,13 @@ def sqlite_url(path: Path) -> URL:
     return URL.build(scheme="sqlite", path=str(path))
 
 
-def open_crypto_db(db_path: Path, upgrade_table: UpgradeTable, log: logging.Logger) -> Database:
-    begin_transactions_immediate()
+def open_crypto_db(crypto_path: Path, upgrade_table: UpgradeTable, log: logging.Logger) -> Database:
+    """mautrix's database in its own file (crypto_store_path), 0600 with its side files.
+    mautrix keeps one connection to it (its pool's default size), and nothing else
+    writes it while the side-car runs."""
+    make_private(crypto_path)
     return Database.create(
-        sqlite_url(db_path),
+        sqlite_url(crypto_path),
         upgrade_table=upgrade_table,
         # Keys are written with fsync: a lost Olm ratchet means messages nobody can read.
         db_args={"init_commands": ["PRAGMA synchronous = FULL"]},
@@ -48,54 +50,37 @@ def open_crypto_db(db_path: Path, upgrade_table: UpgradeTable, log: logging.Logg
     )
 
 
-def begin_transactions_immediate() -> None:
-    """mautrix begins its SQLite transactions DEFERRED. One that reads and then writes
-    fails at once with "database is locked" when the side-car's store has committed in
-    between (SQLite's busy timeout does not apply when a read transaction must become a
-    write one), and mautrix loses what it was storing: in the encrypted crash loop, the
-    cross-signing signatures of each device-list refresh after a restart. IMMEDIATE takes
-    the write lock when the transaction begins, waiting for it as long as the busy
-    timeout allows. (mautrix 0.21 has no setting for this: its connection class is
-    patched, once, the same way it is written.)"""
-    connection = mautrix_sqlite.TxnConnection
-    if getattr(connection.transaction, IMMEDIATE_MARK, False):
-        return
-
-    @asynccontextmanager
-    async def transaction(self: Any) -> AsyncIterator[None]:
-        if mautrix_sqlite.in_transaction.get():
-            yield
-            return
-        await self.execute("BEGIN IMMEDIATE")
-        token = mautrix_sqlite.in_transaction.set(True)
-        try:
-            yield
-        except Exception:
-            await self.rollback()
-            raise
-        else:
-            await self.commit()
-        finally:
-            mautrix_sqlite.in_transaction.reset(token)
-
-    setattr(transaction, IMMEDIATE_MARK, True)
-    connection.transaction = transaction  # type: ignore[method-assign,assignment]
+def crypto_store_path(db_path: Path) -> Path:
+    """mautrix's crypto and state stores' own SQLite file, beside the side-car's database
+    (`route-sidecar.db` -> `route-sidecar-crypto.db`), as maubot keeps its
+    `crypto_database`: each file has one writer, so mautrix's transactions, which begin
+    DEFERRED and may read before they write, never meet a commit of the side-car's store
+    (they failed with "database is locked" when both shared one file)."""
+    return db_path.with_name(f"{db_path.stem}{CRYPTO_FILE_STEM_SUFFIX}{db_path.suffix}")
 
 
-def move_misplaced_store(db_path: Path, misplaced: Sequence[Path]) -> None:
-    """Bring a device that earlier versions kept at a misplaced path (a relative database
-    path read from `/`) into the side-car's file, so the bot keeps its device and the room
-    keys it holds: mautrix's tables are copied in one transaction, then the old file is
-    removed. Done only while the side-car's file holds no device of its own; an old store
-    that is left (unreadable, or a second device) is named in the log at every start,
-    never passed over in silence."""
+def move_store_to_its_file(crypto_path: Path, db_path: Path, misplaced: Sequence[Path]) -> None:
+    """Bring the bot's device into mautrix's own file from where earlier versions kept
+    it, so the bot keeps its device and the room keys it holds: the side-car's database
+    (versions before the crypto file had mautrix's tables beside its own), then a
+    misplaced file (a relative database path read from `/`). mautrix's tables are copied
+    in one transaction, then removed from where they were: dropped from the side-car's
+    database, their pages zeroed; a misplaced file deleted. Done only while the crypto
+    file holds no device; a store that is left (unreadable, or a second device) is named
+    in the log at every start, never passed over in silence. A move cut short (copied,
+    not yet removed) is finished at the next start."""
+    make_private(crypto_path)
+    if _mautrix_tables(db_path):
+        _move_from_sidecar_database(crypto_path, db_path)
     found = [path for path in misplaced if os.path.isfile(path)]
     if not found:
         return
-    if device_in(db_path) is not None:
+    if device_in(crypto_path) is not None:
         for old in found:
             log.warning(
-                "an older encryption store is not used, remove it path=%s in_use=%s", old, db_path
+                "an older encryption store is not used, remove it path=%s in_use=%s",
+                old,
+                crypto_path,
             )
         return
     for old in found:
@@ -107,15 +92,40 @@ def move_misplaced_store(db_path: Path, misplaced: Sequence[Path]) -> None:
         if device is None:
             continue
         try:
-            _copy_mautrix_tables(old, db_path)
+            _copy_mautrix_tables(old, crypto_path)
         except sqlite3.Error as error:
             log.error(
-                "cannot move the encryption store from=%s to=%s error=%s", old, db_path, error
+                "cannot move the encryption store from=%s to=%s error=%s", old, crypto_path, error
             )
             continue
-        log.warning("encryption store moved from=%s to=%s device=%s", old, db_path, device)
+        log.warning("encryption store moved from=%s to=%s device=%s", old, crypto_path, device)
         _remove_database_file(old)
         return
+
+
+def _move_from_sidecar_database(crypto_path: Path, db_path: Path) -> None:
+    try:
+        device, in_use = device_in(db_path), device_in(crypto_path)
+        if in_use is None:
+            _copy_mautrix_tables(db_path, crypto_path)
+            log.info("encryption store moved from=%s to=%s device=%s", db_path, crypto_path, device)
+        elif device in (None, in_use):
+            log.info("the encryption store's copy left in the database removed path=%s", db_path)
+        else:
+            log.warning(
+                "a second encryption device in the database is not used path=%s device=%s"
+                " in_use=%s in_use_device=%s",
+                db_path,
+                device,
+                crypto_path,
+                in_use,
+            )
+            return
+        _drop_mautrix_tables(db_path)
+    except sqlite3.Error as error:
+        log.error(
+            "cannot move the encryption store from=%s to=%s error=%s", db_path, crypto_path, error
+        )
 
 
 def pickle_key_path(db_path: Path) -> Path:
@@ -124,13 +134,16 @@ def pickle_key_path(db_path: Path) -> Path:
 
 
 def keep_pickle_key(db_path: Path, from_meta: str | None, create: bool) -> str | None:
-    """The key the Olm account and sessions in `db_path` are pickled with, kept in its own
-    0600 file beside the database, never in it: a copy of the database alone (a backup,
-    its WAL) then cannot unpickle the bot's device. A key earlier versions kept in the
-    `meta` table is written to the file first (the caller then deletes the row). With
-    `create`, a missing key is made, unless the database holds a device already: that
-    device was pickled with a key that is lost, and a new one would not read it."""
+    """The key the Olm account and sessions in the crypto file are pickled with, kept in
+    its own 0600 file beside the side-car's database (`route-sidecar.db.pickle-key`, where
+    it has been since before the crypto file), in no database: a copy of the databases
+    alone (a backup, a WAL) then cannot unpickle the bot's device. A key earlier versions
+    kept in the `meta` table is written to the file first (the caller then deletes the
+    row). With `create`, a missing key is made, unless the crypto file holds a device
+    already: that device was pickled with a key that is lost, and a new one would not
+    read it."""
     path = pickle_key_path(db_path)
+    crypto_path = crypto_store_path(db_path)
     kept = _read_pickle_key(path)
     if from_meta is not None:
         if kept != from_meta:
@@ -143,11 +156,11 @@ def keep_pickle_key(db_path: Path, from_meta: str | None, create: bool) -> str |
         return from_meta
     if kept is not None or not create:
         return kept
-    device = device_in(db_path)
+    device = device_in(crypto_path)
     if device is not None:
         raise ConfigError(
             "",
-            f"{path} is missing: the bot's device {device} in {db_path} is encrypted with "
+            f"{path} is missing: the bot's device {device} in {crypto_path} is encrypted with "
             "the key it held; restore that file from a backup",
         )
     key = secrets.token_hex(32)
@@ -191,7 +204,10 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def device_in(path: Path) -> str | None:
-    """The bot's device id in a database file holding mautrix's crypto store, or None."""
+    """The bot's device id in a database file holding mautrix's crypto store, or None
+    (also for a file that does not exist)."""
+    if not os.path.isfile(path):
+        return None
     with closing(sqlite3.connect(_read_only(path), uri=True)) as db:
         try:
             row = db.execute(
@@ -228,6 +244,32 @@ def _copy_mautrix_tables(old: Path, db_path: Path) -> None:
             db.execute("ROLLBACK")
             raise
         db.execute("DETACH DATABASE old")
+
+
+def _mautrix_tables(path: Path) -> list[str]:
+    with closing(sqlite3.connect(_read_only(path), uri=True)) as db:
+        names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return [str(name) for (name,) in names if str(name).startswith(MAUTRIX_TABLE_PREFIXES)]
+
+
+def _drop_mautrix_tables(db_path: Path) -> None:
+    """mautrix's tables out of the side-car's database, and their bytes with them: pages
+    zeroed (secure_delete), the WAL that held earlier copies emptied (a TRUNCATE
+    checkpoint; when another connection keeps it in use, its frames go at a later one)."""
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            for (name,) in names:
+                if str(name).startswith(MAUTRIX_TABLE_PREFIXES):
+                    db.execute(f'DROP TABLE main."{name}"')
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _remove_database_file(path: Path) -> None:

@@ -1,8 +1,8 @@
-"""route_sidecar/crypto_db.move_misplaced_store: a device that earlier versions kept in a misplaced
-file (a relative database path read from `/`) is brought into the side-car's file with
-mautrix's real crypto store, the same device and account; an old store is never passed
-over in silence. (The end-to-end move, through the real `/` and Synapse, is in
-tests/e2e/test_deploy.py.)"""
+"""route_sidecar/crypto_db.move_store_to_its_file: a device that earlier versions kept in the
+side-car's database, or in a misplaced file (a relative database path read from `/`), is
+brought into mautrix's own file with mautrix's real crypto store, the same device and
+account; an old store is never passed over in silence. (The end-to-end moves, through
+the real `/` and Synapse, are in tests/e2e/test_deploy.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import stat
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ from mautrix.types import DeviceID, RoomID, UserID
 from route_sidecar.app import start_sidecar
 from route_sidecar.config import Config, ConfigError, parse_config
 from route_sidecar.crypto_db import (
+    MAUTRIX_TABLE_PREFIXES,
+    crypto_store_path,
     device_in,
-    move_misplaced_store,
+    move_store_to_its_file,
     open_crypto_db,
     pickle_key_path,
     sqlite_url,
@@ -89,21 +92,23 @@ async def test_a_misplaced_store_moves_in_with_its_device_and_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     main, old = tmp_path / "data" / "route-sidecar.db", tmp_path / "root" / "route-sidecar.db"
+    crypto = crypto_store_path(main)
     old.parent.mkdir()
     await sidecar_file(main)
     keys = await make_crypto_store(old, "OLDDEVICE")
     before = tables(main)
     with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
-        move_misplaced_store(main, [tmp_path / "elsewhere.db", old])
+        move_store_to_its_file(crypto, main, [tmp_path / "elsewhere.db", old])
     assert files_of(old) == []
-    assert before < tables(main)  # the side-car's tables kept, mautrix's added
-    assert await read_crypto_store(main) == ("OLDDEVICE", keys, True)
+    assert tables(main) == before  # the side-car's file untouched
+    assert await read_crypto_store(crypto) == ("OLDDEVICE", keys, True)
+    assert stat.S_IMODE(crypto.stat().st_mode) == 0o600
     moved = [r for r in caplog.records if "moved" in r.getMessage()]
     assert len(moved) == 1
-    assert str(old) in moved[0].getMessage() and str(main) in moved[0].getMessage()
+    assert str(old) in moved[0].getMessage() and str(crypto) in moved[0].getMessage()
     # Done once: a second start finds nothing to move and says nothing.
     caplog.clear()
-    move_misplaced_store(main, [old])
+    move_store_to_its_file(crypto, main, [old])
     assert not caplog.records
 
 
@@ -111,13 +116,14 @@ async def test_a_store_with_a_device_of_its_own_is_kept_and_the_old_one_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     main, old = tmp_path / "main.db", tmp_path / "old.db"
+    crypto = crypto_store_path(main)
     await sidecar_file(main)
-    keys = await make_crypto_store(main, "CURRENT")
+    keys = await make_crypto_store(crypto, "CURRENT")
     await make_crypto_store(old, "OLDDEVICE")
     with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
-        move_misplaced_store(main, [old])
+        move_store_to_its_file(crypto, main, [old])
     assert old.exists() and device_in(old) == "OLDDEVICE"
-    assert (await read_crypto_store(main))[:2] == ("CURRENT", keys)
+    assert (await read_crypto_store(crypto))[:2] == ("CURRENT", keys)
     [warning] = caplog.records
     assert warning.levelno == logging.WARNING and str(old) in warning.getMessage()
 
@@ -126,23 +132,89 @@ async def test_an_unreadable_old_store_is_named_and_nothing_changes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     main, old = tmp_path / "main.db", tmp_path / "old.db"
+    crypto = crypto_store_path(main)
     await sidecar_file(main)
     old.write_bytes(b"not a database, " * 512)
     before = tables(main)
     with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
-        move_misplaced_store(main, [old])
-    assert tables(main) == before and old.exists()
+        move_store_to_its_file(crypto, main, [old])
+    assert tables(main) == before and old.exists() and device_in(crypto) is None
     [error] = caplog.records
     assert error.levelno == logging.ERROR and str(old) in error.getMessage()
 
 
 async def test_a_file_without_a_device_is_not_moved(tmp_path: Path) -> None:
     main, old = tmp_path / "main.db", tmp_path / "old.db"
+    crypto = crypto_store_path(main)
     await sidecar_file(main)
     with sqlite3.connect(old) as db:
         db.execute("CREATE TABLE crypto_account (device_id TEXT)")
-    move_misplaced_store(main, [old])
-    assert old.exists() and "crypto_account" not in tables(main)
+    move_store_to_its_file(crypto, main, [old])
+    assert old.exists() and "crypto_account" not in tables(crypto)
+
+
+def sidecar_tables(path: Path) -> set[str]:
+    return {name for name in tables(path) if not name.startswith(MAUTRIX_TABLE_PREFIXES)}
+
+
+async def test_a_device_kept_in_the_sidecar_database_moves_to_its_own_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = tmp_path / "route-sidecar.db"
+    crypto = crypto_store_path(main)
+    assert crypto == tmp_path / "route-sidecar-crypto.db"
+    await sidecar_file(main)
+    keys = await make_crypto_store(main, "KEPTDEVICE")  # the layout of earlier versions
+    own = sidecar_tables(main)
+    assert own < tables(main)
+    with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
+        move_store_to_its_file(crypto, main, [])
+    assert tables(main) == own  # mautrix's tables left, the side-car's kept
+    assert b"KEPTDEVICE" not in file_bytes(main)  # their pages zeroed, the WAL emptied
+    assert await read_crypto_store(crypto) == ("KEPTDEVICE", keys, True)
+    assert [stat.S_IMODE(os.stat(name).st_mode) for name in files_of(crypto)] == [0o600] * len(
+        files_of(crypto)
+    )
+    [moved] = [r for r in caplog.records if "moved" in r.getMessage()]
+    assert f"from={main} to={crypto} device=KEPTDEVICE" in moved.getMessage()
+    caplog.clear()
+    move_store_to_its_file(crypto, main, [])
+    assert not caplog.records
+
+
+async def test_a_move_cut_short_after_the_copy_is_finished_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = tmp_path / "route-sidecar.db"
+    crypto = crypto_store_path(main)
+    await sidecar_file(main)
+    keys = await make_crypto_store(main, "KEPTDEVICE")
+    # Killed between the copy (committed) and the drop: both files hold the device.
+    with closing(sqlite3.connect(main)) as src, closing(sqlite3.connect(crypto)) as dst:
+        src.backup(dst)
+    with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
+        move_store_to_its_file(crypto, main, [])
+    assert tables(main) == sidecar_tables(main)
+    assert await read_crypto_store(crypto) == ("KEPTDEVICE", keys, True)
+    [finished] = caplog.records
+    assert "left in the database removed" in finished.getMessage()
+
+
+async def test_a_second_device_in_the_database_is_named_and_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = tmp_path / "route-sidecar.db"
+    crypto = crypto_store_path(main)
+    await sidecar_file(main)
+    keys = await make_crypto_store(crypto, "CURRENT")
+    await make_crypto_store(main, "OTHER")
+    with caplog.at_level(logging.INFO, "route_sidecar.crypto"):
+        move_store_to_its_file(crypto, main, [])
+    assert device_in(main) == "OTHER"  # nothing deleted that is not used elsewhere
+    assert (await read_crypto_store(crypto))[:2] == ("CURRENT", keys)
+    [warning] = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert all(part in warning.getMessage() for part in (str(main), "OTHER", "CURRENT"))
 
 
 def test_a_database_url_is_built_from_an_absolute_path_only(tmp_path: Path) -> None:
@@ -201,8 +273,10 @@ async def test_a_key_earlier_versions_kept_in_the_database_leaves_it_and_the_dev
     assert key_file.read_text().strip() == PICKLE_KEY
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert [r for r in caplog.records if "pickle key moved" in r.getMessage()]
-    # The Olm account still unpickles with the key from its file: the same device.
-    assert await read_crypto_store(database) == ("KEPTDEVICE", keys, True)
+    # The Olm account still unpickles with the key from its file: the same device, now in
+    # mautrix's own file.
+    assert await read_crypto_store(crypto_store_path(database)) == ("KEPTDEVICE", keys, True)
+    assert device_in(database) is None
     # A second start finds the key in its file and leaves it there.
     caplog.clear()
     sidecar = await start_sidecar(encrypted_config(database))

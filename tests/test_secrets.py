@@ -24,7 +24,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from route_sidecar.config import ConfigError, encryption_available, parse_config
-from route_sidecar.crypto_db import pickle_key_path
+from route_sidecar.crypto_db import crypto_store_path, pickle_key_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.yaml"
@@ -164,6 +164,9 @@ def test_every_file_the_sidecar_writes_is_private_whatever_the_umask(tmp_path: P
         assert {"route-sidecar.db", "route-sidecar.db-wal", "route-sidecar.db-shm"} <= set(files)
         if encryption:
             files["pickle key"] = mode(pickle_key_path(database))
+            crypto = database_files(crypto_store_path(database))
+            assert "route-sidecar-crypto.db" in crypto  # made before mautrix opens it
+            files.update(crypto)
         assert files == dict.fromkeys(files, 0o600)
     assert database_files(database) == dict.fromkeys(database_files(database), 0o600)
 

@@ -2,8 +2,9 @@
 run by an unprivileged user (`nobody`, who cannot write `/`) in a fresh folder, with the
 example config and its relative `database`; then a command in an encrypted room on a real
 Synapse gets its encrypted reply. Again with `-c sub/config.yaml` from the folder above.
-And a deployment that earlier versions left with its encryption store at the filesystem
-root gets it moved back, keeping the bot's device."""
+And deployments that earlier versions left with their encryption store elsewhere (at the
+filesystem root, or in the side-car's own database) get it moved to its file, keeping
+the bot's device."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from route_sidecar.config import load_config
 from route_sidecar.crypto_db import (
     MAUTRIX_TABLE_PREFIXES,
     PICKLE_KEY_META,
+    crypto_store_path,
     device_in,
     pickle_key_path,
 )
@@ -314,22 +316,35 @@ async def test_the_readme_deploy_steps_work_as_an_unprivileged_user(
             local_synapse.stop(hs.data_dir)
         text = log.read_text(errors="replace")
         assert "encryption setup failed" not in text, text[-3000:]
-        # The device and its keys are in the side-car's own file, 0600, and nowhere else.
-        assert device_in(loaded.database_path) is not None
-        assert loaded.database_path.stat().st_mode & 0o077 == 0
+        # The device and its keys are in mautrix's own file beside the database, 0600
+        # with its side files, and nowhere else.
+        crypto = crypto_store_path(loaded.database_path)
+        assert device_in(crypto) is not None and device_in(loaded.database_path) is None
+        written = database_files(loaded.database_path, crypto)
+        assert crypto in written
+        assert [name for name in written if name.stat().st_mode & 0o077] == []
         assert not [old for old in loaded.misplaced_crypto_stores if old.exists()]
         assert set(os.listdir("/")) <= root_before, "the side-car wrote outside its folder"
         if deployer.unprivileged:
-            assert loaded.database_path.stat().st_uid == NOBODY
+            assert {name.stat().st_uid for name in written} == {NOBODY}
+
+
+def database_files(*databases: Path) -> list[Path]:
+    """The databases with the side files SQLite made beside them."""
+    names = (
+        Path(f"{database}{suffix}") for database in databases for suffix in ("", "-wal", "-shm")
+    )
+    return [name for name in names if name.exists()]
 
 
 def split_like_earlier_versions(seed: Path, main: Path, misplaced: Path) -> None:
-    """From one database holding both, the layout earlier versions left: the side-car's
-    tables in `main`, with the crypto pickle key in its `meta` table (not in a file of its
-    own), mautrix's at `misplaced`."""
+    """From a deployment of this version (`seed` and its crypto file), the layout the
+    versions of issue 17 left: the side-car's tables in `main`, with the crypto pickle key
+    in its `meta` table (not in a file of its own), mautrix's at `misplaced`."""
     key = pickle_key_path(seed).read_text(encoding="utf-8").strip()
     for target, keep_mautrix in ((main, False), (misplaced, True)):
-        with closing(sqlite3.connect(seed)) as src, closing(sqlite3.connect(target)) as dst:
+        source = crypto_store_path(seed) if keep_mautrix else seed
+        with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
             src.backup(dst)
             names = [r[0] for r in dst.execute("SELECT name FROM sqlite_master WHERE type='table'")]
             for name in names:
@@ -382,10 +397,11 @@ async def test_a_store_earlier_versions_put_at_the_root_is_moved_back_keeping_th
                     if "encryption store moved" in line
                 ]
                 assert len(moved) == 1, sidecar.log_tail()
-                assert f"from={misplaced}" in moved[0] and f"to={main}" in moved[0]
+                crypto = crypto_store_path(main)
+                assert f"from={misplaced}" in moved[0] and f"to={crypto}" in moved[0]
                 assert f"device={devices[0]}" in moved[0]
                 assert not misplaced.exists()
-                assert device_in(main) == devices[0]
+                assert device_in(crypto) == devices[0]
                 # The pickle key left the database for a private file of its own.
                 assert pickle_key_path(main).stat().st_mode & 0o777 == 0o600
                 with closing(sqlite3.connect(main)) as db:
@@ -400,3 +416,62 @@ async def test_a_store_earlier_versions_put_at_the_root_is_moved_back_keeping_th
 def remove_database(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def join_like_earlier_versions(main: Path) -> None:
+    """The layout of the versions before mautrix's stores had a file of their own: its
+    tables in the side-car's database, beside the side-car's; no crypto file."""
+    crypto = crypto_store_path(main)
+    with closing(sqlite3.connect(main, isolation_level=None)) as db:
+        db.execute("ATTACH DATABASE ? AS crypto", (str(crypto),))
+        schema = db.execute(
+            "SELECT type, name, sql FROM crypto.sqlite_master WHERE sql IS NOT NULL"
+            " ORDER BY type = 'index', rowid"
+        ).fetchall()
+        db.execute("BEGIN")
+        for kind, name, sql in schema:
+            db.execute(sql)  # unqualified: created in main
+            if kind == "table":
+                db.execute(f'INSERT INTO main."{name}" SELECT * FROM crypto."{name}"')
+        db.execute("COMMIT")
+        db.execute("DETACH DATABASE crypto")
+    remove_database(crypto)
+
+
+@in_session_loop
+async def test_a_store_earlier_versions_kept_in_the_database_moves_to_its_file_keeping_the_device(
+    tmp_path: Path,
+) -> None:
+    python = synapse_python()
+    if python is None:
+        pytest.fail("Synapse is required: run `make test`, which installs it")
+    with synapse_and_sidecar(tmp_path, python) as (hs, sidecar):
+        main = sidecar.db_path
+        crypto = crypto_store_path(main)
+        async with alice_on(hs.base_url) as alice:
+            room = await encrypted_command_is_answered(alice)
+            devices = await bot_devices(alice)
+            assert len(devices) == 1 and device_in(crypto) == devices[0]
+            sidecar.stop()
+            join_like_earlier_versions(main)
+            assert device_in(main) == devices[0] and not crypto.exists()
+            sidecar.start()
+            await asyncio.to_thread(
+                wait_for_log,
+                sidecar.log_path,
+                "encryption ready",
+                sidecar.process,  # type: ignore[arg-type]
+                60,
+            )
+            moved = [
+                line
+                for line in sidecar.log_path.read_text().splitlines()
+                if "encryption store moved" in line
+            ]
+            assert len(moved) == 1, sidecar.log_tail()
+            assert f"from={main} to={crypto} device={devices[0]}" in moved[0]
+            assert device_in(crypto) == devices[0] and device_in(main) is None
+            # The bot still reads the room (its Megolm sessions came along) and answers
+            # with the same device: nobody has to verify it again.
+            await encrypted_command_is_answered(alice, room)
+            assert await bot_devices(alice) == devices
