@@ -21,6 +21,12 @@ HERMES_VERSIONS := 0.13.0 0.19.0
 HERMES_INSTALLED := $(foreach v,$(HERMES_VERSIONS),$(HERMES_VENVS)/$(v)/.installed)
 HERMES_TESTS := tests/test_hermes_plugin.py tests/test_hermes_install.py
 LITELLM_VENV := .venv-litellm
+# The dispatcher's client as a dispatcher author installs it (integrations/client, not
+# editable, httpx alone): tests/test_client_install.py checks what it brought and claims
+# through it.
+CLIENT_VENV := .venv-client
+# (Its files are symbolic links to route_sidecar's: make reads their targets' times.)
+CLIENT_DIST := $(wildcard integrations/client/*.* integrations/client/core/*.py)
 # The side-car installed as README "Deploying" installs it (not editable), with a Python an
 # unprivileged user may run: tests/e2e/test_deploy.py follows those steps as `nobody`.
 DEPLOY_VENV := .venv-deploy
@@ -82,12 +88,23 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
-	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed $(GPTBOT_VENV)/.installed
+	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed $(GPTBOT_VENV)/.installed \
+	$(CLIENT_VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt)
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt) $(VENV)/.client
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(call constrained,sidecar) -e '.[test,encryption,fuzz]'
+	touch $@
+
+# The reference dispatcher (demo, tests) imports the client as dispatchers do:
+# route_sidecar_client from integrations/client, installed as a copy (mypy reads its
+# types from there: an editable install of a folder named otherwise hides them), and
+# reinstalled whenever its files change.
+$(VENV)/.client: $(CLIENT_DIST)
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --force-reinstall --no-deps ./integrations/client
+	rm -rf integrations/client/build
 	touch $@
 
 $(SYNAPSE_VENV)/.installed:
@@ -113,11 +130,24 @@ $(HERMES_VENVS)/%/.installed: pyproject.toml
 		'hermes-agent==$*'
 	touch $@
 
-$(LITELLM_VENV)/.installed: pyproject.toml
+# The side-car itself is there for the tests (they start one); the hook imports only the
+# client, route_sidecar_client.
+$(LITELLM_VENV)/.installed: pyproject.toml $(CLIENT_DIST)
 	$(PYTHON) -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(LITELLM_VENV)/bin/pip install --quiet $(call constrained,litellm) -e '.[test]' \
 		$(LITELLM_PACKAGES)
+	$(LITELLM_VENV)/bin/pip install --quiet --force-reinstall --no-deps ./integrations/client
+	rm -rf integrations/client/build
+	touch $@
+
+# Reinstalled whenever the client's files change: it is a copy, not an editable install.
+$(CLIENT_VENV)/.installed: $(CLIENT_DIST)
+	test -x $(CLIENT_VENV)/bin/pip || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/pip install --quiet --upgrade pip
+	$(CLIENT_VENV)/bin/pip install --quiet $(call constrained,client) --force-reinstall \
+		./integrations/client
+	rm -rf integrations/client/build
 	touch $@
 
 $(GPTBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
@@ -144,15 +174,18 @@ $(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
 lock:
 	mkdir -p $(LOCK)
 	set -e; freeze() { $$1/bin/pip freeze --exclude-editable --all \
-		| grep -v -i -E '^(route-sidecar|pip|setuptools|wheel)( @|==)' > $(LOCK)/$$2.txt; }; \
+		| grep -v -i -E '^(route-sidecar|route-sidecar-client|pip|setuptools|wheel)( @|==)' \
+		> $(LOCK)/$$2.txt; }; \
 	freeze $(VENV) sidecar; \
 	freeze $(SYNAPSE_VENV) synapse-$(SYNAPSE_VERSION); \
 	for v in $(SYNAPSE_COMPAT_VERSIONS); do freeze .venv-synapse-$$v synapse-$$v; done; \
 	for v in $(HERMES_VERSIONS); do freeze $(HERMES_VENVS)/$$v hermes-$$v; done; \
 	freeze $(LITELLM_VENV) litellm; \
-	freeze $(GPTBOT_VENV) gptbot
+	freeze $(GPTBOT_VENV) gptbot; \
+	freeze $(CLIENT_VENV) client
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) $(GPTBOT_VENV) .run \
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) $(GPTBOT_VENV) \
+		$(CLIENT_VENV) .run \
 		.pytest_cache .hypothesis
 	rm -rf .venv-synapse-*

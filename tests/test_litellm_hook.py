@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -443,3 +445,26 @@ def test_a_bad_setting_stops_the_proxy_at_start_naming_it(
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=named):
         load_hook_as_the_proxy_does()
+
+
+def test_the_hook_imports_the_client_distribution_not_the_side_car(tmp_path: Path) -> None:
+    """Issue 15, item 6: the proxy's environment needs route-sidecar-client (httpx alone),
+    not the side-car: importing the hook loads `route_sidecar_client` and no module of
+    the server's package."""
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(EXAMPLE_CONFIG.parent)!r})\n"
+        "import route_hook\n"
+        "print(sorted(m for m in sys.modules if m == 'route_sidecar'"
+        " or m.startswith('route_sidecar.')), route_hook.RouteClient.__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[] route_sidecar_client"

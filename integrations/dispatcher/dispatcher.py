@@ -25,9 +25,8 @@ from pathlib import Path
 
 import httpx
 from aiohttp import web
+from route_sidecar_client import Decision, RouteClient
 from ruamel.yaml import YAML
-
-from route_sidecar.client import Decision, RouteClient
 
 log = logging.getLogger("dispatcher")
 # Fields an OpenAI-compatible upstream may refuse: OpenAI rejects `metadata` without

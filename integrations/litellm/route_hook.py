@@ -32,11 +32,11 @@ from typing import Any, NamedTuple
 from litellm.integrations.custom_logger import CustomLogger
 
 try:
-    from route_sidecar.client import DEFAULT_TIMEOUT, Decision, RouteClient, extract_turn
+    from route_sidecar_client import DEFAULT_TIMEOUT, Decision, RouteClient, extract_turn
 except ImportError as error:  # the proxy's venv, not ours: say what to install
     raise ImportError(
         "route_hook needs route-sidecar's client in the LiteLLM proxy's environment: "
-        "pip install <route-sidecar checkout>"
+        "pip install <route-sidecar checkout>/integrations/client"
     ) from error
 
 __all__ = ["CLAIMED_CALL_TYPES", "ClaimedCall", "RouteHook", "ServedDeployment", "route_hook"]
