@@ -219,7 +219,9 @@ def device_in(path: Path) -> str | None:
 
 
 def _copy_mautrix_tables(old: Path, db_path: Path) -> None:
-    with closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+    # Opened as a URI: only then does SQLite read the ATTACHed `?mode=ro` URI as one
+    # (unless it was built with SQLITE_USE_URI), not as a file name.
+    with closing(sqlite3.connect(db_path.as_uri(), uri=True, isolation_level=None)) as db:
         db.execute("PRAGMA busy_timeout = 5000")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("ATTACH DATABASE ? AS old", (_read_only(old),))
