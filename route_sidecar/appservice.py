@@ -289,7 +289,20 @@ class AppserviceShell:
         await self._answer_given_up(event, reference)
 
     async def _answer_given_up(self, event: Any, reference: str) -> None:
-        message = event if isinstance(event, RoomMessage) else parse_event(event)
+        """A command given up gets a reply with the reference; an encrypted one is
+        decrypted for it first. An event that cannot be read or parsed gets none (the
+        log line that gave it up names it), and never holds up the transaction."""
+        try:
+            message = event if isinstance(event, RoomMessage) else parse_event(event)
+            if isinstance(message, EncryptedMessage) and self.crypto is not None:
+                message = parse_event(await self.crypto.decrypt(event))
+        except Exception as error:
+            log.warning(
+                "event given up without a reply reference=%s error=%s",
+                reference,
+                type(error).__name__,
+            )
+            return
         if isinstance(message, RoomMessage):
             await self.service.on_event_given_up(message, reference)
 
@@ -356,6 +369,7 @@ class AppserviceShell:
                 await tx.hold_undecrypted(event.event_id, event.room_id, error.session_id, raw, now)
             self._wait_for_key(raw, event, error.session_id, now)
             return
+        fail_point("event-received", decrypted)  # its body is known from here on
         await self.handle_event(decrypted)
 
     def _wait_for_key(

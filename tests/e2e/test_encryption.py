@@ -10,9 +10,11 @@ during the wait); a message it cannot decrypt gets one plain notice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +24,7 @@ import pytest_asyncio
 from mautrix.types import DeviceID, EventType, RoomID, TrustState, UserID
 
 from demo.encrypted_user import EncryptedUser
+from route_sidecar import faults
 
 from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to, joined
 
@@ -299,3 +302,43 @@ async def test_a_message_waiting_for_its_key_in_a_crash_gets_it_by_request_after
     assert len(answered_for_bot(alice)) == answered + 1
     assert waiting_for_key(sidecar) == []
     assert cannot_decrypt_notices(await alice.events(room)) == []
+
+
+@contextmanager
+def failing_on(sidecar: Sidecar, marker: str) -> Iterator[None]:
+    """The side-car restarted with a fail point on (decrypted) messages holding `marker`,
+    then restarted without it."""
+    saved = os.environ.pop(faults.FAIL_ENV, None)
+    os.environ[faults.FAIL_ENV] = f"event-received:{marker}"
+    try:
+        sidecar.restart()
+    finally:
+        os.environ.pop(faults.FAIL_ENV, None)
+        if saved is not None:
+            os.environ[faults.FAIL_ENV] = saved
+    try:
+        yield
+    finally:
+        sidecar.restart()
+
+
+async def test_an_encrypted_command_that_always_fails_gets_a_reference_encrypted(
+    alice: EncryptedUser, lookup: LookupClient, sidecar: Sidecar
+) -> None:
+    """A poison event in an encrypted room: given up after MAX_EVENT_ATTEMPTS like a plain
+    one, and its sender told so with the reference (decrypted again for the reply)."""
+    marker = f"POISON-{uuid.uuid4().hex[:8]}"
+    room = await room_with_bot(alice, encrypted=True)
+    with failing_on(sidecar, marker):
+        poison = await alice.say(room, f"!route cloud {marker}")
+        reply = await alice.wait_reply(room, poison, timeout=90)
+        assert reply["encrypted"] is True, reply
+        body = reply["content"]["body"]
+        assert "Failed to handle command" in body and "(reference: " in body, body
+        reference = body.split("(reference: ", 1)[1].split(")", 1)[0]
+        assert await lookup.room_intent(room) is None  # never applied
+        log = sidecar.log_path.read_text(errors="replace")
+        assert f"event given up room={room} event={poison}" in log
+        assert f"reference={reference}" in log
+    later = await command(alice, room, "!route local")  # the room goes on
+    assert "Routing the next turn" in later["content"]["body"]
