@@ -40,6 +40,10 @@ SHELLS = {
     "state",
     "store",
 }
+# Subpackages beside `core`: the database's records (a shell: SQLite rows), and the
+# migrations (`.sql` files, no code).
+SHELL_PACKAGES = {"records"}
+DATA_PACKAGES = {"migrations"}
 # The standard library the core may use: computation only (an allow-list, so a new
 # import is a decision, not an accident).
 CORE_STDLIB = {
@@ -96,6 +100,10 @@ def test_every_module_is_in_one_layer() -> None:
     assert top == SETTINGS | SHELLS, "put a new module in a layer here (or in core/)"
     assert not SETTINGS & SHELLS
     assert len(core_modules()) >= 9
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert packages == {"core"} | SHELL_PACKAGES | DATA_PACKAGES, "put a new package in a layer"
+    migrations = [path.name for path in (PACKAGE / "migrations").glob("*.py")]
+    assert migrations == ["__init__.py"], "the migrations are SQL, not code"
 
 
 def test_the_core_imports_no_io_library_and_no_shell() -> None:
@@ -104,6 +112,16 @@ def test_the_core_imports_no_io_library_and_no_shell() -> None:
         outside, inside = imports_of(path)
         assert outside <= CORE_STDLIB, f"core/{path.name} imports {outside - CORE_STDLIB}"
         assert inside <= allowed, f"core/{path.name} imports {inside - allowed}"
+
+
+def test_the_records_know_no_use_case_and_no_other_shell() -> None:
+    """The records turn rows into the core's values and back; the one shell they know is
+    the outbox's row types."""
+    allowed = {"core.commands", "core.history", "core.intents", "core.turns", "outbox"}
+    for path in sorted((PACKAGE / "records").glob("*.py")):
+        _, inside = imports_of(path)
+        inside = {name for name in inside if not name.startswith(("rows", "records"))}
+        assert inside <= allowed, f"records/{path.name} imports {inside - allowed}"
 
 
 def test_the_settings_call_no_shell() -> None:
