@@ -28,6 +28,7 @@ from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
     joined,
     reactions_on,
 )
+from route_sidecar import faults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "synapse-example"))
@@ -180,6 +181,24 @@ class Sidecar:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+@contextmanager
+def failing_on(sidecar: Sidecar, marker: str) -> Iterator[Sidecar]:
+    """The side-car restarted with a fail point (route_sidecar/faults.py) on messages
+    holding `marker` (encrypted ones once decrypted), then restarted without it."""
+    saved = os.environ.pop(faults.FAIL_ENV, None)
+    os.environ[faults.FAIL_ENV] = f"event-received:{marker}"
+    try:
+        sidecar.restart()
+    finally:
+        os.environ.pop(faults.FAIL_ENV, None)
+        if saved is not None:
+            os.environ[faults.FAIL_ENV] = saved
+    try:
+        yield sidecar
+    finally:
+        sidecar.restart()
 
 
 @contextmanager

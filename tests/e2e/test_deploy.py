@@ -42,6 +42,7 @@ from .harness import (
     API_TOKEN,
     BOT,
     REPO_ROOT,
+    Sidecar,
     free_port,
     joined,
     local_synapse,
@@ -337,6 +338,20 @@ def database_files(*databases: Path) -> list[Path]:
     return [name for name in names if name.exists()]
 
 
+async def started_moving_the_store(sidecar: Sidecar) -> list[str]:
+    """Start the side-car, wait until its device is ready; its log lines of a move."""
+    sidecar.start()
+    await asyncio.to_thread(
+        wait_for_log,
+        sidecar.log_path,
+        "encryption ready",
+        sidecar.process,  # type: ignore[arg-type]
+        60,
+    )
+    lines = sidecar.log_path.read_text().splitlines()
+    return [line for line in lines if "encryption store moved" in line]
+
+
 def split_like_earlier_versions(seed: Path, main: Path, misplaced: Path) -> None:
     """From a deployment of this version (`seed` and its crypto file), the layout the
     versions of issue 17 left: the side-car's tables in `main`, with the crypto pickle key
@@ -383,19 +398,7 @@ async def test_a_store_earlier_versions_put_at_the_root_is_moved_back_keeping_th
                 # The config as such a deployment had it: `database` relative.
                 sidecar.write_config({**sidecar.config, "database": f"sqlite:///{name}"})
                 assert load_config(sidecar.config_path).misplaced_crypto_stores == (misplaced,)
-                sidecar.start()
-                await asyncio.to_thread(
-                    wait_for_log,
-                    sidecar.log_path,
-                    "encryption ready",
-                    sidecar.process,  # type: ignore[arg-type]
-                    60,
-                )
-                moved = [
-                    line
-                    for line in sidecar.log_path.read_text().splitlines()
-                    if "encryption store moved" in line
-                ]
+                moved = await started_moving_the_store(sidecar)
                 assert len(moved) == 1, sidecar.log_tail()
                 crypto = crypto_store_path(main)
                 assert f"from={misplaced}" in moved[0] and f"to={crypto}" in moved[0]
@@ -455,19 +458,7 @@ async def test_a_store_earlier_versions_kept_in_the_database_moves_to_its_file_k
             sidecar.stop()
             join_like_earlier_versions(main)
             assert device_in(main) == devices[0] and not crypto.exists()
-            sidecar.start()
-            await asyncio.to_thread(
-                wait_for_log,
-                sidecar.log_path,
-                "encryption ready",
-                sidecar.process,  # type: ignore[arg-type]
-                60,
-            )
-            moved = [
-                line
-                for line in sidecar.log_path.read_text().splitlines()
-                if "encryption store moved" in line
-            ]
+            moved = await started_moving_the_store(sidecar)
             assert len(moved) == 1, sidecar.log_tail()
             assert f"from={main} to={crypto} device={devices[0]}" in moved[0]
             assert device_in(crypto) == devices[0] and device_in(main) is None

@@ -10,7 +10,6 @@ during the wait); a message it cannot decrypt gets one plain notice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import sqlite3
@@ -24,9 +23,8 @@ import pytest_asyncio
 from mautrix.types import DeviceID, EventType, RoomID, TrustState, UserID
 
 from demo.encrypted_user import EncryptedUser
-from route_sidecar import faults
 
-from .harness import BOT, LookupClient, MatrixUser, Sidecar, is_bot_reply_to, joined
+from .harness import BOT, LookupClient, MatrixUser, Sidecar, failing_on, is_bot_reply_to, joined
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 CLOUD = "ollama-cloud/glm-5.1"
@@ -302,24 +300,6 @@ async def test_a_message_waiting_for_its_key_in_a_crash_gets_it_by_request_after
     assert len(answered_for_bot(alice)) == answered + 1
     assert waiting_for_key(sidecar) == []
     assert cannot_decrypt_notices(await alice.events(room)) == []
-
-
-@contextmanager
-def failing_on(sidecar: Sidecar, marker: str) -> Iterator[None]:
-    """The side-car restarted with a fail point on (decrypted) messages holding `marker`,
-    then restarted without it."""
-    saved = os.environ.pop(faults.FAIL_ENV, None)
-    os.environ[faults.FAIL_ENV] = f"event-received:{marker}"
-    try:
-        sidecar.restart()
-    finally:
-        os.environ.pop(faults.FAIL_ENV, None)
-        if saved is not None:
-            os.environ[faults.FAIL_ENV] = saved
-    try:
-        yield
-    finally:
-        sidecar.restart()
 
 
 async def test_an_encrypted_command_that_always_fails_gets_a_reference_encrypted(

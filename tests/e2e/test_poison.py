@@ -6,18 +6,16 @@ answered."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from route_sidecar import faults
 from route_sidecar.appservice import MAX_EVENT_ATTEMPTS
 
 from .conftest import open_room
-from .harness import LookupClient, MatrixUser, Sidecar
+from .harness import LookupClient, MatrixUser, Sidecar, failing_on
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 MARKER = f"POISON-{uuid.uuid4().hex[:8]}"
@@ -27,16 +25,8 @@ MARKER = f"POISON-{uuid.uuid4().hex[:8]}"
 def poisoned_sidecar(sidecar: Sidecar) -> Iterator[Sidecar]:
     """The side-car restarted with a fail point on messages holding MARKER, then
     restarted without it."""
-    saved = os.environ.pop(faults.FAIL_ENV, None)
-    os.environ[faults.FAIL_ENV] = f"event-received:{MARKER}"
-    try:
-        sidecar.restart()
-    finally:
-        os.environ.pop(faults.FAIL_ENV, None)
-        if saved is not None:
-            os.environ[faults.FAIL_ENV] = saved
-    yield sidecar
-    sidecar.restart()
+    with failing_on(sidecar, MARKER) as poisoned:
+        yield poisoned
 
 
 async def test_a_command_that_always_fails_gets_a_reference_and_other_rooms_go_on(
