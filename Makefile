@@ -81,7 +81,8 @@ test-compat: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SYNAPSE_COMPAT_INSTA
 bench: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	SYNAPSE_PYTHON=$(CURDIR)/$(SYNAPSE_VENV)/bin/python $(VENV)/bin/python -m bench $(ARGS)
 
-# ruff on everything; mypy --strict on the product and its integrations (pyproject.toml).
+# ruff and mypy --strict on everything: the product, its integrations, the tests, the bench
+# and the demo (pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check route_sidecar tests bench demo synapse-example integrations
 	$(VENV)/bin/ruff format --check route_sidecar tests bench demo synapse-example integrations

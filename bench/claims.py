@@ -71,7 +71,8 @@ def claim(server: Server, body: dict[str, Any]) -> dict[str, Any]:
     status, raw = server.post("/v1/claim", json.dumps(body).encode())
     if status != 200:
         raise RuntimeError(f"{server.name}: claim answered {status}: {raw[:300]!r}")
-    return json.loads(raw)
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
 
 
 @dataclass(frozen=True, slots=True)

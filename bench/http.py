@@ -79,12 +79,18 @@ def ensure_wrk() -> str:
     if found:
         return found
     print("wrk not found: installing Debian's package (apt-get install wrk)", flush=True)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "wrk"]
-    if subprocess.run(install, env=env, check=False, **quiet).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, **quiet)
-        subprocess.run(install, env=env, check=True, **quiet)
+
+    def quietly(command: list[str], check: bool) -> int:
+        done = subprocess.run(
+            command, env=env, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        return done.returncode
+
+    if quietly(install, check=False) != 0:
+        quietly(["apt-get", "update", "-qq"], check=True)
+        quietly(install, check=True)
     found = shutil.which("wrk")
     if not found:
         raise SystemExit("bench: wrk could not be installed; install it with apt-get install wrk")

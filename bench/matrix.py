@@ -70,7 +70,8 @@ class SyncWatcher:
             "/_matrix/client/v3/sync", params=params, timeout=timeout_ms / 1000 + 30
         )
         response.raise_for_status()
-        return response.json()
+        batch: dict[str, Any] = response.json()
+        return batch
 
     async def start(self) -> None:
         self.since = (await self._sync(0))["next_batch"]
@@ -145,7 +146,8 @@ async def _sample_pairs(
             details.append(CommandSample(wall, wall + at - started, event_id, reply["event_id"]))
             return at - started
 
-        echoes, commands = [], []
+        echoes: list[float] = []
+        commands: list[float] = []
         for n in range(WARMUP + samples):
             for measure, into in ((echo, echoes), (command, commands)):
                 into.append(await measure(n))

@@ -32,7 +32,7 @@ LOAD_CPU = 1
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def pinning_available() -> bool:
@@ -147,7 +147,9 @@ class Server:
             return "(no log)"
 
 
-def _spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple:
+def _spawn(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
     log = log_path.open("ab")
     started = time.perf_counter()
     process = subprocess.Popen(

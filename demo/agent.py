@@ -102,7 +102,7 @@ class StandInAgent:
             for room_id, room in rooms.get("join", {}).items():
                 for event in room.get("timeline", {}).get("events", []):
                     await self._on_event(room_id, event)
-        return data["next_batch"]
+        return str(data["next_batch"])
 
     async def _on_event(self, room_id: str, event: dict[str, Any]) -> None:
         content = event.get("content", {})
@@ -160,7 +160,7 @@ class StandInAgent:
         )
         if response.status_code != 200:
             return f"{FAILED}: HTTP {response.status_code})"
-        return response.json()["choices"][0]["message"]["content"]
+        return str(response.json()["choices"][0]["message"]["content"])
 
     async def say(self, room_id: str, thread: str, text: str) -> None:
         content = {

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import ClientSession
 from mautrix.client import Client, InternalEventType
@@ -31,6 +31,7 @@ from mautrix.crypto.sessions import InboundGroupSession, OutboundGroupSession
 from mautrix.crypto.store import StateStore as CryptoStateStore
 from mautrix.errors import MNotFound, SessionNotFound
 from mautrix.types import (
+    JSON,
     CrossSigner,
     CrossSigningUsage,
     DeviceID,
@@ -38,11 +39,13 @@ from mautrix.types import (
     EncryptedEvent,
     EncryptionAlgorithm,
     EventFilter,
+    EventID,
     EventType,
     Filter,
     ForwardedRoomKeyEventContent,
     IdentityKey,
     Membership,
+    MemberStateEventContent,
     RequestedKeyInfo,
     RoomCreatePreset,
     RoomEncryptionStateEventContent,
@@ -96,10 +99,10 @@ class _MemoryCryptoStore(MemoryCryptoStore):
         self._cross_signing_keys[user_id][usage] = TOFUSigningKey(key=key, first=first)
 
     async def drop_signatures_by_key(self, signer: CrossSigner) -> int:
-        return len(self._signatures.pop(signer, None) or {})
+        return len(self._signatures.pop(signer, {}))
 
 
-class _CryptoStateStore(MemoryStateStore, CryptoStateStore):
+class _CryptoStateStore(MemoryStateStore, CryptoStateStore):  # type: ignore[misc]
     """MemoryStateStore lacks `find_shared_rooms`, which OlmMachine calls whenever a user's
     device list changes (also the first time it fetches one)."""
 
@@ -170,7 +173,7 @@ class ElementLikeMachine(OlmMachine):
             session_id=SessionID(session.id),
             session_key=session.export_session(first),
             sender_key=session.sender_key,
-            forwarding_key_chain=session.forwarding_chain,
+            forwarding_key_chain=[str(key) for key in session.forwarding_chain],
             signing_key=session.signing_key,
         )
         await self.send_encrypted_to_device(device, EventType.FORWARDED_ROOM_KEY, content)
@@ -180,7 +183,7 @@ class ElementLikeMachine(OlmMachine):
         """The first message index `device` may have (`should_share_key`), or RejectKeyShare."""
         own = device.user_id == self.client.mxid
         if own and await self.resolve_trust(device) >= TrustState.CROSS_SIGNED_TRUSTED:
-            return session.first_known_index
+            return int(session.first_known_index)
         outbound = await self.crypto_store.get_outbound_group_session(session.room_id)
         if outbound is None or outbound.id != session.id:
             raise RejectKeyShare("not the room's current outbound session", code=None)
@@ -222,7 +225,7 @@ class EncryptedUser:
         this homeserver, since the Olm account lives in memory)."""
         client = cls._client(hs_url, "", "")
         await client.login(
-            identifier=user,
+            identifier=UserID(user),
             password=password,
             device_id=device_id,
             device_name="route-sidecar test (encrypted)",
@@ -312,7 +315,7 @@ class EncryptedUser:
 
     async def members(self, room_id: str) -> dict[str, str]:
         return {
-            e.state_key: e.content.membership.value
+            e.state_key: cast(MemberStateEventContent, e.content).membership.value
             for e in await self.client.get_members(RoomID(room_id))
         }
 
@@ -320,13 +323,16 @@ class EncryptedUser:
         """Asks the server unless already known: a message must never go out in the clear
         because this client's /sync has not caught up with `m.room.encryption` yet."""
         store = self.client.state_store
+        assert store is not None  # given to the client in _client
         if await store.is_encrypted(RoomID(room_id)):
             return True  # encryption cannot be turned off
         try:
             content = await self.client.get_state_event(RoomID(room_id), EventType.ROOM_ENCRYPTION)
         except MNotFound:
             return False
-        await store.set_encryption_info(RoomID(room_id), content)
+        await store.set_encryption_info(
+            RoomID(room_id), cast(RoomEncryptionStateEventContent, content)
+        )
         return True
 
     # ------------------------------------------------------------------ sending
@@ -340,11 +346,11 @@ class EncryptedUser:
         evt_type = EventType.find(event_type, t_class=EventType.Class.MESSAGE)
         async with self._room_locks.setdefault(room_id, asyncio.Lock()):
             if not await self.is_encrypted(room_id):
-                return await self.client.send_message_event(room, evt_type, content)
+                return await self.client.send_message_event(room, evt_type, cast(JSON, content))
             await self._share_room_key(room)
             encrypted = await self.crypto.encrypt_megolm_event(room, evt_type, content)
             return await self.client.send_message_event(
-                room, EventType.ROOM_ENCRYPTED, encrypted, disable_encryption=True
+                room, EventType.ROOM_ENCRYPTED, cast(JSON, encrypted), disable_encryption=True
             )
 
     async def say(
@@ -357,7 +363,7 @@ class EncryptedUser:
         return await self.send(room_id, {"m.relates_to": relates}, "m.reaction")
 
     async def redact(self, room_id: str, event_id: str) -> None:
-        await self.client.redact(RoomID(room_id), event_id)
+        await self.client.redact(RoomID(room_id), EventID(event_id))
 
     async def _share_room_key(self, room_id: RoomID) -> None:
         """Make sure every device of every joined or invited member has the room key, as
@@ -367,7 +373,8 @@ class EncryptedUser:
         users = [
             UserID(e.state_key)
             for e in members
-            if e.content.membership in (Membership.JOIN, Membership.INVITE)
+            if cast(MemberStateEventContent, e.content).membership
+            in (Membership.JOIN, Membership.INVITE)
         ]
         session = await self.crypto.crypto_store.get_outbound_group_session(room_id)
         if session is not None and session.shared and not session.expired:
@@ -421,7 +428,7 @@ class EncryptedUser:
         """Decrypt `event` in place; flag it as an error after `key_wait` without its room key,
         but keep waiting for a late key (until close)."""
         try:
-            encrypted = EncryptedEvent.deserialize(copy.deepcopy(event))
+            encrypted = EncryptedEvent.deserialize(cast(JSON, copy.deepcopy(event)))
         except Exception as err:  # a redacted or malformed event: no ciphertext
             _fail(event, f"not a Megolm event: {type(err).__name__}")
             return
@@ -438,7 +445,7 @@ class EncryptedUser:
                 _fail(event, f"{type(err).__name__}: {err}")
                 return
             break
-        plain = {
+        plain: dict[str, Any] = {
             key: event[key]
             for key in ("event_id", "sender", "room_id", "origin_server_ts", "unsigned")
             if key in event

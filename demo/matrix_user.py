@@ -32,7 +32,8 @@ class MatrixUser:
             timeout=30,
         )
 
-    async def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        """The answer's JSON (an object, or a list for /state)."""
         response = await self.client.request(method, "/_matrix/client/v3" + path, json=body)
         if response.status_code >= 400:
             raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
@@ -40,7 +41,7 @@ class MatrixUser:
 
     async def create_room(self, invite: list[str], name: str = "route test") -> str:
         body = {"preset": "private_chat", "name": name, "invite": invite}
-        return (await self.request("POST", "/createRoom", body))["room_id"]
+        return str((await self.request("POST", "/createRoom", body))["room_id"])
 
     async def join(self, room_id: str) -> None:
         await self.request("POST", f"/join/{quote(room_id)}", {})
@@ -50,7 +51,7 @@ class MatrixUser:
     ) -> str:
         txn = uuid.uuid4().hex
         path = f"/rooms/{quote(room_id)}/send/{event_type}/{txn}"
-        return (await self.request("PUT", path, content))["event_id"]
+        return str((await self.request("PUT", path, content))["event_id"])
 
     async def say(
         self, room_id: str, body: str, thread_root: str | None = None, msgtype: str = "m.text"
@@ -63,7 +64,8 @@ class MatrixUser:
 
     async def events(self, room_id: str, limit: int = 100) -> list[dict[str, Any]]:
         path = f"/rooms/{quote(room_id)}/messages?dir=b&limit={limit}"
-        return (await self.request("GET", path))["chunk"]
+        chunk: list[dict[str, Any]] = (await self.request("GET", path))["chunk"]
+        return chunk
 
     async def members(self, room_id: str) -> dict[str, str]:
         state = await self.request("GET", f"/rooms/{quote(room_id)}/state")
@@ -112,7 +114,7 @@ def is_bot_reply_to(event: dict[str, Any], event_id: str, bot: str = BOT) -> boo
     relates = event.get("content", {}).get("m.relates_to", {})
     if relates.get("rel_type") == "m.replace":
         return False
-    return relates.get("m.in_reply_to", {}).get("event_id") == event_id
+    return bool(relates.get("m.in_reply_to", {}).get("event_id") == event_id)
 
 
 def edits_of(events: list[dict[str, Any]], event_id: str, bot: str = BOT) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from demo.agent import StandInAgent
-from demo.matrix_user import BOT, MatrixUser, edits_of, in_thread
+from demo.matrix_user import BOT, MatrixUser, edits_of, in_thread, joined
 from demo.upstream import ModelStack, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,9 +267,7 @@ async def demo(servers: Servers, keep: bool) -> None:
         for member in (BOT, agent.user_id):
             await alice.wait_for(
                 room,
-                lambda e, m=member: (
-                    e.get("state_key") == m and e["content"].get("membership") == "join"
-                ),
+                joined(member),
                 what=f"{member} to join",
             )
         ready = time.monotonic()

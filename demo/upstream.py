@@ -14,7 +14,7 @@ from aiohttp import web
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def last_user_text(body: dict[str, Any]) -> str:

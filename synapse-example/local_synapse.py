@@ -294,7 +294,7 @@ def _versions_ok(base_url: str) -> bool:
     """True if ``/_matrix/client/versions`` answers 200."""
     try:
         with _OPENER.open(f"{base_url}/_matrix/client/versions", timeout=2) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except (OSError, ValueError):
         return False
 

@@ -37,7 +37,7 @@ TABLES = ("intents", "bound_turns", "outcomes", "effects")
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def room_path(room_id: str) -> str:
@@ -188,7 +188,7 @@ class Api:
         await self.say(room_id, command, ago=10.0)
         response = await self.client.get(room_path(room_id), headers=AUTH)
         assert response.status_code == 200, response.text
-        return response.json()["id"]
+        return str(response.json()["id"])
 
     async def claim(self, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
         return await self.client.post("/v1/claim", json=body, headers=headers or AUTH)
@@ -231,6 +231,12 @@ class Api:
         finally:
             db.close()
         return Snapshot(intent, rows, intents, bound)
+
+
+def live_command(sidecar: Sidecar, room_id: str) -> str | None:
+    """The command event of the room's live intent, None when it has none."""
+    intent = sidecar.service.live.current(room_id)
+    return intent.command_event_id if intent is not None else None
 
 
 def sidecar_config(tmp_path: Path) -> Any:

@@ -151,7 +151,8 @@ def hermes_message(
 
 def hash_chat_ids(version: str, values: list[str]) -> list[str]:
     """Hermes's own `gateway.session._hash_chat_id` (what `privacy.redact_pii` writes)."""
-    return run_in_hermes(version, _HASH_CHAT_ID, values)
+    hashed: list[str] = run_in_hermes(version, _HASH_CHAT_ID, values)
+    return hashed
 
 
 def readme_block(marker: str, path: Path = PLUGIN_README) -> str:
@@ -160,7 +161,7 @@ def readme_block(marker: str, path: Path = PLUGIN_README) -> str:
     blocks = re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.DOTALL)
     found = [b for b in blocks if b.splitlines() and b.splitlines()[0] == f"# {marker}"]
     assert len(found) == 1, f"{path.name}: {len(found)} code blocks start with '# {marker}'"
-    return found[0]
+    return str(found[0])
 
 
 def run_readme_block(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,10 +38,10 @@ async def make_service(path: Path, clock: Clock, **routing: str) -> RouteService
     return service
 
 
-def gptbot_request(text: str, user: str | None = ROOM) -> dict:
+def gptbot_request(text: str, user: str | None = ROOM) -> dict[str, Any]:
     """What matrix-gptbot sends: a system line, the history without names, the body as it
     is, and the room id as the OpenAI `user`."""
-    body: dict = {
+    body: dict[str, Any] = {
         "model": "m",
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
@@ -105,7 +106,7 @@ async def test_the_same_text_in_two_rooms_is_placed_by_the_hint_or_said_ambiguou
     await service.store.close()
 
 
-def edit_event(event_id: str, original: str, new_text: str, ts_ms: int) -> dict:
+def edit_event(event_id: str, original: str, new_text: str, ts_ms: int) -> dict[str, Any]:
     return {
         "type": "m.room.message",
         "room_id": ROOM,
@@ -197,7 +198,7 @@ async def test_an_again_a_turn_took_is_not_edited(tmp_path: Path, clock: Clock) 
     await service.store.close()
 
 
-async def unpicked(service: RouteService) -> list[dict]:
+async def unpicked(service: RouteService) -> list[dict[str, Any]]:
     import json
 
     async with service.store.atomic() as tx:

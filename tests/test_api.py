@@ -66,7 +66,9 @@ async def assert_still_binds(api: Api, intent_id: str) -> None:
     assert (claimed.json()["reason"], claimed.json()["intent_id"]) == ("bound", intent_id)
 
 
-def claim_body(turn_id: str = "$question", text: str = "Why did the deploy fail?") -> dict:
+def claim_body(
+    turn_id: str = "$question", text: str = "Why did the deploy fail?"
+) -> dict[str, Any]:
     return {"room_id": ROOM, "turn_id": turn_id, "last_user_message": text}
 
 

@@ -8,16 +8,18 @@ import dataclasses
 import json
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from route_sidecar.app import start_sidecar
 
-from .api_support import ROOM, sidecar_config
+from .api_support import ROOM, live_command, sidecar_config
 
 
-def command_event(event_id: str) -> dict:
+def command_event(event_id: str) -> dict[str, Any]:
     return {
         "type": "m.room.message",
         "room_id": ROOM,
@@ -45,12 +47,12 @@ async def test_transaction_ids_are_remembered_per_registration_across_restarts(
     port = config.appservice.listen.port
     sidecar = await start_sidecar(config)
     await push(port, config.appservice.hs_token, "1", "$first")
-    assert sidecar.service.live.current(ROOM).command_event_id == "$first"
+    assert live_command(sidecar, ROOM) == "$first"
     await sidecar.stop()
 
     sidecar = await start_sidecar(config)  # same registration: txn 1 is a retry, skipped
     await push(port, config.appservice.hs_token, "1", "$second")
-    assert sidecar.service.live.current(ROOM).command_event_id == "$first"
+    assert live_command(sidecar, ROOM) == "$first"
     await sidecar.stop()
 
     new_token = "a-new-hs-token-0123456789"  # a new registration counts from 1 again
@@ -59,7 +61,7 @@ async def test_transaction_ids_are_remembered_per_registration_across_restarts(
     )
     sidecar = await start_sidecar(renewed)
     await push(port, new_token, "1", "$third")
-    assert sidecar.service.live.current(ROOM).command_event_id == "$third"
+    assert live_command(sidecar, ROOM) == "$third"
     await sidecar.stop()
 
 
@@ -105,7 +107,9 @@ async def test_with_encryption_off_an_encrypted_room_gets_one_plain_notice(
 # ---- bad transaction bodies and Matrix-style errors (issue 14) --------------------------
 
 
-async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, dict]:
+async def raw_exchange(
+    port: int, request: bytes, timeout: float = 5.0
+) -> tuple[int, dict[str, Any]]:
     """Raw bytes to the listener; the status and JSON body of its answer."""
     import asyncio
 
@@ -150,7 +154,7 @@ async def test_bad_bodies_get_400_and_refusals_are_matrix_errors(tmp_path: Path)
             # Over the limit without a length given: refused as it is read.
             too_big = b" " * (64 * 1024 * 1024 + 1)
 
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for start in range(0, len(too_big), 1 << 20):
                     yield too_big[start : start + (1 << 20)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from route_sidecar.claims import CLAIM_WAIT_SECONDS
 from tests.api_support import ROOM, Api
@@ -14,7 +15,7 @@ from tests.api_support import ROOM, Api
 QUESTION = "Why is the staging database read-only?"
 
 
-async def claim(api: Api, turn_id: str, room_id: str = ROOM) -> tuple[dict, float]:
+async def claim(api: Api, turn_id: str, room_id: str = ROOM) -> tuple[dict[str, Any], float]:
     started = time.monotonic()
     response = await api.claim(
         {"room_id": room_id, "turn_id": turn_id, "last_user_message": f"[Alice] {QUESTION}"}

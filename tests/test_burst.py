@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -22,7 +23,7 @@ ACK_LIMIT_SECONDS = 30.0
 MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-def message(i: int, body: str) -> dict:
+def message(i: int, body: str) -> dict[str, Any]:
     return {
         "type": "m.room.message",
         "room_id": ROOM,

@@ -39,7 +39,8 @@ TOKEN_ENV = {
 
 @functools.cache
 def example_file() -> dict[str, Any]:
-    return YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    return loaded
 
 
 def example() -> dict[str, Any]:

@@ -3,6 +3,8 @@ tests/e2e/test_encryption.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytest.importorskip(
@@ -36,5 +38,5 @@ def test_only_the_bots_own_device_count_is_handed_to_mautrix() -> None:
     "counts",
     [{}, {BOT: {}}, {BOT: "not a map"}, {BOT: {DEVICE: 5}}, {"@someone:localhost": {DEVICE: {}}}],
 )
-def test_no_count_for_the_bots_device_hands_nothing(counts: dict) -> None:
+def test_no_count_for_the_bots_device_hands_nothing(counts: dict[str, Any]) -> None:
     assert own_otk_counts(counts, BOT, DEVICE) == {}

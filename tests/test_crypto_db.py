@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import cast
 
 import aiosqlite
 from mautrix.util.async_db import Connection, UpgradeTable
@@ -19,9 +21,11 @@ from route_sidecar.crypto_db import crypto_store_path, open_crypto_db
 upgrade_table = UpgradeTable()
 
 
-@upgrade_table.register(description="a table")
 async def create(conn: Connection) -> None:
     await conn.execute("CREATE TABLE crypto_thing (n INTEGER)")
+
+
+upgrade_table.register(create, description="a table")
 
 
 async def store_writes(path: Path, started: asyncio.Event) -> None:
@@ -45,7 +49,9 @@ async def test_a_mautrix_read_then_write_survives_a_commit_by_the_store_in_betwe
     await db.start()
     try:
         started = asyncio.Event()
-        async with db.acquire() as conn, conn.transaction():
+        acquired = cast(AbstractAsyncContextManager[Connection], db.acquire())
+        # (mautrix types `transaction()` as a coroutine; it is an async context manager)
+        async with acquired as conn, conn.transaction():  # type: ignore[attr-defined]
             assert await conn.fetchval("SELECT count(*) FROM crypto_thing") == 0
             store = asyncio.create_task(store_writes(path, started))
             await started.wait()

@@ -5,7 +5,8 @@ as two people in Element would."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -51,11 +52,13 @@ async def people(hs_url: str) -> AsyncIterator[dict[str, EncryptedUser]]:
         await user.close()
 
 
-def event_id_is(event_id: str):
+def event_id_is(event_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e.get("event_id") == event_id and "decryption_pending" not in e
 
 
-async def ciphertext_on_server(hs_url: str, user: EncryptedUser, room_id: str, event_id: str):
+async def ciphertext_on_server(
+    hs_url: str, user: EncryptedUser, room_id: str, event_id: str
+) -> dict[str, Any]:
     """The event as the server stores it, read over the plain client-server API."""
     plain = MatrixUser(hs_url, user.user_id, user.token)
     try:

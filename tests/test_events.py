@@ -265,6 +265,7 @@ def test_huge_body_is_cut() -> None:
 
 
 def test_odd_relations_are_tolerated() -> None:
+    relates: object
     for relates in (
         None,
         "x",
@@ -272,7 +273,7 @@ def test_odd_relations_are_tolerated() -> None:
         {"rel_type": "m.thread"},
         {"rel_type": "m.thread", "event_id": 5},
     ):
-        content = {"msgtype": "m.text", "body": "hi", "m.relates_to": relates}
+        content: dict[str, Any] = {"msgtype": "m.text", "body": "hi", "m.relates_to": relates}
         message = parse_event({**MESSAGE, "content": content})
         assert isinstance(message, RoomMessage)
         assert message.thread_root is None and not message.is_edit

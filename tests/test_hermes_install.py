@@ -19,6 +19,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,14 +114,15 @@ def test_pip_installs_the_plugin_and_none_of_the_side_cars_server_dependencies(
         assert copied == (REPO / "route_sidecar" / "core" / f"{name}.py").read_text()
 
 
-def load(monkeypatch: pytest.MonkeyPatch) -> dict:
+def load(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A fresh Hermes plugin manager, as the gateway makes at start; our plugin's entry."""
     monkeypatch.setattr(hermes_plugins, "_plugin_manager", None)
     manager = hermes_plugins.get_plugin_manager()
     manager.discover_and_load()
     entries = [p for p in manager.list_plugins() if p["key"] == PLUGIN]
     assert len(entries) == 1, manager.list_plugins()
-    return entries[0]
+    entry: dict[str, Any] = entries[0]
+    return entry
 
 
 def enable_as_documented(home: Path) -> None:
@@ -134,7 +136,7 @@ def enable_as_documented(home: Path) -> None:
         run_readme_block("route-sidecar: enable", HERMES_BIN, home)
 
 
-def dispatch(text: str) -> list:
+def dispatch(text: str) -> list[Any]:
     source = SessionSource(
         platform=Platform.MATRIX,
         chat_id="!deploys:example.org",
@@ -150,7 +152,10 @@ def dispatch(text: str) -> list:
         raw_message={"msgtype": "m.text", "body": text},
         message_id="$event1",
     )
-    return hermes_plugins.invoke_hook(HOOK, event=event, gateway=None, session_store=None)
+    results: list[Any] = hermes_plugins.invoke_hook(
+        HOOK, event=event, gateway=None, session_store=None
+    )
+    return results
 
 
 def test_hermes_loads_the_pip_installed_plugin_once_enabled_as_documented(
@@ -167,6 +172,7 @@ def test_hermes_loads_the_pip_installed_plugin_once_enabled_as_documented(
     assert (entry["source"], entry["enabled"], entry["error"]) == ("entrypoint", True, None)
     assert entry["hooks"] == 1
     plugin = sys.modules[PACKAGE]
+    assert plugin.__file__ is not None
     assert Path(plugin.__file__).parent == on_path / PACKAGE
     assert plugin.commands.__name__ == f"{PACKAGE}.commands"  # its own copy, not bot's
     assert [r["action"] for r in dispatch("!route cloud")] == ["skip"]

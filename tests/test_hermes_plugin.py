@@ -85,7 +85,8 @@ def load_plugins(mp: pytest.MonkeyPatch, clock: Clock | None = None) -> dict[str
     assert len(entries) == 1, "Hermes did not discover the plugin in $HERMES_HOME/plugins"
     if clock is not None and entries[0]["enabled"]:
         mp.setattr(plugin_module(), "utcnow", clock)
-    return entries[0]
+    entry: dict[str, Any] = entries[0]
+    return entry
 
 
 def has_hook() -> bool:
@@ -149,7 +150,10 @@ def message(text: str, room: str = ROOM, content: dict[str, Any] | None = None) 
 def dispatch(text: str, room: str = ROOM, content: dict[str, Any] | None = None) -> list[Any]:
     """What the gateway's `_handle_message` gets back from the plugins for this message."""
     event = message(text, room, content)
-    return hermes_plugins.invoke_hook(HOOK, event=event, gateway=None, session_store=None)
+    results: list[Any] = hermes_plugins.invoke_hook(
+        HOOK, event=event, gateway=None, session_store=None
+    )
+    return results
 
 
 def reasks(question: str) -> list[dict[str, str]]:

@@ -10,6 +10,8 @@ platforms it redacts), or cut short. Runs in `.venv` against the side-car in-pro
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from .api_support import ALICE, AUTH, Api, room_path
@@ -21,7 +23,7 @@ OTHER_ROOM = "!elsewhere:example.org"
 QUESTION = "Why did the nightly deploy fail?"
 
 
-def with_room_line(room_line_value: str, thread: str) -> dict:
+def with_room_line(room_line_value: str, thread: str) -> dict[str, Any]:
     """Hermes 0.19's request for QUESTION in ROOM, its room-id line holding `value`."""
     message = hermes_message(
         HERMES, room_id=ROOM, text=QUESTION, user_id=ALICE, user_name="Alice", thread_id=thread

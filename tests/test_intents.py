@@ -753,7 +753,7 @@ def test_no_override_ever_goes_to_a_turn_from_before_the_command_or_a_command_tu
     sequence: list[tuple[int, str | None, int | None, bool]],
 ) -> None:
     # Every call of a turn is placed the same way: the placement belongs to the turn.
-    placed = {}
+    placed: dict[str | None, tuple[int | None, bool]] = {}
     consistent = []
     for gap, name, arrival, is_command in sequence:
         placed.setdefault(name, (arrival, is_command))
@@ -761,6 +761,7 @@ def test_no_override_ever_goes_to_a_turn_from_before_the_command_or_a_command_tu
     for scope in (Scope.once(), Scope.next_turns(3), FOR_30M):
         for k, answer in run_sequence(make(scope=scope), consistent):
             if answer.override and k is not None:
+                assert k.turn_id is not None
                 arrival, is_command = placed[k.turn_id[1:]]
                 assert not is_command
                 assert arrival is None or arrival > 0
@@ -835,7 +836,9 @@ def test_the_expiry_second_holds_for_later_calls_of_the_turn_until_the_bound(
     first = claim(intent, ClaimedTurn(key(name), Placement(now, False)), now, timing)
     if not first.override or not first.intent.state.is_live:
         return
-    second = whole_second(expires_at(first.intent, timing))
+    first_expiry = expires_at(first.intent, timing)
+    assert first_expiry is not None  # live
+    second = whole_second(first_expiry)
     holds_until = expiry_second_holds_until(first.intent, now, timing)
     assert holds_until > now
     intent, at_call = first.intent, now
@@ -847,8 +850,10 @@ def test_the_expiry_second_holds_for_later_calls_of_the_turn_until_the_bound(
         if later is None:
             break  # the turn went idle (a short turn_idle): not a later call of it
         intent = later.intent
-        assert whole_second(expires_at(intent, timing)) == second
-        assert expires_at(intent, timing) >= expires_at(first.intent, timing)
+        expiry = expires_at(intent, timing)
+        assert expiry is not None
+        assert whole_second(expiry) == second
+        assert expiry >= first_expiry
 
 
 # --- a room: commands, claims and turn ends in every order ---------------------------------

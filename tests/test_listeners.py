@@ -14,8 +14,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,7 +76,7 @@ def bad_chunk(token: str) -> bytes:
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
+async def sidecar(tmp_path: Path) -> AsyncIterator[Sidecar]:
     running = await start_sidecar(sidecar_config(tmp_path))
     try:
         yield running
@@ -86,7 +87,10 @@ async def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
 @pytest.mark.parametrize("probe", [long_header, nul_after_token, long_url, bad_chunk])
 @pytest.mark.parametrize("listener", ["api", "appservice"])
 async def test_no_request_puts_a_token_in_the_log_or_the_answer(
-    sidecar: Sidecar, caplog: pytest.LogCaptureFixture, probe, listener: str
+    sidecar: Sidecar,
+    caplog: pytest.LogCaptureFixture,
+    probe: Callable[[str], bytes],
+    listener: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     config = sidecar.config
@@ -136,7 +140,7 @@ OPEN_FILES = 256
 IDLE_CONNECTIONS = 1100  # per listener: over the whole open-files limit
 
 
-def run_config(tmp_path: Path) -> dict:
+def run_config(tmp_path: Path) -> dict[str, Any]:
     return {
         "homeserver": {"address": f"http://127.0.0.1:{free_port()}", "domain": "example.org"},
         "appservice": {
@@ -159,7 +163,7 @@ def lowered_open_files() -> None:  # in the child, before exec
 
 
 @pytest.fixture
-def small_sidecar(tmp_path: Path) -> Iterator[dict]:
+def small_sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
     config = run_config(tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(config), encoding="utf-8")
@@ -209,7 +213,7 @@ def hold_idle(port: int, count: int) -> list[socket.socket]:
     return held
 
 
-def test_idle_connections_do_not_stop_either_listener(small_sidecar: dict) -> None:
+def test_idle_connections_do_not_stop_either_listener(small_sidecar: dict[str, Any]) -> None:
     config = small_sidecar
     api_port = config["api"]["listen"]["port"]
     as_port = config["appservice"]["listen"]["port"]

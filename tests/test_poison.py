@@ -20,7 +20,7 @@ from route_sidecar import faults
 from route_sidecar.app import start_sidecar
 from route_sidecar.appservice import MAX_EVENT_ATTEMPTS
 
-from .api_support import sidecar_config
+from .api_support import live_command, sidecar_config
 
 ROOM_A = "!poisoned:example.org"
 ROOM_B = "!healthy:example.org"
@@ -38,7 +38,7 @@ def message(event_id: str, room_id: str, body: str) -> dict[str, Any]:
     }
 
 
-def rows(db_path: Path, sql: str) -> list[tuple]:
+def rows(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         return list(db.execute(sql))
@@ -46,7 +46,7 @@ def rows(db_path: Path, sql: str) -> list[tuple]:
         db.close()
 
 
-async def put(client: httpx.AsyncClient, txn: str, events: list[dict]) -> int:
+async def put(client: httpx.AsyncClient, txn: str, events: list[dict[str, Any]]) -> int:
     response = await client.put(f"/_matrix/app/v1/transactions/{txn}", json={"events": events})
     return response.status_code
 
@@ -75,9 +75,9 @@ async def test_a_poison_event_is_given_up_and_the_rooms_after_it_go_on(
             answers = [await put(client, "t1", events) for _ in range(2 * MAX_EVENT_ATTEMPTS)]
             assert answers == [500] * (2 * MAX_EVENT_ATTEMPTS - 2) + [200, 200]
             # The room after it was handled, once; later transactions are handled as usual.
-            assert sidecar.service.live.current(ROOM_B).command_event_id == "$after"
+            assert live_command(sidecar, ROOM_B) == "$after"
             assert await put(client, "t2", [message("$next", ROOM_A, "!route local")]) == 200
-            assert sidecar.service.live.current(ROOM_A).command_event_id == "$next"
+            assert live_command(sidecar, ROOM_A) == "$next"
             assert await put(client, "t1", events) == 200  # a late resend: nothing again
     finally:
         await sidecar.stop()

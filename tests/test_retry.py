@@ -60,7 +60,7 @@ def effects(api: Api, prefix: str) -> list[dict[str, Any]]:
 def reply_to(api: Api, event_id: str) -> str:
     """The stored reply to a command (what survives a restart)."""
     (row,) = effects(api, f"reply:{event_id}")
-    return row["content"]["body"]
+    return str(row["content"]["body"])
 
 
 async def live_intent(api: Api) -> dict[str, Any] | None:
@@ -71,7 +71,8 @@ async def live_intent(api: Api) -> dict[str, Any] | None:
 async def claim(api: Api, thread: str, question: str) -> dict[str, Any]:
     response = await api.claim({"request": hermes_request(thread, question)})
     assert response.status_code == 200
-    return response.json()
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 async def report(api: Api, thread: str, question: str, status: str, model: str = LOCAL) -> None:

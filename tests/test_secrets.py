@@ -57,7 +57,8 @@ def mode(path: Path | str) -> int:
 
 
 def example() -> dict[str, Any]:
-    return YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = YAML(typ="safe", pure=True).load(EXAMPLE.read_text(encoding="utf-8"))
+    return loaded
 
 
 def config_file(folder: Path, encryption: bool) -> tuple[Path, int]:

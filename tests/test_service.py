@@ -9,6 +9,7 @@ import random
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -142,7 +143,7 @@ async def test_claim_times_kept_in_memory_are_written_by_the_sweep(
     await reopened.store.close()
 
 
-async def outbox(service: RouteService) -> list[tuple[str, str, dict]]:
+async def outbox(service: RouteService) -> list[tuple[str, str, dict[str, Any]]]:
     async with service.store.atomic(durable=False) as tx:
         rows = await tx.unsent_effects(service.clock() + timedelta(days=1))
     return [(row.key, row.event_type, json.loads(row.content)) for row in rows]

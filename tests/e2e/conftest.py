@@ -43,7 +43,7 @@ def sidecar(stack: tuple[object, Sidecar]) -> Sidecar:
 
 @pytest.fixture(scope="session")
 def hs_url(stack: tuple[object, Sidecar]) -> str:
-    return stack[0].base_url  # type: ignore[attr-defined]
+    return str(stack[0].base_url)  # type: ignore[attr-defined]
 
 
 def _user(hs_url: str, name: str) -> MatrixUser:

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,7 +163,7 @@ class CrashRun:
     point: str
     n: int
     room: str
-    users: dict[str, Speaker]
+    users: Mapping[str, Speaker]
     sidecar: Sidecar
     commands: list[str] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)

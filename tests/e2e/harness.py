@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
-from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
+from demo.matrix_user import (
     MatrixUser,
     edits_of,
     in_thread,
@@ -30,10 +30,34 @@ from demo.matrix_user import (  # noqa: F401 (re-exported for the tests)
 )
 from route_sidecar import faults
 
+__all__ = [  # with what the tests take from demo.matrix_user and local_synapse through here
+    "API_TOKEN",
+    "BOT",
+    "REPO_ROOT",
+    "SERVER",
+    "LookupClient",
+    "MatrixUser",
+    "Sidecar",
+    "agent_answer_in",
+    "base_config",
+    "edits_of",
+    "failing_on",
+    "free_port",
+    "hermes_request",
+    "in_thread",
+    "is_bot_reply_to",
+    "joined",
+    "local_synapse",
+    "reactions_on",
+    "receipts_in",
+    "synapse_and_sidecar",
+    "synapse_python",
+]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "synapse-example"))
 
-import local_synapse  # noqa: E402 (re-exported for the fixtures)
+import local_synapse  # noqa: E402
 
 SERVER = "localhost"
 BOT = f"@route:{SERVER}"
@@ -43,7 +67,7 @@ API_TOKEN = "test-api-token-" + secrets.token_hex(8)
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def synapse_python() -> str | None:
@@ -244,7 +268,8 @@ class LookupClient:
     async def claim(self, **body: Any) -> dict[str, Any]:
         response = await self.client.post("/v1/claim", json=body)
         assert response.status_code == 200, response.text
-        return response.json()
+        answer: dict[str, Any] = response.json()
+        return answer
 
     async def outcome(self, intent_id: str, **body: Any) -> httpx.Response:
         return await self.client.post(f"/v1/intents/{intent_id}/outcome", json=body)
@@ -254,7 +279,14 @@ class LookupClient:
         if response.status_code == 404:
             return None
         assert response.status_code == 200, response.text
-        return response.json()
+        intent: dict[str, Any] = response.json()
+        return intent
+
+    async def live_intent(self, room_id: str) -> dict[str, Any]:
+        """The room's live intent; the test fails when there is none."""
+        intent = await self.room_intent(room_id)
+        assert intent is not None, f"no live intent in {room_id}"
+        return intent
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -279,6 +311,6 @@ def agent_answer_in(thread: str, agent_id: str) -> Callable[[dict[str, Any]], bo
     return in_thread(thread, agent_id)
 
 
-def receipts_in(events: list[dict], thread: str) -> list[dict]:
+def receipts_in(events: list[dict[str, Any]], thread: str) -> list[dict[str, Any]]:
     """The bot's notices in a thread (receipts, suggestions), edits excluded."""
     return [e for e in events if in_thread(thread, BOT)(e)]

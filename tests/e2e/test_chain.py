@@ -3,6 +3,8 @@ dispatcher → the side-car's claim → the right upstream; receipts in the room
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from demo.upstream import ModelStack
@@ -41,7 +43,7 @@ async def test_route_cloud_sends_every_call_of_the_next_turn_to_cloud_then_back_
         room, lambda e: bool(receipts_in([e], routed)), what="the receipt"
     )
 
-    def shows_both_calls(event: dict) -> bool:  # the receipt itself, or its latest edit
+    def shows_both_calls(event: dict[str, Any]) -> bool:  # the receipt itself, or its latest edit
         if event["event_id"] == receipt["event_id"]:
             return "2 call" in event["content"]["body"]
         return bool(edits_of([event], receipt["event_id"])) and (

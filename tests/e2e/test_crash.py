@@ -100,6 +100,7 @@ async def one_run(
 async def check_run(run: CrashRun, label: str, sidecar: Sidecar, violations: list[str]) -> None:
     found: list[str] = []
     alice, room = run.users["alice"], run.room
+    assert isinstance(alice, MatrixUser)  # the plain loop's users
     # Synapse delivers in order: once a message sent now is seen, all earlier ones were.
     sentinel = await alice.say(room, f"after run {run.index}")
     seen = await wait_until(

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import time
 import uuid
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -18,17 +19,17 @@ from .harness import LookupClient, MatrixUser, Sidecar, edits_of, hermes_request
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
-async def claim_for(lookup: LookupClient, room: str, event_id: str, text: str) -> dict:
+async def claim_for(lookup: LookupClient, room: str, event_id: str, text: str) -> dict[str, Any]:
     return await lookup.claim(request=hermes_request(room, event_id, f"[alice] {text}"))
 
 
 def db_count(sidecar: Sidecar, sql: str, *params: object) -> int:
     with sqlite3.connect(f"file:{sidecar.db_path}?mode=ro", uri=True) as db:
-        return db.execute(sql, params).fetchone()[0]
+        return int(db.execute(sql, params).fetchone()[0])
 
 
 async def push_transaction(
-    sidecar: Sidecar, txn_id: str, events: list[dict], token: str | None = None
+    sidecar: Sidecar, txn_id: str, events: list[dict[str, Any]], token: str | None = None
 ) -> httpx.Response:
     """What Synapse does: PUT the transaction with the hs_token."""
     token = sidecar.tokens["hs_token"] if token is None else token
@@ -41,13 +42,14 @@ async def push_transaction(
         )
 
 
-async def fetch_event(user: MatrixUser, room: str, event_id: str) -> dict:
+async def fetch_event(user: MatrixUser, room: str, event_id: str) -> dict[str, Any]:
     event = await user.request("GET", f"/rooms/{quote(room)}/event/{quote(event_id)}")
     event.setdefault("room_id", room)
-    return event
+    fetched: dict[str, Any] = event
+    return fetched
 
 
-async def forged_command(user: MatrixUser, room: str, body: str, label: str) -> dict:
+async def forged_command(user: MatrixUser, room: str, body: str, label: str) -> dict[str, Any]:
     """A real event of the room (the bot answers it first), copied with a new event id and
     a new body: what the test pushes itself, as Synapse would."""
     marker = await user.say(room, "!route status")
@@ -64,14 +66,14 @@ async def test_a_transaction_delivered_twice_creates_one_intent_and_one_reply(
     alice = users["alice"]
     command = await alice.say(room, "!route cloud")
     await alice.wait_reply(room, command)
-    intent_id = (await lookup.room_intent(room))["id"]
+    intent_id = (await lookup.live_intent(room))["id"]
     event = await fetch_event(alice, room, command)
     txn = f"replay-{uuid.uuid4().hex}"
     for txn_id in (txn, txn, f"{txn}-other"):  # the same transaction, then the same event
         response = await push_transaction(sidecar, txn_id, [event])
         assert response.status_code == 200 and response.json() == {}
     await asyncio.sleep(1.0)
-    assert (await lookup.room_intent(room))["id"] == intent_id
+    assert (await lookup.live_intent(room))["id"] == intent_id
     assert (
         db_count(sidecar, "SELECT COUNT(*) FROM intents WHERE command_event_id = ?", command) == 1
     )
@@ -137,7 +139,7 @@ async def test_a_command_sent_while_the_side_car_is_down_is_answered_when_it_ret
     # Synapse retries the transaction (with back-off); the command is not lost.
     reply = await alice.wait_reply(room, command, timeout=60)
     assert "cloud" in reply["content"]["body"]
-    assert (await lookup.room_intent(room))["state"] == "pending"
+    assert (await lookup.live_intent(room))["state"] == "pending"
 
 
 async def test_commands_older_than_the_intent_ttl_on_arrival_are_ignored(
@@ -276,7 +278,7 @@ async def test_commands_queued_while_down_apply_in_order_the_later_one_wins(
 
     first_reply = await alice.wait_reply(room, first)
 
-    def superseded(event: dict) -> bool:
+    def superseded(event: dict[str, Any]) -> bool:
         return any(
             "replaced by a newer route" in e["content"]["m.new_content"]["body"]
             for e in edits_of([event], first_reply["event_id"])
@@ -285,7 +287,7 @@ async def test_commands_queued_while_down_apply_in_order_the_later_one_wins(
     await alice.wait_for(room, superseded, timeout=20, what="the first route marked superseded")
 
 
-def bot_membership(event: dict, membership: str) -> bool:
+def bot_membership(event: dict[str, Any], membership: str) -> bool:
     return (
         event.get("type") == "m.room.member"
         and event.get("state_key") == "@route:localhost"

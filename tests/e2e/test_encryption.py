@@ -14,13 +14,13 @@ import re
 import signal
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
-from mautrix.types import DeviceID, EventType, RoomID, TrustState, UserID
+from mautrix.types import JSON, DeviceID, EventType, RoomID, TrustState, UserID
 
 from demo.encrypted_user import EncryptedUser
 
@@ -134,7 +134,7 @@ async def test_a_message_the_bot_cannot_decrypt_gets_one_notice(alice: Encrypted
     sent = []
     for _ in range(2):
         event_id = await alice.client.send_message_event(
-            RoomID(room), EventType.ROOM_ENCRYPTED, broken
+            RoomID(room), EventType.ROOM_ENCRYPTED, cast(JSON, broken)
         )
         sent.append(str(event_id))
     notice = await alice.wait_for(
@@ -169,15 +169,17 @@ async def test_each_sender_whose_message_went_unread_is_told(
             broken = broken_content(person, f"each-{person.user_id}")
             sent[person.user_id] = str(
                 await person.client.send_message_event(
-                    RoomID(room), EventType.ROOM_ENCRYPTED, broken
+                    RoomID(room), EventType.ROOM_ENCRYPTED, cast(JSON, broken)
                 )
             )
+
+        def notice_to(user_id: str) -> Callable[[dict[str, Any]], bool]:
+            return lambda e: is_bot_reply_to(e, sent[user_id]) and user_id in e["content"]["body"]
+
         for person in (alice, bob):
             notice = await alice.wait_for(
                 room,
-                lambda e, p=person: (
-                    is_bot_reply_to(e, sent[p.user_id]) and p.user_id in e["content"]["body"]
-                ),
+                notice_to(person.user_id),
                 timeout=30,
                 what=f"the notice to {person.user_id}",
             )
@@ -201,7 +203,7 @@ async def test_a_message_waiting_for_its_key_is_not_lost_in_a_crash(
     await command(alice, room, "!route status")
     event_id = str(
         await alice.client.send_message_event(
-            RoomID(room), EventType.ROOM_ENCRYPTED, broken_content(alice, "crash")
+            RoomID(room), EventType.ROOM_ENCRYPTED, cast(JSON, broken_content(alice, "crash"))
         )
     )
     for _ in range(50):  # the transaction is acknowledged once the event is stored

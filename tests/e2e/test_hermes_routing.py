@@ -10,6 +10,8 @@ DM); people type in rooms of a real Synapse, the side-car runs as its own proces
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ..hermes_support import hermes_message
@@ -29,7 +31,7 @@ async def route_cloud(user: MatrixUser, room: str) -> str:
 
 def hermes_013(
     user: MatrixUser, room: str, text: str, thread: str | None, chat_type: str = "group"
-) -> dict:
+) -> dict[str, Any]:
     """Hermes 0.13's request for `text`, sent by `user` in `room` (`thread`: its thread
     root, the message itself for a top-level message, as Hermes auto-threads)."""
     message = hermes_message(
@@ -87,7 +89,7 @@ async def test_the_same_text_in_two_rooms_gets_no_override_and_consumes_nothing(
     # What the side-car does today: no room resolves, no override (SPEC wants the reason
     # `ambiguous_room` here; today it says `no_intent`).
     assert (answer["override"], answer["room_id"], answer["model"]) == (False, None, None)
-    assert (await lookup.room_intent(room))["state"] == "pending"
+    assert (await lookup.live_intent(room))["state"] == "pending"
     # A text said in one room only then binds the intent still waiting.
     text = "deploy status of the eu cluster?"
     question = await alice.say(room, text)

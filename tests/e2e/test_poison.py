@@ -41,7 +41,7 @@ async def test_a_command_that_always_fails_gets_a_reference_and_other_rooms_go_o
     assert "Failed to handle command" in body and "(reference: " in body, body
     reference = body.split("(reference: ", 1)[1].split(")", 1)[0]
     await alice.wait_reply(other, behind, timeout=30)
-    assert (await lookup.room_intent(other))["target"] == "local"
+    assert (await lookup.live_intent(other))["target"] == "local"
     assert await lookup.room_intent(poisoned) is None  # never applied
     with sqlite3.connect(f"file:{poisoned_sidecar.db_path}?mode=ro", uri=True) as db:
         attempts = db.execute(
@@ -54,5 +54,5 @@ async def test_a_command_that_always_fails_gets_a_reference_and_other_rooms_go_o
     # The room itself goes on too.
     later = await alice.say(poisoned, "!route local")
     await alice.wait_reply(poisoned, later, timeout=30)
-    assert (await lookup.room_intent(poisoned))["target"] == "local"
+    assert (await lookup.live_intent(poisoned))["target"] == "local"
     assert len(await alice.bot_replies(poisoned, poison)) == 1

@@ -4,6 +4,7 @@ dispatcher claims over HTTP, on a real Synapse with the side-car as its own proc
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ CLOUD = "ollama-cloud/glm-5.1"
 
 async def turn_claim(
     lookup: LookupClient, room_id: str, event_id: str, text: str, name: str = "alice"
-) -> dict:
+) -> dict[str, Any]:
     """One LLM call of the agent's turn answering `event_id`, as Hermes sends it."""
     return await lookup.claim(request=hermes_request(room_id, event_id, f"[{name}] {text}"))
 
@@ -34,7 +35,7 @@ async def test_route_cloud_confirms_and_binds_exactly_the_next_turn(
         content["format"] == "org.matrix.custom.html"
         and "<b>cloud</b>" in content["formatted_body"]
     )
-    assert (await lookup.room_intent(room))["state"] == "pending"
+    assert (await lookup.live_intent(room))["state"] == "pending"
 
     question = await alice.say(room, "Why did the deploy fail?")
     answers = [await turn_claim(lookup, room, question, "Why did the deploy fail?")]
@@ -84,7 +85,7 @@ async def test_outcome_posts_one_receipt_per_turn_with_the_served_model(
         what="the receipt in the turn's thread",
     )
 
-    def counts_both_calls(event: dict) -> bool:
+    def counts_both_calls(event: dict[str, Any]) -> bool:
         if event is receipt or event.get("event_id") == receipt["event_id"]:
             return "2 call" in event["content"]["body"]
         edits = edits_of([event], receipt["event_id"])
@@ -344,7 +345,7 @@ async def test_the_turn_still_being_answered_when_route_is_typed_never_takes_it(
     await alice.wait_reply(room, command)
     tool_round = await turn_claim(lookup, room, earlier, "why is the build red?")
     assert first_round["override"] is False and tool_round["override"] is False
-    assert (await lookup.room_intent(room))["state"] == "pending"
+    assert (await lookup.live_intent(room))["state"] == "pending"
     await alice.say(room, "@hermes:localhost and how do I fix it?")
     await asyncio.sleep(0.3)
     # Without a room id or thread: the room is found from the message, mention and all.
@@ -352,10 +353,10 @@ async def test_the_turn_still_being_answered_when_route_is_typed_never_takes_it(
     assert answer["override"] is True and answer["room_id"] == room
 
 
-async def edit_text(alice: MatrixUser, room: str, reply: dict, needle: str) -> str:
+async def edit_text(alice: MatrixUser, room: str, reply: dict[str, Any], needle: str) -> str:
     """The latest edit of the bot's reply that holds `needle`, as the room shows it."""
 
-    def edited(event: dict) -> bool:
+    def edited(event: dict[str, Any]) -> bool:
         return any(
             needle in e["content"]["m.new_content"]["body"]
             for e in edits_of([event], reply["event_id"])
