@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import cast
@@ -68,6 +69,6 @@ async def test_a_mautrix_read_then_write_survives_a_commit_by_the_store_in_betwe
 
 def test_mautrix_transactions_are_mautrix_own() -> None:
     """No copy of mautrix's private TxnConnection.transaction to re-read at every upgrade."""
-    transaction = mautrix_sqlite.TxnConnection.transaction
+    transaction: Callable[..., object] = mautrix_sqlite.TxnConnection.transaction
     assert transaction.__module__ == mautrix_sqlite.__name__
     assert transaction.__qualname__ == "TxnConnection.transaction"
