@@ -256,21 +256,23 @@ class AppserviceShell:
             except Exception as error:
                 await self._failed(key, message, error)
 
-    async def _failed(self, key: str, event: Any, error: Exception) -> None:
-        """One more failed attempt at an event. Under MAX_EVENT_ATTEMPTS the error stands
+    async def _failed(
+        self, key: str, event: Any, error: Exception, allowed: int = MAX_EVENT_ATTEMPTS
+    ) -> None:
+        """One more failed attempt at an event. Under `allowed` attempts the error stands
         (the transaction is answered 500 and the homeserver retries it); then the event
         is given up, a command answered with a reference, and the transaction goes on."""
         room_id = event.get("room_id") if isinstance(event, dict) else event.room_id
         room_id = room_id if isinstance(room_id, str) else None
         async with self.service.store.atomic() as tx:
             attempts = await tx.count_event_failure(key, room_id, utcnow())
-        if attempts < MAX_EVENT_ATTEMPTS:
+        if attempts < allowed:
             log.warning(
                 "event failed room=%s event=%s attempt=%d of %d",
                 room_id,
                 key,
                 attempts,
-                MAX_EVENT_ATTEMPTS,
+                allowed,
             )
             raise error
         reference = _reference(key)
@@ -409,7 +411,13 @@ class AppserviceShell:
                 )
                 await self.service.on_undecryptable(event)
             else:
-                await self.handle_event(decrypted)
+                try:
+                    fail_point("event-received", decrypted)
+                    await self.handle_event(decrypted)
+                except Exception as error:
+                    # Off its transaction, only a restart would try it again (and fail
+                    # again): given up at once, its sender told with the reference.
+                    await self._failed(event.event_id, decrypted, error, allowed=1)
             async with self.service.store.atomic() as tx:
                 await tx.drop_undecrypted(event.event_id)
 

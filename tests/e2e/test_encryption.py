@@ -311,6 +311,9 @@ async def test_an_encrypted_command_that_always_fails_gets_a_reference_encrypted
     one, and its sender told so with the reference (decrypted again for the reply)."""
     marker = f"POISON-{uuid.uuid4().hex[:8]}"
     room = await room_with_bot(alice, encrypted=True)
+    # The bot holds the room key before the poison command: it is then decrypted in its
+    # transaction, where failures are counted (not after a wait for a late key).
+    await command(alice, room, "!route status")
     with failing_on(sidecar, marker):
         poison = await alice.say(room, f"!route cloud {marker}")
         reply = await alice.wait_reply(room, poison, timeout=90)
@@ -324,3 +327,28 @@ async def test_an_encrypted_command_that_always_fails_gets_a_reference_encrypted
         assert f"reference={reference}" in log
     later = await command(alice, room, "!route local")  # the room goes on
     assert "Routing the next turn" in later["content"]["body"]
+
+
+async def test_a_command_that_fails_after_waiting_for_its_key_is_given_up_at_once(
+    alice: EncryptedUser, sidecar: Sidecar
+) -> None:
+    """Decrypted off its transaction (its room key came later, by request), a command
+    whose handling fails has nothing to retry it but a restart: it is given up at once,
+    its sender gets the reference, and it does not wait to fail again at every start."""
+    marker = f"POISON-{uuid.uuid4().hex[:8]}"
+    room = await room_with_bot(alice, encrypted=True)
+    with failing_on(sidecar, marker):
+        with room_keys_lost_on_the_way(alice, BOT) as lost:
+            poison = await alice.say(room, f"!route cloud {marker}")  # a new session, lost
+        assert lost == [BOT]
+        reply = await alice.wait_reply(room, poison, timeout=30)
+        assert reply["encrypted"] is True, reply
+        body = reply["content"]["body"]
+        assert "Failed to handle command" in body and "(reference: " in body, body
+        log = sidecar.log_path.read_text(errors="replace")
+        assert f"room key requested room={room} event={poison}" in log
+        assert f"event given up room={room} event={poison} attempts=1" in log
+        assert poison not in waiting_for_key(sidecar)
+    later = await command(alice, room, "!route local")  # and nothing of it after a restart
+    assert "Routing the next turn" in later["content"]["body"]
+    assert len(await alice.bot_replies(room, poison)) == 1
