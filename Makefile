@@ -49,6 +49,10 @@ LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redi
 # A Synapse or Hermes version without a file of its own installs unconstrained.
 LOCK := constraints
 constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
+# The client distribution installed as a copy into venv $(1), with pip options $(2); its
+# build folder (in the checkout, from the symbolic links) removed after.
+install_client = $(1)/bin/pip install --quiet --force-reinstall $(2) ./integrations/client \
+	&& rm -rf integrations/client/build
 
 .PHONY: run test test-compat lint bench setup clean lock
 
@@ -104,8 +108,7 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt) $(VENV)/.clie
 # reinstalled whenever its files change.
 $(VENV)/.client: $(CLIENT_DIST)
 	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --force-reinstall --no-deps ./integrations/client
-	rm -rf integrations/client/build
+	$(call install_client,$(VENV),--no-deps)
 	touch $@
 
 $(SYNAPSE_VENV)/.installed:
@@ -138,17 +141,14 @@ $(LITELLM_VENV)/.installed: pyproject.toml $(CLIENT_DIST)
 	$(LITELLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(LITELLM_VENV)/bin/pip install --quiet $(call constrained,litellm) -e '.[test]' \
 		$(LITELLM_PACKAGES)
-	$(LITELLM_VENV)/bin/pip install --quiet --force-reinstall --no-deps ./integrations/client
-	rm -rf integrations/client/build
+	$(call install_client,$(LITELLM_VENV),--no-deps)
 	touch $@
 
 # Reinstalled whenever the client's files change: it is a copy, not an editable install.
 $(CLIENT_VENV)/.installed: $(CLIENT_DIST)
 	test -x $(CLIENT_VENV)/bin/pip || $(PYTHON) -m venv $(CLIENT_VENV)
 	$(CLIENT_VENV)/bin/pip install --quiet --upgrade pip
-	$(CLIENT_VENV)/bin/pip install --quiet $(call constrained,client) --force-reinstall \
-		./integrations/client
-	rm -rf integrations/client/build
+	$(call install_client,$(CLIENT_VENV),$(call constrained,client))
 	touch $@
 
 $(GPTBOT_VENV)/.installed: $(LITELLM_VENV)/.installed

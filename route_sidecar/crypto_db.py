@@ -250,7 +250,11 @@ def _copy_mautrix_tables(old: Path, db_path: Path) -> None:
 
 def _mautrix_tables(path: Path) -> list[str]:
     with closing(sqlite3.connect(_read_only(path), uri=True)) as db:
-        names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return _mautrix_tables_in(db)
+
+
+def _mautrix_tables_in(db: sqlite3.Connection) -> list[str]:
+    names = db.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'").fetchall()
     return [str(name) for (name,) in names if str(name).startswith(MAUTRIX_TABLE_PREFIXES)]
 
 
@@ -263,10 +267,8 @@ def _drop_mautrix_tables(db_path: Path) -> None:
         db.execute("PRAGMA secure_delete = ON")
         db.execute("BEGIN IMMEDIATE")
         try:
-            names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-            for (name,) in names:
-                if str(name).startswith(MAUTRIX_TABLE_PREFIXES):
-                    db.execute(f'DROP TABLE main."{name}"')
+            for name in _mautrix_tables_in(db):
+                db.execute(f'DROP TABLE main."{name}"')
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
