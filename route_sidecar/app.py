@@ -117,7 +117,7 @@ async def start_sidecar(config: Config) -> Sidecar:
         log.info("listening host=%s port=%d", listen.host, listen.port)
     stop = sidecar.stopping
     sidecar.tasks += [
-        asyncio.create_task(_register(bot, crypto, appservice, stop)),
+        asyncio.create_task(_register(bot, service, crypto, appservice, stop)),
         asyncio.create_task(run_outbox(bot, service.outbox.changed, stop)),
         asyncio.create_task(_every(SWEEP_SECONDS, service.sweep, stop)),
         asyncio.create_task(_every(FORGET_SECONDS, service.forget_old_records, stop)),
@@ -152,12 +152,20 @@ async def _pickle_key(config: Config, store: Store) -> str | None:
 
 
 async def _register(
-    bot: MatrixBot, crypto: Any, appservice: AppserviceShell, stop: asyncio.Event
+    bot: MatrixBot,
+    service: RouteService,
+    crypto: Any,
+    appservice: AppserviceShell,
+    stop: asyncio.Event,
 ) -> None:
-    """Register the bot user, then set up its device when encryption is on (both retried
-    while the homeserver is unreachable)."""
+    """Register the bot user and learn its rooms, then set up its device when encryption
+    is on (both retried while the homeserver is unreachable)."""
     await bot.ensure_registered(stop)
     await bot.leave_rooms_not_allowed()
+    listed_at = service.clock()
+    rooms = await bot.joined_rooms()
+    if rooms is not None:
+        await service.on_joined_rooms(rooms, listed_at)
     delay = 1.0
     while crypto is not None and not stop.is_set():
         try:

@@ -25,6 +25,7 @@ from .core import policy
 from .core.events import (
     EncryptedMessage,
     Invite,
+    Membership,
     Redaction,
     RoomMessage,
     Undecryptable,
@@ -333,11 +334,17 @@ class AppserviceShell:
                 await self._encrypted(raw, event)
             case Invite() if event.invitee == self.config.bot_user_id:
                 if self.service.accepts_invite(event):
-                    if await self.bot.join(event.room_id) and self.crypto is not None:
-                        await self.crypto.joined(event.room_id)
+                    if await self.bot.join(event.room_id):
+                        await self.service.on_bot_membership(event.room_id, joined=True)
+                        if self.crypto is not None:
+                            await self.crypto.joined(event.room_id)
                 else:
                     log.info("invite refused room=%s sender=%s", event.room_id, event.sender)
                     await self.bot.decline(event.room_id, "Not invited by a permitted user")
+            case Membership() if event.user_id == self.config.bot_user_id:
+                await self.service.on_bot_membership(
+                    event.room_id, joined=event.membership == "join"
+                )
             case _:
                 return
 

@@ -29,19 +29,22 @@ class Claims:
     async def claim(self, turn: Turn) -> ClaimAnswer:
         """The routing decision for one LLM call; binds a pending intent to its turn."""
         state = self.state
-        if state.arrivals.should_wait(turn):
-            assert turn.turn_id is not None
-            arrived = await state.arrivals.wait(turn.turn_id, CLAIM_WAIT_SECONDS)
-            log.info("claim waited for its message turn=%s arrived=%s", turn.turn_id, arrived)
+        awaited = state.arrivals.awaited(turn)
+        if awaited is not None:
+            arrived = await state.arrivals.wait(awaited, CLAIM_WAIT_SECONDS)
+            log.info("claim waited for its message event=%s arrived=%s", awaited, arrived)
         live = state.live
         room_id = turn.room_id
         if room_id is None:
-            if not live:  # nothing is set anywhere: no room to look for
-                return ClaimAnswer(False, ClaimResult.NO_INTENT, None, turn.turn_id)
+            if not live:  # nothing is set anywhere: placed from memory, for its metadata
+                return self._unrouted(
+                    state.arrivals.room_of(derive_turn_key(turn, state.salt)), turn
+                )
         elif room_id not in live:
             if room_id in state.arrivals.rooms:
-                # The common case, answered before any hashing: nothing is set for the room.
-                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+                # The common case, answered from memory: nothing is set for a room the bot
+                # is in (joined, whether or not a message arrived there yet).
+                return self._unrouted(room_id, turn)
             # A room id naming no room the side-car knows counts as absent (state.known_room).
             if not live:
                 return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
@@ -55,7 +58,7 @@ class Claims:
                 return ClaimAnswer(False, ClaimResult.AMBIGUOUS_ROOM, None, turn.turn_id)
             room_id = resolve_room(rooms)
         if room_id is None or room_id not in state.live:
-            return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            return self._unrouted(room_id, turn)
         if not state.lock.locked():
             # No writer is between a read and a write: a later call of a bound turn is
             # answered here, in memory, with nothing awaited (the common case in a turn).
@@ -69,17 +72,17 @@ class Claims:
             now = state.clock()
             room = state.live.room(room_id)
             if not room:
-                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+                return self._unrouted(room_id, turn)
             async with state.writing() as tx:
                 seen = await tx.seen_for_turn(room_id, key) if key is not None else []
-                placement = place_turn(key, seen)
+                placement = place_turn(key, seen, turn.event_id)
                 if is_command_turn(turn.last_user_message, state.config.routing.prefixes):
                     placement = replace(placement, is_command=True)
                 claimed = intents.claim_among(
                     room, intents.ClaimedTurn(key, placement), now, state.timing
                 )
                 if claimed is None:
-                    return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+                    return self._unrouted(room_id, turn)
                 intent = next(i for i in room if i.id == claimed.intent.id)
                 if claimed.intent != intent:
                     await state.record_change(tx, intent, claimed.intent, now)
@@ -122,6 +125,19 @@ class Claims:
         open_turn.answer = (intents.expiry_second_holds_until(intent, now, state.timing), answer)
         return answer
 
+    def _asker(self, room_id: str | None, turn: Turn) -> str | None:
+        """Who sent the turn's message (SPEC "The lookup API": every placed call names
+        its asker): the agent's stamp says, else the message the side-car remembers."""
+        if room_id is None:
+            return None
+        state = self.state
+        return turn.sender or state.arrivals.asker(room_id, derive_turn_key(turn, state.salt))
+
+    def _unrouted(self, room_id: str | None, turn: Turn) -> ClaimAnswer:
+        return ClaimAnswer(
+            False, ClaimResult.NO_INTENT, room_id, turn.turn_id, asker=self._asker(room_id, turn)
+        )
+
     def _answer(self, claimed: intents.Claimed, room_id: str, turn: Turn) -> ClaimAnswer:
         intent = claimed.intent
         end = intents.expires_at(intent, self.state.timing) if intent.state.is_live else None
@@ -130,6 +146,7 @@ class Claims:
             result=claimed.result,
             room_id=room_id,
             turn_id=turn.turn_id,
+            asker=self._asker(room_id, turn),
             route=(
                 Route(intent.id, intent.target, intent.model, intent.sender)
                 if claimed.override

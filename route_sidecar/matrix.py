@@ -121,6 +121,14 @@ class MatrixBot:
         log.info("room joined room=%s", room_id)
         return True
 
+    async def joined_rooms(self) -> list[str] | None:
+        """The rooms the bot is in, as the homeserver says; None when it cannot say."""
+        try:
+            return [str(room_id) for room_id in await self.intent.get_joined_rooms()]
+        except MatrixRequestError as error:
+            log.warning("joined rooms not listed error=%s", error.errcode)
+            return None
+
     async def leave_rooms_not_allowed(self) -> None:
         """With an allow-list (`rooms`), leave every joined room that is not on it."""
         if not self.config.rooms:

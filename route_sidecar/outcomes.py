@@ -117,7 +117,7 @@ class Outcomes:
                 return
             if status == "ok" and outbox.suggestion_key(room_id, key.ref) not in self.failures:
                 return
-            placed = await self._placed(tx, room_id, key)
+            placed = await self._placed(tx, room_id, key, turn.event_id)
             await tx.add_outcome(
                 intent_id=None,
                 position=None,
@@ -144,11 +144,14 @@ class Outcomes:
         for key in [k for k, at in self.failures.items() if at < before]:
             del self.failures[key]
 
-    async def _placed(self, tx: Tx, room_id: str, key: TurnKey | None) -> SeenMessage | None:
-        """The user message a turn answers, when the side-car saw it."""
+    async def _placed(
+        self, tx: Tx, room_id: str, key: TurnKey | None, event_id: str | None = None
+    ) -> SeenMessage | None:
+        """The user message a turn answers, when the side-car saw it (the one with the
+        event id the agent stamped, when it did)."""
         if key is None:
             return None
-        return place_turn(key, await tx.seen_for_turn(room_id, key)).message
+        return place_turn(key, await tx.seen_for_turn(room_id, key), event_id).message
 
     async def _follow_failure(
         self,

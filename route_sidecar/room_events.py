@@ -47,6 +47,29 @@ class RoomEvents:
             invite.room_id, config
         )
 
+    async def on_bot_membership(self, room_id: str, joined: bool) -> None:
+        """The bot joined a room, or left it (kicked and banned alike): a claim naming a
+        room it is in belongs there from now on, whether or not a message arrived."""
+        state = self.state
+        async with state.store.atomic() as tx:
+            await tx.set_membership(room_id, joined, state.clock())
+        if joined:
+            state.arrivals.joined(room_id)
+        else:
+            state.arrivals.left(room_id)
+        log.info("room membership room=%s joined=%s", room_id, joined)
+
+    async def on_joined_rooms(self, rooms: Sequence[str], listed_at: datetime) -> None:
+        """The homeserver's list of the bot's rooms, read at start (`listed_at`): the
+        truth, also for a store from before membership was kept, except for a change
+        that arrived since it was read."""
+        state = self.state
+        async with state.store.atomic() as tx:
+            await tx.set_joined_rooms(rooms, listed_at)
+            joined, left = await tx.rooms_by_membership()
+        state.arrivals.set_rooms(joined, left)
+        log.info("rooms joined count=%d", len(joined))
+
     async def on_messages(self, messages: Sequence[RoomMessage]) -> None:
         """Room messages in the order the homeserver sent them (one transaction). The
         plain ones are only seen: written together, in one database transaction; each
@@ -77,6 +100,8 @@ class RoomEvents:
         if seen:
             async with self.state.store.atomic(durable=False) as tx:
                 await tx.add_seen_many(seen)
+            for record in seen:
+                self.state.arrivals.remember_asker(record)
         for message in arrived:
             self.state.arrivals.add(message.room_id, message.event_id, message.thread_root)
 
@@ -188,6 +213,7 @@ class RoomEvents:
             if result == LEAVING:  # after the reply: the bot can no longer post once gone
                 await tx.add_effect(outbox.leave(message.event_id, message.room_id), now)
         crash_point("command-committed")
+        state.arrivals.remember_asker(seen)  # the question of a multi-line form or `again`
         metrics.commands.labels(_command_name(parsed), result).inc()
         metrics.active_intents.set(len(state.live))
         log.info(

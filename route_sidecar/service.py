@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from . import outbox
-from .arrivals import ARRIVALS_KEPT
+from .arrivals import ARRIVALS_KEPT, ASKERS_KEPT
 from .claims import Claims
 from .config import Config
 from .core import intents, replies
@@ -94,6 +94,9 @@ class RouteService:
         async with state.store.atomic(durable=False) as tx:
             for room_id, event_id, thread_id in await tx.recent_arrivals(ARRIVALS_KEPT):
                 state.arrivals.add(room_id, event_id, thread_id)
+            for message in await tx.recent_seen(ASKERS_KEPT):
+                state.arrivals.remember_asker(message)
+            state.arrivals.set_rooms(*await tx.rooms_by_membership())
         await self.outcomes.load()
         log.info("live intents loaded count=%d", len(state.live))
 
@@ -101,6 +104,12 @@ class RouteService:
 
     def accepts_invite(self, invite: Invite) -> bool:
         return self.room_events.accepts_invite(invite)
+
+    async def on_bot_membership(self, room_id: str, joined: bool) -> None:
+        await self.room_events.on_bot_membership(room_id, joined)
+
+    async def on_joined_rooms(self, rooms: Sequence[str], listed_at: datetime) -> None:
+        await self.room_events.on_joined_rooms(rooms, listed_at)
 
     async def on_message(self, message: RoomMessage) -> None:
         await self.room_events.on_messages([message])

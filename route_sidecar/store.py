@@ -24,6 +24,7 @@ from .records.effects import EffectRecords
 from .records.events import EventRecords
 from .records.intents import IntentRecords
 from .records.outcomes import OutcomeRecords
+from .records.rooms import RoomRecords
 from .records.rows import to_ms
 from .records.seen import SeenRecords
 
@@ -211,7 +212,7 @@ class Store:
             return False
 
 
-class Tx(EventRecords, IntentRecords, SeenRecords, OutcomeRecords, EffectRecords):
+class Tx(EventRecords, IntentRecords, SeenRecords, OutcomeRecords, EffectRecords, RoomRecords):
     """The queries, inside one database transaction: one class per kind of record
     (route_sidecar/records/), and what spans them."""
 

@@ -42,8 +42,10 @@ SPEC_METADATA_KEYS = {
     "route_target",
     "route_intent_id",
     "route_origin",
+    "route_set_by",
     "route_turn_id",
 }
+BOB = "@bob:example.org"
 
 
 @pytest.fixture
@@ -93,18 +95,21 @@ async def test_claim_without_an_intent_gets_no_override(api: Api) -> None:
 
 
 async def test_claim_after_route_overrides_with_the_target_model(api: Api, pending: str) -> None:
+    await api.say(ROOM, "Why did the deploy fail?", sender=BOB, event_id="$question", ago=0)
     answer = (await api.claim(claim_body())).json()
     assert answer["override"] is True
     assert (answer["model"], answer["target"]) == ("ollama-cloud/glm-5.1", "cloud")
     assert (answer["intent_id"], answer["reason"]) == (pending, "bound")
     assert (answer["room_id"], answer["turn_id"]) == (ROOM, "$question")
     assert answer["expires_at"] is not None
+    # The asker is who sent the turn's message; the route names who set it.
     assert answer["metadata"] == {
         "matrix_room_id": ROOM,
-        "matrix_sender": ALICE,
+        "matrix_sender": BOB,
         "route_target": "cloud",
         "route_intent_id": pending,
         "route_origin": "/route",
+        "route_set_by": ALICE,
         "route_turn_id": "$question",
     }
     assert set(answer["metadata"]) == SPEC_METADATA_KEYS

@@ -66,6 +66,7 @@ async def test_claim_with_hermes_lines_gets_the_rooms_override(
     api: Api, client: RouteClient
 ) -> None:
     intent_id = await api.route()
+    await api.say(ROOM, "Why CI red?", event_id="$thread-root", ago=0)
     decision = await client.claim(request=hermes_request(ROOM, "$thread-root", "Why CI red?"))
     assert decision.override is True
     assert (decision.model, decision.target, decision.intent_id) == (CLOUD, "cloud", intent_id)
@@ -76,6 +77,7 @@ async def test_claim_with_hermes_lines_gets_the_rooms_override(
         "route_target": "cloud",
         "route_intent_id": intent_id,
         "route_origin": "/route",
+        "route_set_by": ALICE,
         "route_turn_id": "$thread-root",
     }
 

@@ -14,6 +14,7 @@ from route_sidecar.core.events import (
     MAX_BODY_CHARS,
     EncryptedMessage,
     Invite,
+    Membership,
     Redaction,
     RoomMessage,
     parse_event,
@@ -164,8 +165,15 @@ def test_invite_of_the_bot_becomes_an_invite() -> None:
     assert parse_event(INVITE) == Invite(room_id=ROOM, sender=ALICE, invitee="@route:example.org")
 
 
-@pytest.mark.parametrize("membership", ["join", "leave", "ban", "knock"])
-def test_other_memberships_are_ignored(membership: str) -> None:
+@pytest.mark.parametrize("membership", ["join", "leave", "ban"])
+def test_joins_leaves_and_bans_say_who_is_in_the_room(membership: str) -> None:
+    event = copy.deepcopy(INVITE)
+    event["content"]["membership"] = membership
+    assert parse_event(event) == Membership(INVITE["room_id"], INVITE["state_key"], membership)
+
+
+@pytest.mark.parametrize("membership", ["knock", None, 1, "JOIN"])
+def test_other_memberships_are_ignored(membership: Any) -> None:
     event = copy.deepcopy(INVITE)
     event["content"]["membership"] = membership
     assert parse_event(event) is None

@@ -249,6 +249,7 @@ def test_a_later_call_of_a_turn_is_answered_as_if_computed_afresh(
                 turn.turn_id,
                 Route(intent.id, "cloud", "ollama-cloud/glm-5.1", "@alice:test"),
                 core.whole_second(end),
+                asker="@alice:test" if turn is asked else None,  # who sent "why?"
             )
             assert service.live.current(ROOM) == expected.intent
 

@@ -292,6 +292,79 @@ def test_missing_given_fields_come_from_the_request_body() -> None:
     assert merge_turn(Turn(turn_id="$mine"), extracted) == Turn(ROOM, "$mine", "body text")
 
 
+# --- the agent's stamp (`matrix_context`) ------------------------------------------------
+
+STAMP = {"room_id": "!stamped:x", "event_id": "$msg", "thread_id": "$root", "sender": "@bob:x"}
+
+
+def test_an_agents_stamp_places_the_call_before_its_prompt_lines_and_user_field() -> None:
+    stamped = {
+        **body(system(HERMES_SYSTEM), user("[Bob] a question")),
+        "user": "!other:x",
+        "matrix_context": STAMP,
+    }
+    turn = extract_turn(stamped)
+    assert turn == Turn(
+        room_id="!stamped:x",
+        turn_id="$root",  # the thread root, as Hermes's thread line gives it
+        last_user_message="[Bob] a question",
+        event_id="$msg",
+        sender="@bob:x",
+    )
+    assert turn.exact
+
+
+def test_a_stamp_outside_a_thread_makes_the_message_its_own_turn() -> None:
+    stamp = {"room_id": "!dm:x", "event_id": "$msg", "thread_id": None, "sender": "@bob:x"}
+    turn = extract_turn({**body(user("hi")), "matrix_context": stamp})
+    assert (turn.room_id, turn.turn_id, turn.event_id) == ("!dm:x", "$msg", "$msg")
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        None,
+        "!stamped:x",
+        [],
+        {},
+        {"room_id": "!stamped:x"},  # no event id
+        {"event_id": "$msg"},  # no room
+        {"room_id": "stamped", "event_id": "$msg"},  # not a room id
+        {"room_id": "!stamped:x", "event_id": "msg"},  # not an event id
+        {"room_id": "!stamped:x", "event_id": "$" + "m" * MAX_ID_LENGTH},
+        {"room_id": "!a b", "event_id": "$msg"},
+        {"room_id": 7, "event_id": ["$msg"]},
+    ],
+)
+def test_a_stamp_without_a_room_and_an_event_id_counts_as_absent(stamp: Any) -> None:
+    request = {**body(system(HERMES_SYSTEM), user("q")), "matrix_context": stamp}
+    assert extract_turn(request) == extract_turn(body(system(HERMES_SYSTEM), user("q")))
+
+
+def test_a_stamps_ill_shaped_sender_or_thread_is_left_out() -> None:
+    stamp = {"room_id": "!r:x", "event_id": "$m", "thread_id": "root", "sender": "bob"}
+    turn = extract_turn({**body(user("q")), "matrix_context": stamp})
+    assert (turn.turn_id, turn.sender, turn.event_id) == ("$m", None, "$m")
+
+
+def test_given_fields_that_disagree_with_the_stamp_make_the_turn_inexact() -> None:
+    extracted = extract_turn({**body(user("q")), "matrix_context": STAMP})
+    assert merge_turn(Turn(), extracted) == extracted
+    assert merge_turn(Turn(room_id="!stamped:x"), extracted).exact
+    assert not merge_turn(Turn(room_id="!given:x"), extracted).exact
+    assert not merge_turn(Turn(turn_id="$given"), extracted).exact
+
+
+def test_a_stamped_message_is_placed_by_its_event_id_never_by_an_earlier_same_text() -> None:
+    repeated = [seen("$q1", 0, "what now?"), seen("$q2", 5, "what now?"), seen("$q3", 9, "x")]
+    key = TurnKey("$q1", message_hash(SALT, "what now?"))
+    assert place_turn(key, repeated, "$q1") == Placement.of(repeated[0])
+    unstamped = TurnKey(None, message_hash(SALT, "what now?"))  # by its text: the latest
+    assert place_turn(unstamped, repeated) == Placement.of(repeated[1])
+    # The stamped message not seen (yet): unplaced, never another message.
+    assert place_turn(key, repeated, "$unseen") == Placement(arrived_at=None, is_command=False)
+
+
 # --- normalise_message and message_hash --------------------------------------------------
 
 SAME_MESSAGE = [

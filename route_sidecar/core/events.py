@@ -13,6 +13,7 @@ from typing import Any
 
 MAX_BODY_CHARS = 65_536
 MAX_ID_CHARS = 255
+MEMBERSHIPS = ("join", "leave", "ban")  # the changes that put a user in a room or out of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,16 @@ class Invite:
 
 
 @dataclass(frozen=True, slots=True)
+class Membership:
+    """A user's membership in a room changed (other than an invite): `join`, `leave`
+    (left or kicked) or `ban`. The bot's own tells which rooms it is in."""
+
+    room_id: str
+    user_id: str
+    membership: str
+
+
+@dataclass(frozen=True, slots=True)
 class Redaction:
     room_id: str
     redacted_event_id: str
@@ -50,7 +61,7 @@ class EncryptedMessage:
     sender: str
 
 
-RoomEvent = RoomMessage | Invite | Redaction | EncryptedMessage
+RoomEvent = RoomMessage | Invite | Membership | Redaction | EncryptedMessage
 
 
 class Undecryptable(Exception):
@@ -87,9 +98,12 @@ def parse_event(raw: Any) -> RoomEvent | None:
     if not (event_type and room_id and sender and event_id and isinstance(content, Mapping)):
         return None
     if event_type == "m.room.member":
-        invitee = _str(raw, "state_key")
-        if invitee and content.get("membership") == "invite":
-            return Invite(room_id, sender, invitee)
+        member = _str(raw, "state_key")
+        membership = content.get("membership")
+        if member and membership == "invite":
+            return Invite(room_id, sender, member)
+        if member and membership in MEMBERSHIPS:
+            return Membership(room_id, member, membership)
         return None
     if event_type == "m.room.redaction":
         redacts = _str(raw, "redacts") or _str(content, "redacts")

@@ -293,20 +293,25 @@ class ClaimAnswer:
     turn_id: str | None
     route: Route | None = None  # set when `override`
     expires_at: datetime | None = None  # the intent's end, to the whole second
+    asker: str | None = None  # who sent the turn's message, when known
 
     def metadata(self) -> dict[str, str]:
-        """OpenAI-compatible metadata: at most 16 string pairs, values ≤ 512 chars."""
+        """Who and where, for a dispatcher to attribute the call (SPEC "The lookup API"):
+        every placed call names its room, turn and asker; a routed one adds the route.
+        OpenAI-compatible: at most 16 string pairs, values ≤ 512 chars."""
         cap = METADATA_VALUE_MAX
         data: dict[str, str] = {}
         if self.room_id:
             data["matrix_room_id"] = self.room_id[:cap]
         if self.turn_id:
             data["route_turn_id"] = self.turn_id[:cap]
+        if self.asker and self.room_id:
+            data["matrix_sender"] = self.asker[:cap]
         if self.route is not None:
-            data["matrix_sender"] = self.route.sender[:cap]
             data["route_target"] = self.route.target[:cap]
             data["route_intent_id"] = self.route.intent_id[:cap]
             data["route_origin"] = "/route"
+            data["route_set_by"] = self.route.sender[:cap]
         return data
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -44,6 +44,10 @@ _QUOTE_LINE = re.compile(
 )
 SYSTEM_ROLES = ("system", "developer")
 MAX_ID_LENGTH = 255
+# The request field where an agent plugin says where the call comes from (the Hermes
+# plugin, from Hermes 0.17): `{"room_id", "event_id", "thread_id", "sender"}`. A dispatcher
+# strips it before the request goes upstream (SPEC "The turn key").
+CONTEXT_FIELD = "matrix_context"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +55,18 @@ class Turn:
     """What a claim says (or its request body shows) about the call's turn."""
 
     room_id: str | None = None
+    # The thread root (Hermes's `**Matrix Thread:**`), or the message's own event id.
     turn_id: str | None = None
     last_user_message: str | None = None
+    # From the agent itself (`matrix_context`), not from its prompt, `user` or a hash: the
+    # turn's message is the one with this event id, and the asker is its sender.
+    event_id: str | None = None
+    sender: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """The agent said which room and which message the call answers."""
+        return self.event_id is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,20 +104,28 @@ def content_text(content: Any) -> str | None:
 
 def extract_turn(body: Any) -> Turn:
     """Room id, turn id and last user message from an OpenAI chat-completions body: the
-    room from Hermes's `**Matrix Room ID:**` line, else from the `user` field.
+    room and the message's event id from `matrix_context` when an agent plugin stamped
+    them, else the room from Hermes's `**Matrix Room ID:**` line, else from the `user`
+    field, and the turn from the `**Matrix Thread:**` line.
 
     Never raises: anything it cannot read is simply absent from the result. The last user
     message is looked for from the end, so a long conversation costs only its tail.
     """
-    messages = body.get("messages") if _is_mapping(body) else None
-    if not isinstance(messages, list):
+    if not _is_mapping(body):
         return Turn()
+    messages = body.get("messages")
+    stamped = body.get(CONTEXT_FIELD)
+    context = read_context(stamped) if stamped is not None else None
+    if not isinstance(messages, list):
+        return context or Turn()
     last_user = None
     for message in reversed(messages):
         if _is_mapping(message) and message.get("role") == "user":
             last_user = content_text(message.get("content"))
             if last_user is not None:
                 break
+    if context is not None:
+        return replace(context, last_user_message=last_user)
     room_id = turn_id = None
     for message in messages:
         if not (_is_mapping(message) and message.get("role") in SYSTEM_ROLES):
@@ -118,6 +140,37 @@ def extract_turn(body: Any) -> Turn:
         # matrix-gptbot names the room in OpenAI's `user` field (an end-user id).
         room_id = _room_id_or_none(body.get("user"))
     return Turn(room_id=room_id, turn_id=turn_id, last_user_message=last_user)
+
+
+def read_context(value: Any) -> Turn | None:
+    """An agent's `matrix_context` stamp as an exact turn, or None when it does not name
+    both a room and an event id of the right shape (it then counts as absent). The turn
+    id is the thread root, as Hermes's `**Matrix Thread:**` line gives it, else the
+    message's own event id."""
+    if not _is_mapping(value):
+        return None
+    room_id = _room_id_or_none(value.get("room_id"))
+    event_id = _id_or_none(value.get("event_id"), "$")
+    if room_id is None or event_id is None:
+        return None
+    return Turn(
+        room_id=room_id,
+        turn_id=_id_or_none(value.get("thread_id"), "$") or event_id,
+        event_id=event_id,
+        sender=_id_or_none(value.get("sender"), "@"),
+    )
+
+
+def _id_or_none(value: Any, sigil: str) -> str | None:
+    """A Matrix id of the given sigil (`$` event, `@` user), no blanks, at most 255."""
+    if (
+        isinstance(value, str)
+        and value.startswith(sigil)
+        and 1 < len(value) <= MAX_ID_LENGTH
+        and not any(c.isspace() for c in value)
+    ):
+        return value
+    return None
 
 
 def _room_id_or_none(value: Any) -> str | None:
@@ -139,15 +192,25 @@ def _is_mapping(value: Any) -> bool:
 
 
 def merge_turn(given: Turn, extracted: Turn) -> Turn:
-    """Fields given explicitly win over those read from the request body."""
+    """Fields given explicitly win over those read from the request body; the agent's
+    stamp stays exact only where the given fields agree with it."""
+    room_id = given.room_id or extracted.room_id
+    turn_id = given.turn_id or extracted.turn_id
     return Turn(
-        room_id=given.room_id or extracted.room_id,
-        turn_id=given.turn_id or extracted.turn_id,
+        room_id=room_id,
+        turn_id=turn_id,
         last_user_message=(
             given.last_user_message
             if given.last_user_message is not None
             else extracted.last_user_message
         ),
+        # The agent's stamp holds where the given fields agree with it.
+        event_id=(
+            extracted.event_id
+            if (room_id, turn_id) == (extracted.room_id, extracted.turn_id)
+            else None
+        ),
+        sender=extracted.sender,
     )
 
 
@@ -263,17 +326,23 @@ class Placement:
         return cls(arrived_at=message.sent_at, is_command=message.is_command, message=message)
 
 
-def place_turn(key: TurnKey | None, seen: Sequence[SeenMessage]) -> Placement:
+def place_turn(
+    key: TurnKey | None, seen: Sequence[SeenMessage], event_id: str | None = None
+) -> Placement:
     """Find the user message a turn answers among the room messages seen.
 
     `seen` holds the candidates: messages whose event id or thread is the turn id, and
-    messages whose hash is the turn's. The text hash decides first (inside a thread the
-    turn id is shared by every message); when it matches nothing (the agent changed the
-    text in a way normalising does not undo), the turn is taken to be the latest message
-    of the turn id's event or thread.
+    messages whose hash is the turn's. With `event_id` (the agent stamped its message's
+    event id), the message with that event id is the turn's, or none is. Otherwise the text hash
+    decides first (inside a thread the turn id is shared by every message); when it
+    matches nothing (the agent changed the text in a way normalising does not undo), the
+    turn is taken to be the latest message of the turn id's event or thread.
     """
     if key is None:
         return Placement(arrived_at=None, is_command=False)
+    if event_id is not None:  # an earlier message with the same text is another turn
+        itself = [m for m in seen if m.event_id == event_id]
+        return Placement.of(itself[0]) if itself else Placement(arrived_at=None, is_command=False)
     by_hash = [m for m in seen if key.message_hash and m.message_hash == key.message_hash]
     if key.turn_id:
         in_turn = [m for m in by_hash if key.turn_id in (m.event_id, m.thread_id)]

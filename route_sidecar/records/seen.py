@@ -4,6 +4,7 @@ thread and message hash), and what a claim without a room resolves its room from
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 
 import aiosqlite
@@ -65,6 +66,26 @@ class SeenRecords(Rows):
             (limit,),
         )
         return [(row[0], row[1], row[2]) for row in reversed(rows)]
+
+    async def recent_seen(self, limit: int) -> list[SeenMessage]:
+        """The last messages seen that a turn may answer, with their other texts' hashes,
+        oldest first (who asked them is kept in memory: route_sidecar/arrivals.py)."""
+        rows = await self._all(
+            """SELECT m.event_id, m.room_id, m.thread_id, m.sent_at, m.message_hash,
+                   m.is_command, m.sender,
+                   (SELECT group_concat(h.message_hash) FROM seen_hashes h
+                    WHERE h.event_id = m.event_id) AS other_hashes
+               FROM seen_messages m WHERE m.is_command = 0 AND m.sender IS NOT NULL
+               ORDER BY m.sent_at DESC LIMIT ?""",
+            (limit,),
+        )
+        return [
+            replace(
+                _seen(row),
+                other_hashes=tuple(row["other_hashes"].split(",")) if row["other_hashes"] else (),
+            )
+            for row in reversed(rows)
+        ]
 
     async def rooms_with_hash(self, message_hash: str) -> list[str]:
         """Up to two rooms where a message with this text (or other text) was seen."""

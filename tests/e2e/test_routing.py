@@ -317,6 +317,28 @@ async def test_the_room_is_resolved_from_message_hashes_when_no_room_id_is_sent(
     assert answer["override"] is True and answer["room_id"] == room
 
 
+async def test_a_claim_naming_a_joined_room_belongs_to_it_before_any_message_arrives(
+    users: dict[str, MatrixUser], lookup: LookupClient
+) -> None:
+    """SPEC "The turn key": every room the bot has joined is a room it is in. The same text
+    seen in a routed room never gives that room's route to a call that names another room
+    the bot is in, even when no message has arrived there yet (a new or a quiet room, or
+    the claim overtaking its message)."""
+    alice = users["alice"]
+    routed = await open_room(users)
+    quiet = await open_room(users)  # the bot joined it; nobody has written there
+    command = await alice.say(routed, "!route cloud")
+    await alice.wait_reply(routed, command)
+    text = "the same question asked in two rooms 5d1c"
+    await alice.say(routed, text)
+    await asyncio.sleep(0.3)  # the side-car sees the message through Synapse
+    elsewhere = await lookup.claim(request=hermes_request(quiet, None, f"[alice] {text}"))
+    assert elsewhere["override"] is False and elsewhere["room_id"] == quiet
+    assert (await lookup.live_intent(routed))["state"] == "pending"
+    own = await lookup.claim(request=hermes_request(routed, None, f"[alice] {text}"))
+    assert own["override"] is True and own["room_id"] == routed
+
+
 async def test_invites_from_users_without_permission_are_declined(
     users: dict[str, MatrixUser],
 ) -> None:
