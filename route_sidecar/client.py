@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import httpx
 
-from .core.turns import Turn, extract_turn
+from .core.turns import CONTEXT_FIELD, Turn, extract_turn
 
-__all__ = ["Decision", "RouteClient", "Turn", "extract_turn"]
+__all__ = ["CONTEXT_FIELD", "Decision", "RouteClient", "Turn", "extract_turn"]
 log = logging.getLogger("route_sidecar.client")
 DEFAULT_TIMEOUT = 0.5
 # Garbage bodies: bad JSON or bad UTF-8 (ValueError), nesting past the recursion limit.

@@ -16,6 +16,7 @@ instead of skipping.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import itertools
 import os
 import shutil
@@ -491,3 +492,112 @@ def test_a_copied_plugin_with_dangling_links_uses_an_installed_side_car_or_says_
             assert f"cannot load {name}.py" in (entry["error"] or "")
             assert "install the plugin with pip" in (entry["error"] or "")
             assert "symlink the plugin folder" in (entry["error"] or "")
+
+
+# --- Hermes 0.17 and later: every main-loop call says where it comes from ------------------
+
+HERMES_VERSION = tuple(int(part) for part in importlib.metadata.version("hermes-agent").split("."))
+STAMPING_HERMES = HERMES_VERSION >= (0, 17)  # `llm_request` middleware came in 0.17.0
+SESSION = {
+    "platform": "matrix",
+    "chat_id": ROOM,
+    "message_id": "$question",
+    "thread_id": "$thread-root",
+    "user_id": "@alice:example.org",
+    "user_name": "Alice",
+}
+STAMP = {
+    "room_id": ROOM,
+    "event_id": "$question",
+    "thread_id": "$thread-root",
+    "sender": "@alice:example.org",
+}
+
+
+def main_loop_request() -> dict[str, Any]:
+    """The OpenAI client's keyword arguments as Hermes's main loop builds them."""
+    return {
+        "model": "glm-4.7-flash:q4_K_M",
+        "messages": [
+            {"role": "system", "content": "You are Hermes Agent."},
+            {"role": "user", "content": f"[Alice] {QUESTION}"},
+        ],
+        "stream": True,
+        "extra_body": {"keep_alive": "5m"},
+    }
+
+
+def through_hermes_middleware(
+    request: dict[str, Any], session: dict[str, str] | None, api_mode: str = "chat_completions"
+) -> Any:
+    """Hermes's own `apply_llm_request_middleware`, called as agent/conversation_loop.py
+    calls it, inside the session context the gateway sets for a message."""
+    from gateway.session_context import clear_session_vars, set_session_vars
+    from hermes_cli.middleware import apply_llm_request_middleware
+
+    tokens = set_session_vars(**session) if session is not None else None
+    try:
+        return apply_llm_request_middleware(
+            request,
+            task_id="task",
+            turn_id="turn",
+            api_request_id="req",
+            session_id="session",
+            platform="matrix",
+            model=request["model"],
+            provider="custom",
+            base_url="http://127.0.0.1:8080/v1",
+            api_mode=api_mode,
+            api_call_count=1,
+        )
+    finally:
+        if tokens is not None:
+            clear_session_vars(tokens)
+
+
+@pytest.mark.skipif(not STAMPING_HERMES, reason="Hermes before 0.17 has no llm_request middleware")
+def test_every_main_loop_call_is_stamped_with_its_matrix_room_message_thread_and_sender() -> None:
+    request = main_loop_request()
+    result = through_hermes_middleware(request, SESSION)
+    assert result.changed
+    assert result.payload["extra_body"] == {"keep_alive": "5m", "matrix_context": STAMP}
+    assert {k: v for k, v in result.payload.items() if k != "extra_body"} == {
+        k: v for k, v in request.items() if k != "extra_body"
+    }
+    assert request == main_loop_request(), "the request Hermes passed in is left as it was"
+
+
+@pytest.mark.skipif(not STAMPING_HERMES, reason="Hermes before 0.17 has no llm_request middleware")
+def test_a_dm_message_is_stamped_without_a_thread() -> None:
+    result = through_hermes_middleware(main_loop_request(), {**SESSION, "thread_id": ""})
+    assert result.payload["extra_body"]["matrix_context"] == {**STAMP, "thread_id": None}
+
+
+@pytest.mark.skipif(not STAMPING_HERMES, reason="Hermes before 0.17 has no llm_request middleware")
+@pytest.mark.parametrize(
+    ("session", "api_mode"),
+    [
+        (None, "chat_completions"),  # the CLI or cron: no message
+        ({**SESSION, "platform": "telegram"}, "chat_completions"),
+        ({**SESSION, "message_id": ""}, "chat_completions"),
+        ({**SESSION, "chat_id": ""}, "chat_completions"),
+        (SESSION, "anthropic_messages"),  # not an OpenAI-style body for a dispatcher
+        (SESSION, "codex_responses"),
+    ],
+)
+def test_calls_outside_a_matrix_message_or_not_chat_completions_are_left_alone(
+    session: dict[str, str] | None, api_mode: str
+) -> None:
+    result = through_hermes_middleware(main_loop_request(), session, api_mode)
+    assert not result.changed and result.payload == main_loop_request()
+
+
+def test_the_stamp_is_registered_exactly_where_hermes_offers_the_middleware() -> None:
+    manager = hermes_plugins.get_plugin_manager()
+    registered = getattr(manager, "_middleware", {}).get("llm_request", [])
+    names = [getattr(callback, "__name__", "") for callback in registered]
+    if STAMPING_HERMES:
+        assert names.count("stamp_llm_request") == 1
+    else:  # Hermes 0.13 to 0.16: today's behaviour, the hook alone
+        assert names == [] and not hasattr(hermes_plugins.PluginContext, "register_middleware")
+    assert has_hook()

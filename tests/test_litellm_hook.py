@@ -50,6 +50,8 @@ from ruamel.yaml import YAML
 
 from .api_support import ROOM, TOKEN, Api, OpenApi, free_port, room_path, start_api, stop_api
 
+BOB = "@bob:example.org"
+
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "integrations/litellm/proxy.example.yaml"
 TARGETS = '{"cloud": "cloud-model", "local": "local-model"}'
 SIDECAR_CLOUD_MODEL = "ollama-cloud/glm-5.1"  # tests.api_support's target "cloud"
@@ -135,9 +137,15 @@ class Proxy:
         self.routed: list[dict[str, Any]] = []  # each call's data as the hooks left it
 
     async def ask(
-        self, text: str, thread: str | None, model: str = "local-model", call_id: str = ""
+        self,
+        text: str,
+        thread: str | None,
+        model: str = "local-model",
+        call_id: str = "",
+        context: dict[str, Any] | None = None,
     ) -> Any:
-        """One call of the agent: Hermes's system prompt lines, then the user's message."""
+        """One call of the agent: Hermes's system prompt lines, then the user's message;
+        `context`: the `matrix_context` the Hermes plugin stamps (Hermes 0.17 and later)."""
         system = f"You are Hermes.\n**Matrix Room ID:** {ROOM}\n"
         if thread:
             system += f"**Matrix Thread:** {thread}\n"
@@ -150,6 +158,8 @@ class Proxy:
             "litellm_call_id": call_id or str(uuid.uuid4()),
             "metadata": {"headers": {"user-agent": "hermes"}, "user_api_key_user_id": "hermes"},
         }
+        if context is not None:
+            data["matrix_context"] = context
         data = await self.logging.pre_call_hook(
             user_api_key_dict=self.key, data=data, call_type="acompletion"
         )
@@ -257,6 +267,26 @@ async def test_a_routed_turn_goes_to_the_cloud_group_and_reports_what_served(
     assert "route_intent_id" not in proxy.routed[-1]["metadata"]
     # Reported too, but the side-car keeps no ok outcome of a turn that did not fail.
     assert len(await proxy.outcomes()) == 2
+
+
+async def test_a_stamped_call_is_placed_by_its_stamp_attributed_and_never_forwarded_with_it(
+    proxy: Proxy,
+) -> None:
+    await proxy.api.route(ROOM, "/route cloud")
+    question = await proxy.api.say(ROOM, "the hard question", sender=BOB, ago=0)
+    stamp = {"room_id": ROOM, "event_id": question, "thread_id": None, "sender": BOB}
+    answer = await proxy.ask("the hard question", None, context=stamp)
+    assert answer.choices[0].message.content == "answer from cloud"
+    other = await proxy.api.say(ROOM, "another", sender=BOB, ago=0)
+    unrouted = await proxy.ask("another", None, context={**stamp, "event_id": other})
+    assert unrouted.choices[0].message.content == "answer from local"
+    assert all("matrix_context" not in body for body in proxy.upstream.seen)
+    routed, plain = (data["metadata"] for data in proxy.routed)
+    # Where LiteLLM's logging reads who and where (Langfuse: user, session, tags).
+    assert (routed["trace_user_id"], routed["session_id"]) == (BOB, ROOM)
+    assert routed["tags"] == ["route:cloud"] and routed["route_turn_id"] == question
+    assert (plain["trace_user_id"], plain["session_id"]) == (BOB, ROOM)
+    assert "tags" not in plain and plain["route_turn_id"] == other
 
 
 async def test_an_upstream_error_is_reported_as_an_error_outcome(proxy: Proxy) -> None:

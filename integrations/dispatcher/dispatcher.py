@@ -25,13 +25,14 @@ from pathlib import Path
 
 import httpx
 from aiohttp import web
-from route_sidecar_client import Decision, RouteClient
+from route_sidecar_client import CONTEXT_FIELD, Decision, RouteClient
 from ruamel.yaml import YAML
 
 log = logging.getLogger("dispatcher")
 # Fields an OpenAI-compatible upstream may refuse: OpenAI rejects `metadata` without
-# `store: true`; the routing hints are the dispatcher's to consume.
-STRIPPED_FIELDS = ("metadata", "route_sidecar")
+# `store: true`; the routing hints (an agent plugin's `matrix_context` among them) are the
+# dispatcher's to consume.
+STRIPPED_FIELDS = ("metadata", "route_sidecar", CONTEXT_FIELD)
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
 

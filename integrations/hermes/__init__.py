@@ -20,6 +20,10 @@ handling and:
 The rules live in `RouteFilter`, usable outside Hermes (the demo's stand-in agent
 uses it); the hook is a thin wrapper around one instance.
 
+From Hermes 0.17 the plugin also stamps every call of the agent's main loop with the
+Matrix room, the message's event id, the thread and the sender (`stamp.py`), so the
+side-car places each call exactly.
+
 Prefixes come from `ROUTE_SIDECAR_PREFIXES` (comma-separated, default
 `/route,!route`) and must match the side-car's `routing.prefixes`; how long a
 question can be re-asked comes from `ROUTE_SIDECAR_QUESTION_TTL` (default `15m`)
@@ -81,6 +85,7 @@ def _load_side_car_module(name: str) -> ModuleType:
 
 commands = _load_side_car_module("commands")
 questions = _load_side_car_module("questions")
+from . import stamp  # noqa: E402  (after the side-car's modules: it needs none of them)
 
 
 def utcnow() -> datetime:
@@ -216,6 +221,13 @@ def register(ctx: Any) -> None:
     prefixes = prefixes_from_env()
     ttl = question_ttl_from_env()
     ctx.register_hook("pre_gateway_dispatch", make_hook(RouteFilter(prefixes, ttl)))
+    if stamp.register_stamp(ctx):
+        logger.info("route-sidecar: stamping each LLM call with its Matrix room and message")
+    else:
+        logger.info(
+            "route-sidecar: this Hermes has no llm_request middleware (it needs 0.17 or "
+            "later): LLM calls are placed from the prompt and the message text, as before"
+        )
     logger.info(
         "route-sidecar: handling messages that start with %s; re-asking questions up to %s old",
         ", ".join(prefixes),

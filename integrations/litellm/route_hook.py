@@ -32,7 +32,13 @@ from typing import Any, NamedTuple
 from litellm.integrations.custom_logger import CustomLogger
 
 try:
-    from route_sidecar_client import DEFAULT_TIMEOUT, Decision, RouteClient, extract_turn
+    from route_sidecar_client import (
+        CONTEXT_FIELD,
+        DEFAULT_TIMEOUT,
+        Decision,
+        RouteClient,
+        extract_turn,
+    )
 except ImportError as error:  # the proxy's venv, not ours: say what to install
     raise ImportError(
         "route_hook needs route-sidecar's client in the LiteLLM proxy's environment: "
@@ -132,11 +138,17 @@ class RouteHook(CustomLogger):
         requested = data.get("model")
         requested = requested if isinstance(requested, str) else None
         # The OpenAI body only: the proxy's `data` also holds its logging object and auth.
+        # An agent plugin's `matrix_context` is read by the side-car and never forwarded
+        # (LiteLLM would pass it to a provider that may refuse it).
         request = {"messages": data.get("messages")}
+        context = data.pop(CONTEXT_FIELD, None)
+        if context is not None:
+            request[CONTEXT_FIELD] = context
         if requested is not None:
             request["model"] = requested
         decision = await self.route_client().claim(request=request, requested_model=requested)
         _merge_metadata(data, decision.metadata)
+        _attribute(data, decision)
         if not decision.worth_reporting:
             return
         model_group = requested
@@ -310,6 +322,24 @@ def _merge_metadata(data: dict[str, Any], from_claim: Mapping[str, str]) -> None
     for key, value in from_claim.items():
         if key not in metadata or key.startswith(SIDECAR_KEY_PREFIXES):
             metadata[key] = value
+
+
+def _attribute(data: dict[str, Any], decision: Decision) -> None:
+    """Where LiteLLM's own logging reads who and where (its Langfuse callback: the trace's
+    user, session and tags): the asker is the user, the room the session, and a routed
+    call is tagged with its target. Values the client set are left alone."""
+    metadata = data.get("metadata")
+    if not isinstance(metadata, dict):
+        return
+    fields = decision.metadata
+    if "matrix_sender" in fields:
+        metadata.setdefault("trace_user_id", fields["matrix_sender"])
+    if "matrix_room_id" in fields:
+        metadata.setdefault("session_id", fields["matrix_room_id"])
+    if decision.override and decision.target:
+        tags = metadata.get("tags")
+        tags = list(tags) if isinstance(tags, list) else []
+        metadata["tags"] = [*tags, f"route:{decision.target}"]
 
 
 def _call_id(kwargs: Mapping[str, Any]) -> str | None:
