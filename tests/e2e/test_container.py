@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import secrets
 import shutil
 import subprocess
@@ -103,9 +104,7 @@ class Podman:
             self.unavailable(f"the base image {BASE_IMAGE}")
         work.mkdir(parents=True, exist_ok=True)
         self.conf = work / "containers.conf"
-        nofile = subprocess.run(
-            ["sh", "-c", "ulimit -Hn"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the hard limit, kept
         self.conf.write_text(
             "# The machine's quirks (FACTS.md): root may not raise resource limits, and\n"
             "# crun does not run on its hybrid cgroups.\n"
