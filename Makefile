@@ -54,7 +54,7 @@ constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
 install_client = $(1)/bin/pip install --quiet --force-reinstall $(2) ./integrations/client \
 	&& rm -rf integrations/client/build
 
-.PHONY: run test test-compat lint bench setup clean lock
+.PHONY: run test test-compat lint bench setup clean lock container-base container-tools
 
 run: $(VENV)/.installed $(SYNAPSE_VENV)/.installed
 	$(VENV)/bin/python -m demo.run $(ARGS)
@@ -169,6 +169,44 @@ $(DEPLOY_VENV)/.installed: $(PRODUCT_FILES)
 	$(DEPLOY_VENV)/bin/pip install --quiet $(call constrained,sidecar) '.[encryption]'
 	rm -rf build
 	touch $@
+
+# The image of the Containerfile, built and run by tests/e2e/test_container.py with podman.
+# No registry is reachable from CI: its base is made here instead of pulled, Debian
+# bookworm's minbase with what python:3.11-slim has (python3 3.11 with venv, CA
+# certificates), imported as $(CONTAINER_BASE); the test builds on it with --build-arg BASE.
+# Cached in $(CONTAINER_DIR) (the root file system as a tarball). It needs root (apt-get,
+# debootstrap): `make test` as root makes it and requires the container test to run.
+CONTAINER_DIR := .container
+CONTAINER_BASE := localhost/route-sidecar-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+CONTAINER_TOOLS := podman runc debootstrap
+ROOT := $(filter 0,$(shell id -u))
+export ROUTE_SIDECAR_REQUIRE_CONTAINER := $(if $(ROOT),1)
+test: $(if $(ROOT),container-base)
+
+# Imported again when the tarball is newer than the image, or the image is gone.
+container-base: container-tools $(CONTAINER_DIR)/base.tar
+	podman image exists $(CONTAINER_BASE) \
+		&& test $(CONTAINER_DIR)/base.imported -nt $(CONTAINER_DIR)/base.tar \
+		|| { podman import --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' \
+		--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+		$(CONTAINER_DIR)/base.tar $(CONTAINER_BASE) && touch $(CONTAINER_DIR)/base.imported; }
+
+container-tools:
+	@for tool in $(CONTAINER_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+		test -z "$$missing" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq $(CONTAINER_TOOLS); }
+
+$(CONTAINER_DIR)/base.tar: | container-tools
+	mkdir -p $(CONTAINER_DIR)
+	rm -rf $(CONTAINER_DIR)/rootfs
+	debootstrap --variant=minbase --include=python3-venv,ca-certificates bookworm \
+		$(CONTAINER_DIR)/rootfs $(DEBIAN_MIRROR)
+	rm -rf $(CONTAINER_DIR)/rootfs/var/cache/apt/archives/*.deb \
+		$(CONTAINER_DIR)/rootfs/var/lib/apt/lists/*
+	tar -C $(CONTAINER_DIR)/rootfs --numeric-owner -cf $@.tmp .
+	rm -rf $(CONTAINER_DIR)/rootfs
+	mv $@.tmp $@
 
 # Rewrites constraints/ from the venvs as they are now (after an upgrade that passed
 # `make test`). The project itself is never pinned.

@@ -25,8 +25,16 @@ SECRET_ENV = {
     ("appservice", "hs_token"): "ROUTE_SIDECAR_HS_TOKEN",
     ("api", "tokens"): "ROUTE_SIDECAR_API_TOKENS",  # comma-separated
 }
-# The example file's stand-ins for secrets: refused wherever they come from.
-PLACEHOLDER_SECRETS = frozenset({"generate-me", "change-me-to-a-long-random-token"})
+# The example files' stand-ins for secrets (config.example.yaml, registration.yaml):
+# refused wherever they come from.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "generate-me",
+        "change-me-to-a-long-random-token",
+        "generate-me-as-token",
+        "generate-me-hs-token",
+    }
+)
 MIN_SECRET_LENGTH = 16
 MIN_HISTORY_RETENTION = timedelta(hours=24)
 _TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

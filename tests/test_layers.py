@@ -30,6 +30,7 @@ SHELLS = {
     "crypto",
     "crypto_db",
     "faults",
+    "healthcheck",
     "listeners",
     "matrix",
     "metrics",

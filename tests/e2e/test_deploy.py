@@ -9,26 +9,19 @@ the bot's device."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import sqlite3
 import subprocess
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, closing, contextmanager
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from mautrix.types import UserID
 
-from demo.encrypted_user import EncryptedUser
 from route_sidecar.config import load_config
 from route_sidecar.crypto_db import (
     MAUTRIX_TABLE_PREFIXES,
@@ -38,13 +31,22 @@ from route_sidecar.crypto_db import (
     pickle_key_path,
 )
 
+from .deploy_support import (
+    alice_on,
+    bot_devices,
+    editor,
+    encrypted_command_is_answered,
+    readable_checkout,
+    readme_block,
+    running,
+    step2_edits,
+    wait_for_log,
+    wait_healthy,
+)
 from .harness import (
-    API_TOKEN,
-    BOT,
     REPO_ROOT,
     Sidecar,
     free_port,
-    joined,
     local_synapse,
     synapse_and_sidecar,
     synapse_python,
@@ -52,25 +54,15 @@ from .harness import (
 
 pytestmark = [pytest.mark.e2e]
 in_session_loop = pytest.mark.asyncio(loop_scope="session")
-README = REPO_ROOT / "README.md"
 DEPLOY_VENV = REPO_ROOT / ".venv-deploy"  # `make setup`: pip install '.[encryption]'
 NOBODY = 65534
-PASSWORD = "pw-alice-secret"
-
-
-def readme_deploy_block() -> str:
-    """The shell block that follows the `deploy-commands` marker in README.md."""
-    text = README.read_text(encoding="utf-8")
-    assert "<!-- deploy-commands" in text, "README.md lost its deploy-commands block"
-    after = text.split("<!-- deploy-commands", 1)[1]
-    return after.split("```sh\n", 1)[1].split("```", 1)[0]
 
 
 def deploy_steps(config: str = "config.yaml") -> tuple[str, str]:
     """(everything up to the Synapse step, the run command), with the config and
     registration at `config`'s folder. The install line is left out: `make setup` runs
     the same `pip install` into .venv-deploy."""
-    block = readme_deploy_block()
+    block = readme_block("deploy-commands")
     folder = str(Path(config).parent)
     if folder != ".":
         block = re.sub(r"(?<![\w/.-])(config|registration)\.yaml\b", rf"{folder}/\1.yaml", block)
@@ -104,20 +96,21 @@ def test_the_readme_block_is_what_the_steps_below_it_describe() -> None:
 
 class Deployer:
     """Who runs the README's commands: `nobody` where this machine allows it (root with
-    setpriv, and a deploy venv that `nobody` may run), else the current user; either
-    way, what lands outside the side-car's folder is checked."""
+    setpriv), else the current user; either way, what lands outside the side-car's folder
+    is checked. `nobody` gets copies of what the steps take from the checkout (the deploy
+    venv, the example config), since it may not enter the checkout itself when that is
+    under a folder only its owner may enter (/root, a 0700 home folder)."""
 
-    def __init__(self) -> None:
-        python = DEPLOY_VENV / "bin" / "python"
-        if not python.exists():
-            if os.environ.get("ROUTE_SIDECAR_REQUIRE_SYNAPSE"):
-                pytest.fail(f"{DEPLOY_VENV} is missing: `make setup` installs it")
-            pytest.skip(f"{DEPLOY_VENV} is missing: run `make test`, which installs it")
-        self.python = python
+    def __init__(self, venv: Path) -> None:
+        self.venv = venv
+        self.python = venv / "bin" / "python"
         self.unprivileged = (
             os.geteuid() == 0
             and shutil.which("setpriv") is not None
-            and subprocess.run([*self._nobody(), str(python), "-c", "pass"]).returncode == 0
+            and subprocess.run(
+                [*self._nobody(), str(self.python), "-c", "import route_sidecar"]
+            ).returncode
+            == 0
         )
 
     @staticmethod
@@ -128,6 +121,11 @@ class Deployer:
         shell = ["/bin/sh", "-e", "-c", script]
         return [*self._nobody(), *shell] if self.unprivileged else shell
 
+    @property
+    def owner(self) -> int | None:
+        """Who is given what the steps read: `nobody` when it runs them."""
+        return NOBODY if self.unprivileged else None
+
     def folder(self) -> Path:
         base = Path(tempfile.mkdtemp(prefix="route-sidecar-deploy-"))
         if self.unprivileged:
@@ -135,9 +133,42 @@ class Deployer:
         return base
 
 
+def readable_venv(venv: Path, folder: Path) -> Path:
+    """A copy of `venv` in `folder` that any user may run: its scripts' `#!` lines point
+    at the copy's python (a venv finds its packages from where its python is run)."""
+    copy = folder / venv.name
+    shutil.copytree(venv, copy, symlinks=True)
+    old, new = f"#!{venv}/bin/".encode(), f"#!{copy}/bin/".encode()
+    for script in (copy / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            text = script.read_bytes()
+            if text.startswith(old):
+                script.write_bytes(new + text[len(old) :])
+    for path in (copy, *copy.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    folder.chmod(0o755)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def deploy_venv() -> Iterator[Path]:
+    """`make setup`'s deploy venv (pip install '.[encryption]'), copied where any user
+    may run it (not under pytest's temporary folder, which only its owner may enter)."""
+    if not (DEPLOY_VENV / "bin" / "python").exists():
+        if os.environ.get("ROUTE_SIDECAR_REQUIRE_SYNAPSE"):
+            pytest.fail(f"{DEPLOY_VENV} is missing: `make setup` installs it")
+        pytest.skip(f"{DEPLOY_VENV} is missing: run `make test`, which installs it")
+    folder = Path(tempfile.mkdtemp(prefix="route-sidecar-deploy-venv-"))
+    try:
+        yield readable_venv(DEPLOY_VENV, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
-def deployer() -> Deployer:
-    return Deployer()
+def deployer(deploy_venv: Path) -> Deployer:
+    return Deployer(deploy_venv)
 
 
 @contextmanager
@@ -147,115 +178,6 @@ def fresh_folder(deployer: Deployer) -> Iterator[Path]:
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-def editor(base: Path, deployer: Deployer, edits: dict[str, Any]) -> Path:
-    """An $EDITOR that makes the step-2 edits a person makes, comments kept."""
-    script = base / "edit-config"
-    script.write_text(
-        f"#!{deployer.python}\n"
-        "import json, sys\n"
-        "from ruamel.yaml import YAML\n"
-        "yaml = YAML()\n"
-        "yaml.indent(mapping=2, sequence=4, offset=2)\n"
-        "with open(sys.argv[1], encoding='utf-8') as f:\n"
-        "    data = yaml.load(f)\n"
-        f"for dotted, value in json.loads({json.dumps(json.dumps(edits))}).items():\n"
-        "    *parents, last = dotted.split('.')\n"
-        "    node = data\n"
-        "    for key in parents:\n"
-        "        node = node[key]\n"
-        "    node[last] = value\n"
-        "with open(sys.argv[1], 'w', encoding='utf-8') as f:\n"
-        "    yaml.dump(data, f)\n",
-        encoding="utf-8",
-    )
-    script.chmod(0o755)
-    return script
-
-
-def step2_edits(hs_port: int, as_port: int, api_port: int) -> dict[str, Any]:
-    return {
-        "homeserver.address": f"http://127.0.0.1:{hs_port}",
-        "homeserver.domain": "localhost",
-        "appservice.address": f"http://127.0.0.1:{as_port}",
-        "appservice.listen.port": as_port,
-        "api.listen.port": api_port,
-        "api.tokens": [API_TOKEN],
-        "permissions": {"@alice:localhost": 100, "*": 0},
-        "encryption.key_wait": "5s",
-    }
-
-
-def wait_for_log(log: Path, needle: str, process: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if needle in text:
-            return text
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    tail = "\n".join((log.read_text(errors="replace") if log.exists() else "").splitlines()[-30:])
-    raise AssertionError(f"no {needle!r} in the side-car's log within {timeout:g}s:\n{tail}")
-
-
-@contextmanager
-def running(
-    command: list[str], cwd: Path, env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-
-
-def wait_healthy(api_port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"side-car not healthy:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@asynccontextmanager
-async def alice_on(hs_url: str) -> AsyncIterator[EncryptedUser]:
-    local_synapse.register_user(hs_url, "alice", PASSWORD)
-    person = await EncryptedUser.login(hs_url, "alice", PASSWORD, key_wait=10.0)
-    try:
-        yield person
-    finally:
-        await person.close()
-
-
-async def encrypted_command_is_answered(alice: EncryptedUser, room: str | None = None) -> str:
-    if room is None:
-        room = await alice.create_room(invite=[BOT], encrypted=True, name="deployed")
-        await alice.wait_for(room, joined(BOT), timeout=30, what="the bot to join")
-    event_id = await alice.say(room, "!route cloud")
-    reply = await alice.wait_reply(room, event_id, timeout=30)
-    assert reply["encrypted"] is True, reply
-    assert "Routing the next turn" in reply["content"]["body"], reply
-    return room
-
-
-async def bot_devices(alice: EncryptedUser) -> list[str]:
-    keys = await alice.client.query_keys([UserID(BOT)])
-    return sorted(keys.device_keys.get(UserID(BOT), {}))
 
 
 @in_session_loop
@@ -277,11 +199,13 @@ async def test_the_readme_deploy_steps_work_as_an_unprivileged_user(
                 os.chown(path, NOBODY, NOBODY)
         hs_port, as_port, api_port = free_port(), free_port(), free_port()
         env = {
-            "PATH": f"{DEPLOY_VENV / 'bin'}:/usr/bin:/bin",
+            "PATH": f"{deployer.venv / 'bin'}:/usr/bin:/bin",
             "HOME": str(folder),
             "LANG": "C.UTF-8",
-            "CHECKOUT": str(REPO_ROOT),
-            "EDITOR": str(editor(base, deployer, step2_edits(hs_port, as_port, api_port))),
+            # What the steps read from the checkout, copied where `nobody` may read it
+            # wherever the checkout is (a clone under /root or a 0700 home folder).
+            "CHECKOUT": str(readable_checkout(base, ("config.example.yaml",), deployer.owner)),
+            "EDITOR": str(editor(base, deployer.python, step2_edits(hs_port, as_port, api_port))),
         }
         done = await asyncio.to_thread(
             subprocess.run,
