@@ -55,6 +55,12 @@ LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redi
 # A Synapse or Hermes version without a file of its own installs unconstrained.
 LOCK := constraints
 constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
+# tiktoken's encodings into venv $(1)'s tiktoken-cache, for an agent that cannot fetch them
+# offline (gptbot, nanobot): the files litellm ships, named by tiktoken's cache keys.
+tiktoken_cache = mkdir -p $(1)/tiktoken-cache \
+	&& find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended \
+		-regex '.*/[0-9a-f]{40}' -exec cp {} $(1)/tiktoken-cache/ \; \
+	&& test -n "$$(ls $(1)/tiktoken-cache)"
 # The client distribution installed as a copy into venv $(1), with pip options $(2); its
 # build folder (in the checkout, from the symbolic links) removed after.
 install_client = $(1)/bin/pip install --quiet --force-reinstall $(2) ./integrations/client \
@@ -161,20 +167,14 @@ $(GPTBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
 	$(PYTHON) -m venv $(GPTBOT_VENV)
 	$(GPTBOT_VENV)/bin/pip install --quiet --upgrade pip
 	$(GPTBOT_VENV)/bin/pip install --quiet $(call constrained,gptbot) $(GPTBOT_PACKAGES)
-	mkdir -p $(GPTBOT_VENV)/tiktoken-cache
-	find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
-		-exec cp {} $(GPTBOT_VENV)/tiktoken-cache/ \;
-	test -n "$$(ls $(GPTBOT_VENV)/tiktoken-cache)"
+	$(call tiktoken_cache,$(GPTBOT_VENV))
 	touch $@
 
 $(NANOBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
 	$(PYTHON) -m venv $(NANOBOT_VENV)
 	$(NANOBOT_VENV)/bin/pip install --quiet --upgrade pip
 	$(NANOBOT_VENV)/bin/pip install --quiet $(call constrained,nanobot) $(NANOBOT_PACKAGES)
-	mkdir -p $(NANOBOT_VENV)/tiktoken-cache
-	find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
-		-exec cp {} $(NANOBOT_VENV)/tiktoken-cache/ \;
-	test -n "$$(ls $(NANOBOT_VENV)/tiktoken-cache)"
+	$(call tiktoken_cache,$(NANOBOT_VENV))
 	touch $@
 
 # Reinstalled whenever the product changes: it is a copy, not an editable install.

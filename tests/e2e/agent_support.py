@@ -15,13 +15,19 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from .harness import BOT, Sidecar, joined, synapse_and_sidecar, synapse_python
+
 MODELS = ("cloud", "local")  # the fake upstreams' names, as they sign their answers
+ALICE = "@alice:localhost"  # the person in the room, who may route to any target
+# `again_wait` short: an agent without a plugin never sees the question `again` re-asks.
+ROUTING = {"intent_ttl": "15m", "turn_idle": "5m", "failure_grace": "1s", "again_wait": "2s"}
 
 
 class RoomReader(Protocol):
@@ -30,6 +36,14 @@ class RoomReader(Protocol):
     ) -> str: ...
 
     async def events(self, room_id: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    async def wait_for(
+        self,
+        room_id: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 15.0,
+        what: str = "event",
+    ) -> dict[str, Any]: ...
 
 
 def agent_python(python: Path, needed: Sequence[Path], what: str) -> Path:
@@ -42,6 +56,30 @@ def agent_python(python: Path, needed: Sequence[Path], what: str) -> Path:
             pytest.fail(why)
         pytest.skip(why)
     return python
+
+
+@contextmanager
+def synapse_for_agents(
+    work: Path, agents: Sequence[str], **config: Any
+) -> Iterator[tuple[Any, Sidecar]]:
+    """A Synapse and a side-car for a module of real agents' tests: `agents` in the
+    config's `agents`, alice allowed every target, `again_wait` short; more of the
+    side-car's config in `config` (harness.synapse_and_sidecar)."""
+    python = synapse_python()
+    if python is None:
+        pytest.fail("Synapse is required for the agents' tests: run `make setup`")
+    permissions = {ALICE: 100, **{agent: 0 for agent in agents}}
+    with synapse_and_sidecar(
+        work, python, agents=list(agents), routing=ROUTING, permissions=permissions, **config
+    ) as (hs, sidecar):
+        yield hs, sidecar
+
+
+async def joined_by_bot_and(reader: RoomReader, room_id: str, agent_id: str) -> str:
+    """`room_id`, once the side-car's bot and the agent (both invited) have joined it."""
+    for user_id in (BOT, agent_id):
+        await reader.wait_for(room_id, joined(user_id), timeout=30, what=f"{user_id} to join")
+    return room_id
 
 
 class AgentProcess:

@@ -21,7 +21,14 @@ import pytest_asyncio
 
 from demo.upstream import ModelStack
 
-from .agent_support import AgentProcess, is_message_from, reply_of, served_by
+from .agent_support import (
+    AgentProcess,
+    is_message_from,
+    joined_by_bot_and,
+    reply_of,
+    served_by,
+    synapse_for_agents,
+)
 from .gptbot_support import config_ini, gptbot_python, start_gptbot
 from .harness import (
     API_TOKEN,
@@ -29,11 +36,8 @@ from .harness import (
     MatrixUser,
     Sidecar,
     edits_of,
-    joined,
     local_synapse,
     reactions_on,
-    synapse_and_sidecar,
-    synapse_python,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -44,18 +48,8 @@ ANSWER_TIMEOUT = 40.0  # gptbot's sync loop, the dispatcher and two fake models
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Sidecar]]:
     gptbot_python()  # fail or skip (saying why) before starting anything
-    python = synapse_python()
-    if python is None:
-        pytest.fail("Synapse is required for the gptbot tests: run `make setup`")
-    routing = {"intent_ttl": "15m", "turn_idle": "5m", "failure_grace": "1s", "again_wait": "2s"}
-    with synapse_and_sidecar(
-        tmp_path_factory.mktemp("gptbot"),
-        python,
-        agents=[GPTBOT],
-        routing=routing,
-        permissions={"@alice:localhost": 100, GPTBOT: 0},
-        encryption={"enabled": False},
-    ) as (hs, sidecar):
+    work = tmp_path_factory.mktemp("gptbot")
+    with synapse_for_agents(work, [GPTBOT], encryption={"enabled": False}) as (hs, sidecar):
         yield hs, sidecar
 
 
@@ -91,11 +85,8 @@ async def world(
 
 
 async def new_room(world: World) -> str:
-    alice = world.alice
-    room_id = await alice.create_room(invite=[BOT, GPTBOT])
-    for user_id, what in ((BOT, "the side-car"), (GPTBOT, "gptbot")):
-        await alice.wait_for(room_id, joined(user_id), timeout=30, what=f"{what} to join")
-    return room_id
+    room_id = await world.alice.create_room(invite=[BOT, GPTBOT])
+    return await joined_by_bot_and(world.alice, room_id, GPTBOT)
 
 
 def from_gptbot(event: dict[str, Any]) -> bool:

@@ -32,17 +32,21 @@ import pytest_asyncio
 from demo.encrypted_user import EncryptedUser
 from demo.upstream import ModelStack
 
-from .agent_support import AgentProcess, is_message_from, reply_of, served_by
+from .agent_support import (
+    AgentProcess,
+    is_message_from,
+    joined_by_bot_and,
+    reply_of,
+    served_by,
+    synapse_for_agents,
+)
 from .harness import (
     API_TOKEN,
     BOT,
     LookupClient,
     Sidecar,
     edits_of,
-    joined,
     local_synapse,
-    synapse_and_sidecar,
-    synapse_python,
 )
 from .nanobot_support import nanobot_config, nanobot_python, start_nanobot
 
@@ -57,17 +61,9 @@ UNKNOWN_ROUTE = 'Unknown command "/route"'
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Sidecar]]:
     nanobot_python()  # fail or skip (saying why) before starting anything
-    python = synapse_python()
-    if python is None:
-        pytest.fail("Synapse is required for the nanobot tests: run `make setup`")
-    with synapse_and_sidecar(
-        tmp_path_factory.mktemp("nanobot"),
-        python,
-        agents=[NANOBOT, MENTIONED],
-        routing={"intent_ttl": "15m", "turn_idle": "5m", "failure_grace": "1s", "again_wait": "2s"},
-        permissions={"@alice:localhost": 100, NANOBOT: 0, MENTIONED: 0},
-    ) as (hs, sidecar):  # encryption on, as base_config has it
-        yield hs, sidecar
+    work = tmp_path_factory.mktemp("nanobot")
+    with synapse_for_agents(work, [NANOBOT, MENTIONED]) as (hs, sidecar):
+        yield hs, sidecar  # encryption on, as harness.base_config has it
 
 
 @dataclass
@@ -110,11 +106,8 @@ async def world(
 
 
 async def new_room(world: World, encrypted: bool, agent: str = NANOBOT) -> str:
-    alice = world.alice
-    room_id = await alice.create_room(invite=[BOT, agent], encrypted=encrypted)
-    for user_id, what in ((BOT, "the side-car"), (agent, "nanobot")):
-        await alice.wait_for(room_id, joined(user_id), timeout=30, what=f"{what} to join")
-    return room_id
+    room_id = await world.alice.create_room(invite=[BOT, agent], encrypted=encrypted)
+    return await joined_by_bot_and(world.alice, room_id, agent)
 
 
 async def reply(
