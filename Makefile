@@ -1,7 +1,7 @@
 # One command to run the demo, one to run every test. Both set up what they need:
 # .venv (the side-car and test tools), .venv-synapse (a local Synapse, kept apart) and,
-# for the tests, .venv-hermes/<version> (one per Hermes Agent version), .venv-litellm and
-# .venv-gptbot (each pins its own versions of shared libraries).
+# for the tests, .venv-hermes/<version> (one per Hermes Agent version), .venv-litellm,
+# .venv-gptbot and .venv-nanobot (each pins its own versions of shared libraries).
 PYTHON ?= python3
 VENV := .venv
 SYNAPSE_VENV := .venv-synapse
@@ -40,6 +40,12 @@ PRODUCT_FILES := pyproject.toml $(wildcard route_sidecar/*.py route_sidecar/*/*.
 GPTBOT_VENV := .venv-gptbot
 GPTBOT_PACKAGES := 'matrix-gptbot[openai]==0.3.21' geopy beautifulsoup4
 LITELLM_TOKENIZERS = $(LITELLM_VENV)/lib/python3.11/site-packages/litellm/litellm_core_utils/tokenizers
+# nanobot, the third real agent (no plugin possible; tests/e2e/test_nanobot.py): its own
+# venv, with its Matrix channel's packages (nanobot/channels/matrix/manifest.py) installed
+# up front, or its gateway pip-installs them at start; tiktoken's cache as gptbot's.
+NANOBOT_VENV := .venv-nanobot
+NANOBOT_PACKAGES := 'nanobot-ai==0.3.5' 'matrix-nio[e2e]>=0.25.2,<1' 'aiohttp>=3.9.0,<4.0.0' \
+	'mistune>=3.0.0,<4.0.0' 'nh3>=0.2.17,<1.0.0'
 # litellm.proxy.utils needs fastapi, backoff, redis and orjson; litellm[proxy] pulls a
 # package PyPI does not have, so they are pinned here.
 LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
@@ -49,6 +55,12 @@ LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redi
 # A Synapse or Hermes version without a file of its own installs unconstrained.
 LOCK := constraints
 constrained = $(addprefix -c ,$(wildcard $(LOCK)/$(1).txt))
+# tiktoken's encodings into venv $(1)'s tiktoken-cache, for an agent that cannot fetch them
+# offline (gptbot, nanobot): the files litellm ships, named by tiktoken's cache keys.
+tiktoken_cache = mkdir -p $(1)/tiktoken-cache \
+	&& find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended \
+		-regex '.*/[0-9a-f]{40}' -exec cp {} $(1)/tiktoken-cache/ \; \
+	&& test -n "$$(ls $(1)/tiktoken-cache)"
 # The client distribution installed as a copy into venv $(1), with pip options $(2); its
 # build folder (in the checkout, from the symbolic links) removed after.
 install_client = $(1)/bin/pip install --quiet --force-reinstall $(2) ./integrations/client \
@@ -94,7 +106,7 @@ lint: $(VENV)/.installed
 
 setup: $(VENV)/.installed $(SYNAPSE_VENV)/.installed $(HERMES_INSTALLED) \
 	$(LITELLM_VENV)/.installed $(DEPLOY_VENV)/.installed $(GPTBOT_VENV)/.installed \
-	$(CLIENT_VENV)/.installed
+	$(NANOBOT_VENV)/.installed $(CLIENT_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)/sidecar.txt) $(VENV)/.client
 	$(PYTHON) -m venv $(VENV)
@@ -155,10 +167,14 @@ $(GPTBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
 	$(PYTHON) -m venv $(GPTBOT_VENV)
 	$(GPTBOT_VENV)/bin/pip install --quiet --upgrade pip
 	$(GPTBOT_VENV)/bin/pip install --quiet $(call constrained,gptbot) $(GPTBOT_PACKAGES)
-	mkdir -p $(GPTBOT_VENV)/tiktoken-cache
-	find $(LITELLM_TOKENIZERS) -maxdepth 1 -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
-		-exec cp {} $(GPTBOT_VENV)/tiktoken-cache/ \;
-	test -n "$$(ls $(GPTBOT_VENV)/tiktoken-cache)"
+	$(call tiktoken_cache,$(GPTBOT_VENV))
+	touch $@
+
+$(NANOBOT_VENV)/.installed: $(LITELLM_VENV)/.installed
+	$(PYTHON) -m venv $(NANOBOT_VENV)
+	$(NANOBOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(NANOBOT_VENV)/bin/pip install --quiet $(call constrained,nanobot) $(NANOBOT_PACKAGES)
+	$(call tiktoken_cache,$(NANOBOT_VENV))
 	touch $@
 
 # Reinstalled whenever the product changes: it is a copy, not an editable install.
@@ -221,10 +237,11 @@ lock:
 	for v in $(HERMES_VERSIONS); do freeze $(HERMES_VENVS)/$$v hermes-$$v; done; \
 	freeze $(LITELLM_VENV) litellm; \
 	freeze $(GPTBOT_VENV) gptbot; \
+	freeze $(NANOBOT_VENV) nanobot; \
 	freeze $(CLIENT_VENV) client
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) $(HERMES_VENVS) $(LITELLM_VENV) $(DEPLOY_VENV) $(GPTBOT_VENV) \
-		$(CLIENT_VENV) .run \
+		$(NANOBOT_VENV) $(CLIENT_VENV) .run \
 		.pytest_cache .hypothesis
 	rm -rf .venv-synapse-*

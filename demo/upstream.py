@@ -67,7 +67,13 @@ class FakeUpstream:
             + b"\n\n"
             for word in words
         ]
-        return [*out, b"data: [DONE]\n\n"]
+        # The last chunk says why the answer ended, as OpenAI's do (nanobot retries a
+        # stream without one, as cut short).
+        end = {
+            "model": body["model"],
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        return [*out, b"data: " + json.dumps(end).encode() + b"\n\n", b"data: [DONE]\n\n"]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

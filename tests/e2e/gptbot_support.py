@@ -10,13 +10,9 @@ encoding files litellm ships (their file names are tiktoken's cache keys) into
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import pytest
-
+from .agent_support import AgentProcess, agent_python
 from .harness import REPO_ROOT
 
 VERSION = "0.3.21"
@@ -25,15 +21,10 @@ TIKTOKEN_CACHE = VENV / "tiktoken-cache"
 
 
 def gptbot_python() -> Path:
-    """The gptbot venv's Python; a missing venv fails the tests when Synapse is required
-    (as in `make test`), and skips them, saying why, otherwise."""
+    """The gptbot venv's Python (`GPTBOT_PYTHON` overrides it); fails or skips, saying
+    why, when it is missing (agent_support.agent_python)."""
     python = Path(os.environ.get("GPTBOT_PYTHON") or VENV / "bin" / "python")
-    if not python.exists() or not TIKTOKEN_CACHE.is_dir():
-        why = f"matrix-gptbot {VERSION} venv not found ({python}, {TIKTOKEN_CACHE}): make setup"
-        if os.environ.get("ROUTE_SIDECAR_REQUIRE_SYNAPSE"):
-            pytest.fail(why)
-        pytest.skip(why)
-    return python
+    return agent_python(python, [TIKTOKEN_CACHE], f"matrix-gptbot {VERSION}")
 
 
 def config_ini(
@@ -70,36 +61,12 @@ DeviceID = GPTBOTTEST
     return path
 
 
-class GptBot:
-    """The gptbot process: started with its config, stopped at the end."""
-
-    def __init__(self, python: Path, config: Path) -> None:
-        self.log_path = config.with_suffix(".log")
-        env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE)}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(python), "-m", "gptbot", "-c", str(config)],
-                cwd=config.parent,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-            )
-        time.sleep(0.5)
-        if self.process.poll() is not None:
-            raise RuntimeError(f"gptbot exited at start:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+def start_gptbot(python: Path, config: Path) -> AgentProcess:
+    """The gptbot process, started with its config (stop it at the end)."""
+    return AgentProcess(
+        "gptbot",
+        [str(python), "-m", "gptbot", "-c", str(config)],
+        cwd=config.parent,
+        log_path=config.with_suffix(".log"),
+        env={"TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE)},
+    )

@@ -11,7 +11,6 @@ room id in `user`: it is tested in tests/test_agents_without_plugin.py.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +21,23 @@ import pytest_asyncio
 
 from demo.upstream import ModelStack
 
-from .gptbot_support import GptBot, config_ini, gptbot_python
+from .agent_support import (
+    AgentProcess,
+    is_message_from,
+    joined_by_bot_and,
+    reply_of,
+    served_by,
+    synapse_for_agents,
+)
+from .gptbot_support import config_ini, gptbot_python, start_gptbot
 from .harness import (
     API_TOKEN,
     BOT,
     MatrixUser,
     Sidecar,
     edits_of,
-    joined,
     local_synapse,
     reactions_on,
-    synapse_and_sidecar,
-    synapse_python,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -44,18 +48,8 @@ ANSWER_TIMEOUT = 40.0  # gptbot's sync loop, the dispatcher and two fake models
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Sidecar]]:
     gptbot_python()  # fail or skip (saying why) before starting anything
-    python = synapse_python()
-    if python is None:
-        pytest.fail("Synapse is required for the gptbot tests: run `make setup`")
-    routing = {"intent_ttl": "15m", "turn_idle": "5m", "failure_grace": "1s", "again_wait": "2s"}
-    with synapse_and_sidecar(
-        tmp_path_factory.mktemp("gptbot"),
-        python,
-        agents=[GPTBOT],
-        routing=routing,
-        permissions={"@alice:localhost": 100, GPTBOT: 0},
-        encryption={"enabled": False},
-    ) as (hs, sidecar):
+    work = tmp_path_factory.mktemp("gptbot")
+    with synapse_for_agents(work, [GPTBOT], encryption={"enabled": False}) as (hs, sidecar):
         yield hs, sidecar
 
 
@@ -63,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Sidec
 class World:
     alice: MatrixUser
     models: ModelStack
-    gptbot: GptBot
+    gptbot: AgentProcess
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -81,7 +75,7 @@ async def world(
         work, hs_url, bot_data["user_id"], bot_data["access_token"], models.dispatcher_url,
         ModelStack.LOCAL,
     )  # fmt: skip
-    gptbot = GptBot(gptbot_python(), config)
+    gptbot = start_gptbot(gptbot_python(), config)
     try:
         yield World(alice, models, gptbot)
     finally:
@@ -91,52 +85,24 @@ async def world(
 
 
 async def new_room(world: World) -> str:
-    alice = world.alice
-    room_id = await alice.create_room(invite=[BOT, GPTBOT])
-    for user_id, what in ((BOT, "the side-car"), (GPTBOT, "gptbot")):
-        await alice.wait_for(room_id, joined(user_id), timeout=30, what=f"{what} to join")
-    return room_id
+    room_id = await world.alice.create_room(invite=[BOT, GPTBOT])
+    return await joined_by_bot_and(world.alice, room_id, GPTBOT)
 
 
 def from_gptbot(event: dict[str, Any]) -> bool:
-    return event.get("sender") == GPTBOT and event.get("type") == "m.room.message"
+    return is_message_from(GPTBOT, event)
 
 
 async def answer_to(world: World, room_id: str, after: str) -> str:
-    """gptbot's next answer after the event `after` (the room's newest events first)."""
-
-    def answered(event: dict[str, Any]) -> bool:
-        return from_gptbot(event) and "answer from" in event["content"].get("body", "")
-
-    async def newer_answer() -> dict[str, Any] | None:
-        events = await world.alice.events(room_id)
-        for event in events:  # newest first: stop at `after`
-            if event["event_id"] == after:
-                return None
-            if answered(event):
-                return event
-        return None
-
-    deadline = time.monotonic() + ANSWER_TIMEOUT
-    while time.monotonic() < deadline:
-        found = await newer_answer()
-        if found is not None:
-            return str(found["content"]["body"])
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"gptbot did not answer after {after}:\n{world.gptbot.log_tail()}")
+    """gptbot's next answer after the event `after`."""
+    answer = await reply_of(world.alice, world.gptbot, GPTBOT, room_id, after, ANSWER_TIMEOUT)
+    return str(answer["content"]["body"])
 
 
 async def ask(world: World, room_id: str, text: str) -> str:
     """Send `text` and return which fake model answered it ("local" or "cloud")."""
     event_id = await world.alice.say(room_id, text)
     return served_by(await answer_to(world, room_id, event_id))
-
-
-def served_by(body: str) -> str:
-    for name in ("cloud", "local"):
-        if f"answer from {name}" in body:
-            return name
-    raise AssertionError(body)
 
 
 async def test_route_then_question_is_served_by_the_target_with_a_receipt(world: World) -> None:
