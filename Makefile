@@ -47,8 +47,10 @@ NANOBOT_VENV := .venv-nanobot
 NANOBOT_PACKAGES := 'nanobot-ai==0.3.5' 'matrix-nio[e2e]>=0.25.2,<1' 'aiohttp>=3.9.0,<4.0.0' \
 	'mistune>=3.0.0,<4.0.0' 'nh3>=0.2.17,<1.0.0'
 # litellm.proxy.utils needs fastapi, backoff, redis and orjson; litellm[proxy] pulls a
-# package PyPI does not have, so they are pinned here.
-LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0'
+# package PyPI does not have, so they are pinned here. langfuse: the SDK LiteLLM's own
+# `langfuse` callback logs through (tests/test_litellm_hook.py reads what it exports).
+LITELLM_PACKAGES := 'litellm==1.110.2' 'fastapi==0.165.0' 'backoff==2.2.1' 'redis==8.1.0' 'orjson==3.13.0' \
+	'langfuse==4.18.0'
 
 # Every venv installs the versions it was tested with: constraints/<venv>.txt, written by
 # `make lock` from the venvs as they are (a fresh machine then gets what passed here).

@@ -15,6 +15,7 @@ redis, orjson); ROUTE_SIDECAR_SKIP_LITELLM=1 skips the module where they are not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -48,7 +49,7 @@ from litellm.proxy.utils import ProxyLogging
 from litellm.responses.streaming_iterator import drain_logging_tasks
 from ruamel.yaml import YAML
 
-from .api_support import ROOM, TOKEN, Api, OpenApi, free_port, room_path, start_api, stop_api
+from .api_support import ALICE, ROOM, TOKEN, Api, OpenApi, free_port, room_path, start_api, stop_api
 
 BOB = "@bob:example.org"
 
@@ -498,3 +499,89 @@ def test_the_hook_imports_the_client_distribution_not_the_side_car(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[] route_sidecar_client"
+
+
+# ---- attribution in LiteLLM's own logging: its Langfuse callback with the real SDK --------
+
+
+class LangfuseIngestion:
+    """A local stand-in for Langfuse's ingestion endpoint: it keeps what the SDK exports
+    (OTLP over HTTP, protobuf), so no Langfuse server is needed."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.runner: web.AppRunner | None = None
+        self.port = free_port()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.path.endswith("/otel/v1/traces"):
+            self.bodies.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def start(self) -> LangfuseIngestion:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def traces(self) -> list[dict[str, Any]]:
+        """Each exported span's attributes whose trace names a user, session or tags."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        found: list[dict[str, Any]] = []
+        for body in self.bodies:
+            export = ExportTraceServiceRequest()
+            export.ParseFromString(body)
+            for resource in export.resource_spans:
+                for scope in resource.scope_spans:
+                    for span in scope.spans:
+                        found.append({a.key: _otel_value(a.value) for a in span.attributes})
+        return found
+
+
+def _otel_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_otel_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+async def test_langfuse_attributes_each_call_to_its_asker_room_and_route(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from litellm.integrations.langfuse.langfuse_sdk import flush_langfuse_tracing
+
+    ingestion = await LangfuseIngestion().start()
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-route-sidecar-test")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-route-sidecar-test")
+    monkeypatch.setenv("LANGFUSE_HOST", f"http://127.0.0.1:{ingestion.port}")
+    try:
+        async with proxy_stack(tmp_path, monkeypatch) as proxy:
+            monkeypatch.setattr(litellm, "success_callback", ["langfuse"])
+            await proxy.api.route(ROOM, "/route cloud")
+            hard = await proxy.api.say(ROOM, "the hard question", sender=BOB, ago=0)
+            stamp = {"room_id": ROOM, "event_id": hard, "thread_id": None, "sender": BOB}
+            await proxy.ask("the hard question", None, context=stamp)  # routed, stamped
+            easy = await proxy.api.say(ROOM, "an easy one", sender=ALICE, ago=0)
+            await proxy.ask("an easy one", easy)  # unrouted, placed by its room line
+            await settle()
+            # In a thread: the exporter posts to this event loop's server meanwhile.
+            assert await asyncio.to_thread(flush_langfuse_tracing, 10_000)
+    finally:
+        await ingestion.stop()
+    traces = [
+        (t.get("user.id"), t.get("session.id"), tuple(t.get("langfuse.trace.tags") or ()))
+        for t in ingestion.traces()
+        if "user.id" in t or "session.id" in t
+    ]
+    assert (BOB, ROOM, ("route:cloud",)) in traces
+    assert (ALICE, ROOM, ()) in traces
+    assert len(traces) == 2, traces
