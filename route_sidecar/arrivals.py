@@ -73,6 +73,10 @@ class Arrivals:
         while len(self._askers) > self.askers_kept:
             del self._askers[next(iter(self._askers))]
 
+    @property
+    def remembers_askers(self) -> bool:
+        return bool(self._askers)
+
     def asker(self, room_id: str, key: TurnKey | None) -> str | None:
         """The sender of the turn's message in this room, when it is among the messages
         remembered: by its text's hash first (inside a thread the turn id is shared), then

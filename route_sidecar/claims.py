@@ -35,20 +35,15 @@ class Claims:
             log.info("claim waited for its message event=%s arrived=%s", awaited, arrived)
         live = state.live
         room_id = turn.room_id
-        if room_id is None:
-            if not live:  # nothing is set anywhere: placed from memory, for its metadata
-                return self._unrouted(
-                    state.arrivals.room_of(derive_turn_key(turn, state.salt)), turn
-                )
-        elif room_id not in live:
+        if room_id is not None and room_id not in live:
             if room_id in state.arrivals.rooms:
                 # The common case, answered from memory: nothing is set for a room the bot
                 # is in (joined, whether or not a message arrived there yet).
                 return self._unrouted(room_id, turn)
-            # A room id naming no room the side-car knows counts as absent (state.known_room).
-            if not live:
-                return ClaimAnswer(False, ClaimResult.NO_INTENT, room_id, turn.turn_id)
+            # A room id naming no room the bot is in counts as absent (state.known_room).
             room_id = None
+        if room_id is None and not live:  # nothing is set anywhere: placed from memory
+            return self._unrouted(state.arrivals.room_of(derive_turn_key(turn, state.salt)), turn)
         key = derive_turn_key(turn, state.salt)
         if room_id is None and key is not None and key.message_hash is not None:
             async with state.store.atomic(durable=False) as tx:
@@ -130,8 +125,12 @@ class Claims:
         its asker): the agent's stamp says, else the message the side-car remembers."""
         if room_id is None:
             return None
+        if turn.sender is not None:
+            return turn.sender
         state = self.state
-        return turn.sender or state.arrivals.asker(room_id, derive_turn_key(turn, state.salt))
+        if not state.arrivals.remembers_askers:  # no message seen yet: nothing to hash
+            return None
+        return state.arrivals.asker(room_id, derive_turn_key(turn, state.salt))
 
     def _unrouted(self, room_id: str | None, turn: Turn) -> ClaimAnswer:
         return ClaimAnswer(

@@ -111,6 +111,12 @@ class RoutingConfig:
     # How long an `again` waits for an agent to take its question before the bot says
     # none did (an agent without the plugin never sees it).
     again_wait: timedelta = timedelta(seconds=60)
+    # Where the room is told what served each routed turn: by editing the command's
+    # confirmation (`confirmation`), or by a receipt in the turn's thread (`thread`).
+    receipts: str = "confirmation"
+
+
+RECEIPT_PLACES = ("confirmation", "thread")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +221,7 @@ def parse_config(
         ),
         failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
         again_wait=reader.duration("routing.again_wait", timedelta(seconds=60)),
+        receipts=reader.choice("routing.receipts", RECEIPT_PLACES, "confirmation"),
     )
     permissions = reader.permissions("permissions")
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
@@ -314,6 +321,7 @@ _KNOWN = {
         "raw_models",
         "failure_grace",
         "again_wait",
+        "receipts",
     },
     "permissions": None,
     "rooms": None,
@@ -387,10 +395,12 @@ class _Reader:
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.string(key, default).upper()
-        if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(choices)}")
-        return value
+        """One of `choices`, read case-insensitively, as `choices` spells it."""
+        value = self.string(key, default)
+        for choice in choices:
+            if value.casefold() == choice.casefold():
+                return choice
+        raise ConfigError(key, f"must be one of {', '.join(choices)}")
 
     def duration(self, key: str, default: timedelta) -> timedelta:
         value = self.get(key, default)

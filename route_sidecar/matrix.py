@@ -227,9 +227,11 @@ class MatrixBot:
             async with self.store.atomic() as tx:
                 stored = await tx.mark_effect_sent(effect.id, event_id)
                 if stored is not None and stored != effect.content and not is_leave:
-                    # Replaced while it was being sent (a receipt's later outcome): what
-                    # the room shows catches up by an edit, at the next delivery pass.
-                    edit = replies.edit_of(json.loads(stored))
+                    # Replaced while it was being sent (a receipt's later outcome, a newer
+                    # account): what the room shows catches up by an edit, at the next
+                    # delivery pass (an edit's newer content edits the same event again).
+                    later = json.loads(stored)
+                    edit = later if effect.edits else replies.edit_of(later)
                     await tx.add_effect(outbox.late_edit(effect, edit), self.clock())
             self.outbox.settled(effect.key)
             self.metrics.room_effects.labels("sent").inc()

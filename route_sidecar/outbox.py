@@ -28,7 +28,8 @@ class EffectKind(StrEnum):
     REPLY = "reply"  # the answer to a command
     REACT = "react"  # ✅ on a command when its route takes its first turn
     RECEIPT = "receipt"  # what served a routed turn, edited as more calls land
-    ENDED = "ended"  # the edit of a confirmation when its intent ends
+    ENDED = "ended"  # the edit of a confirmation when its intent ended (before 0.3)
+    ACCOUNT = "account"  # an edit of a confirmation: the route's account as it changes
     UNPICKED = "unpicked"  # the edit of an `again` reply that no turn took
     SUGGEST = "suggest"  # the retry suggestion after a failed turn
     UNDECRYPTABLE = "undecryptable"  # "I could not read your message"
@@ -132,6 +133,29 @@ def ended(intent_id: str, command_event_id: str, room_id: str, content: dict[str
     )
 
 
+def account_prefix(intent_id: str) -> str:
+    return f"{EffectKind.ACCOUNT}:{intent_id}:"
+
+
+def account_number(key: str) -> int:
+    """Which edit of its confirmation an account key names (1, 2, ...; its late edit too)."""
+    return int(key.split(":")[2])
+
+
+def account(
+    intent_id: str, number: int, command_event_id: str, room_id: str, content: dict[str, Any]
+) -> Effect:
+    """The `number`th edit of an intent's confirmation: each says what the route did so
+    far; the latest one is what the room shows."""
+    return Effect(
+        f"{account_prefix(intent_id)}{number}",
+        room_id,
+        ROOM_MESSAGE,
+        content,
+        edits=reply_key(command_event_id),
+    )
+
+
 def unpicked(
     intent_id: str, command_event_id: str, room_id: str, content: dict[str, Any]
 ) -> Effect:
@@ -164,8 +188,10 @@ def unreadable(room_id: str, content: dict[str, Any]) -> Effect:
 
 def late_edit(sent: PendingEffect, content: dict[str, Any]) -> Effect:
     """An effect replaced while it was being sent (a receipt's later outcome): what the
-    room shows catches up by an edit."""
-    return Effect(f"{sent.key}:late-edit", sent.room_id, sent.event_type, content, sent.key)
+    room shows catches up by an edit, of the event it was (or, for an edit, of the event
+    that one edited)."""
+    edits = sent.edits or sent.key
+    return Effect(f"{sent.key}:late-edit", sent.room_id, sent.event_type, content, edits)
 
 
 class Outbox:

@@ -1,6 +1,8 @@
-"""What the dispatcher reports it served (`POST /v1/outcome`): stored, turned into the
-turn's receipt in the room (posted, or edited as more calls land), and, for a failed
-call, the retry suggestion (SPEC "Retry"), held back until the turn has been quiet.
+"""What the dispatcher reports it served (`POST /v1/outcome`): stored, shown in the room
+(the command's confirmation edited into the route's account, or, with `routing.receipts:
+thread`, the turn's receipt posted in its thread and edited as more calls land), and, for
+a failed call, the retry suggestion (SPEC "Retry"), held back until the turn has been
+quiet.
 """
 
 from __future__ import annotations
@@ -66,15 +68,20 @@ class Outcomes:
                 detail=detail,
                 now=now,
             )
-            calls = await tx.turn_outcomes(intent.id, position)
-            latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
-            text = replies.receipt(
-                intent,
-                [c.model for c in calls],
-                [c.status for c in calls],
-                sum(latencies) if latencies else None,
-            )
-            await self._post_receipt(tx, intent, position, len(calls), text, now)
+            if state.config.routing.receipts == "confirmation":
+                # The live copy: its turns' claim counts are current (the store's may lag).
+                live = state.live.intent(intent.room_id, intent.id) or intent
+                await state.show_account(tx, live, now)
+            else:
+                calls = await tx.turn_outcomes(intent.id, position)
+                latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
+                text = replies.receipt(
+                    intent,
+                    [c.model for c in calls],
+                    [c.status for c in calls],
+                    sum(latencies) if latencies else None,
+                )
+                await self._post_receipt(tx, intent, position, len(calls), text, now)
             await self._follow_failure(
                 tx, intent.room_id, key, ref, placed, model, status, detail, intent, now
             )

@@ -252,7 +252,8 @@ class RoomEvents:
                     "ok",
                 )
             case commands.ShowStatus():
-                return replies.status(current, now, state.timing, prefix), None, "ok"
+                reported = await state.reported(tx, current) if current is not None else []
+                return replies.status(current, reported, now, state.timing, prefix), None, "ok"
             case commands.ShowHistory():
                 routed = await tx.routed_turns(message.room_id, history.HISTORY_LENGTH)
                 calls = await tx.unrouted_calls(message.room_id, HISTORY_CALLS)
@@ -269,8 +270,13 @@ class RoomEvents:
             case commands.ClearIntent():
                 if current is None:
                     return replies.cleared(None, None, prefix), None, "ok"
+                reported = await state.reported(tx, current)
+                in_flight = any(
+                    intents.answering(turn, len(calls), now, state.timing)
+                    for turn, calls in zip(current.bound_turns, reported, strict=True)
+                )
                 cleared = await state.end(tx, current, EndReason.CLEARED, now)
-                return replies.cleared(current, cleared, prefix), None, "ok"
+                return replies.cleared(current, cleared, prefix, in_flight), None, "ok"
             case commands.RouteTo() as route:
                 return await self._route(tx, route, message, current, reask, now)
         raise AssertionError(parsed)

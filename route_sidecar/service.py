@@ -98,6 +98,11 @@ class RouteService:
                 state.arrivals.remember_asker(message)
             state.arrivals.set_rooms(*await tx.rooms_by_membership())
         await self.outcomes.load()
+        # What their confirmations say of turns being answered is checked at the next sweep.
+        for intent in state.live.values():
+            if any(turn.is_open(state.clock(), state.timing) for turn in intent.bound_turns):
+                state.rechecks[intent.id] = state.clock()
+                state.recheck_rooms[intent.id] = intent.room_id
         log.info("live intents loaded count=%d", len(state.live))
 
     # ---- room events (route_sidecar/room_events.py) --------------------------------------------
@@ -189,6 +194,7 @@ class RouteService:
                 state.outbox.queued()
             live = state.live.values()  # what the changes left
         await self._tell_reasks_not_taken(live, now)
+        await state.recheck_accounts(now)
         self.room_events.questions.forget_expired(now)
         self.outcomes.forget_quiet_failures(now)
         state.metrics.active_intents.set(len(state.live))

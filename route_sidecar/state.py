@@ -17,8 +17,9 @@ from datetime import datetime
 from . import outbox
 from .arrivals import Arrivals
 from .config import Config
-from .core import intents, replies
-from .core.intents import EndReason, Intent, IntentState, Timing
+from .core import commands, intents, replies
+from .core.history import Call
+from .core.intents import EndReason, Intent, Timing
 from .core.live import LiveIntents
 from .metrics import Metrics
 from .outbox import Outbox
@@ -40,11 +41,16 @@ class RouteState:
         self.metrics = metrics
         self.clock = clock
         self.timing = Timing(config.routing.intent_ttl, config.routing.turn_idle)
-        self.prefix = config.routing.prefixes[0]  # the one replies show
+        # The one replies teach: `!route`, which no client intercepts, when configured.
+        self.prefix = commands.typable_prefix(config.routing.prefixes)
         self.live = LiveIntents()
         self.arrivals = Arrivals()
         self.outbox = Outbox()
         self.lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
+        # Intents whose confirmation says a turn is being answered, and when that may stop
+        # being true with no event (the sweep edits it then: `recheck_accounts`).
+        self.rechecks: dict[str, datetime] = {}
+        self.recheck_rooms: dict[str, str] = {}  # intent id → its room, for the same
 
     async def reload_live(self) -> None:
         async with self.store.atomic(durable=False) as tx:
@@ -91,27 +97,68 @@ class RouteState:
         await self.record_change(tx, before, ended, now)
 
     async def record_change(self, tx: Tx, before: Intent, after: Intent, now: datetime) -> None:
-        """Write an intent's new state, keep the memory index true, and queue the edit of
-        the confirmation that the room must see when an intent ends unused or early."""
+        """Write an intent's new state, keep the memory index true, and edit the command's
+        confirmation whenever what it says changes: a turn taken, a close, an end."""
         await tx.save_intent(after)
         if after.state.is_live:
             self.live.set(after)
         else:
             self.live.pop(after)
-        # Once per intent: when it ends, or is closed with a turn still being answered.
-        ends = before.state.is_live and not after.state.is_live and not before.is_closed
-        if ends or (after.is_closed and not before.is_closed):
-            text = _end_notice(after, now, self.timing, self.prefix)
-            if text is not None:
-                content = replies.edit_content(text, None)
-                await tx.add_effect(
-                    outbox.ended(after.id, after.command_event_id, after.room_id, content), now
-                )
+        told = (before.state, before.is_closed, len(before.bound_turns))
+        if (after.state, after.is_closed, len(after.bound_turns)) != told:
+            await self.show_account(tx, after, now)
 
+    async def reported(self, tx: Tx, intent: Intent) -> list[list[Call]]:
+        """The calls the dispatcher reported for each of the intent's bound turns."""
+        return [
+            await tx.turn_outcomes(intent.id, position)
+            for position in range(len(intent.bound_turns))
+        ]
 
-def _end_notice(intent: Intent, now: datetime, timing: Timing, prefix: str) -> replies.Text | None:
-    if intent.state is IntentState.EXPIRED:
-        return replies.expired(intent, timing)
-    if intent.state is IntentState.CANCELLED or intent.is_closed:
-        return replies.cancelled(intent, now, timing, prefix)
-    return None
+    async def show_account(self, tx: Tx, intent: Intent, now: datetime) -> None:
+        """Edit the command's confirmation into the route's account as of `now` (SPEC
+        "POST /v1/intents/{intent_id}/outcome"), when its text changed: an edit not yet
+        sent is replaced, else a new one is queued. With `routing.receipts: thread` the
+        account leaves out what served each turn (the receipts in the threads say it)."""
+        reported = await self.reported(tx, intent)
+        served = self.config.routing.receipts == "confirmation"
+        text = replies.account(intent, reported, now, self.timing, self.prefix, served)
+        content = replies.edit_content(text, None)
+        latest = await tx.latest_effect(outbox.account_prefix(intent.id))
+        number = 1
+        if latest is not None:
+            key, stored, sent = latest
+            if stored == content:
+                number = 0
+            elif not sent and await tx.replace_unsent_effect(key, content):
+                number = 0
+            else:
+                number = outbox.account_number(key) + 1
+        if number:
+            await tx.add_effect(
+                outbox.account(intent.id, number, intent.command_event_id, intent.room_id, content),
+                now,
+            )
+        recheck = intents.answering_ends_at(intent, [len(r) for r in reported], now, self.timing)
+        if recheck is None:
+            self.rechecks.pop(intent.id, None)
+            self.recheck_rooms.pop(intent.id, None)
+        else:
+            self.rechecks[intent.id] = recheck
+            self.recheck_rooms[intent.id] = intent.room_id
+
+    async def recheck_accounts(self, now: datetime) -> None:
+        """Confirmations that said a turn was being answered, once that may be untrue
+        (SPEC "Intents": an edit that a later event makes untrue is redone)."""
+        due = [intent_id for intent_id, at in self.rechecks.items() if at <= now]
+        if not due:
+            return
+        async with self.lock, self.store.atomic() as tx:
+            for intent_id in due:
+                room_id = self.recheck_rooms.get(intent_id, "")
+                intent = self.live.intent(room_id, intent_id) or await tx.intent(intent_id)
+                if intent is None:
+                    self.rechecks.pop(intent_id, None)
+                    continue
+                await self.show_account(tx, intents.advance(intent, now, self.timing), now)
+        self.outbox.queued()

@@ -78,6 +78,7 @@ def claim_body(
 
 
 async def test_claim_without_an_intent_gets_no_override(api: Api) -> None:
+    await api.sidecar.service.on_bot_membership(ROOM, joined=True)  # a room the bot is in
     before = await api.snapshot()
     answer = (await api.claim(claim_body())).json()
     assert answer == {
@@ -92,6 +93,13 @@ async def test_claim_without_an_intent_gets_no_override(api: Api) -> None:
         "metadata": {"matrix_room_id": ROOM, "route_turn_id": "$question"},
     }
     await assert_changed_nothing(api, before, "a claim without an intent")
+
+
+async def test_a_claim_naming_a_room_the_bot_is_not_in_is_placed_in_none(api: Api) -> None:
+    """SPEC "The turn key": such a hint counts as absent; the answer never names it."""
+    answer = (await api.claim(claim_body())).json()
+    assert (answer["override"], answer["room_id"], answer["reason"]) == (False, None, "no_intent")
+    assert answer["metadata"] == {"route_turn_id": "$question"}
 
 
 async def test_claim_after_route_overrides_with_the_target_model(api: Api, pending: str) -> None:

@@ -82,7 +82,10 @@ async def test_claim_with_hermes_lines_gets_the_rooms_override(
     }
 
 
-async def test_claim_without_an_intent_is_no_override_for_no_intent(client: RouteClient) -> None:
+async def test_claim_without_an_intent_is_no_override_for_no_intent(
+    api: Api, client: RouteClient
+) -> None:
+    await api.sidecar.service.on_bot_membership(ROOM, joined=True)
     decision = await client.claim(request=hermes_request(ROOM, "$thread-root", "Hello?"))
     assert (decision.override, decision.model, decision.target) == (False, None, None)
     assert (decision.intent_id, decision.reason) == (None, "no_intent")

@@ -365,13 +365,13 @@ def test_unexpected_word_error_tells_to_put_the_question_on_the_next_line() -> N
     result = parse_command("/route cloud why is the sky blue")
     assert isinstance(result, CommandError)
     assert "next line" in result.message
-    assert "`/route cloud`" in result.message
+    assert "`!route cloud`" in result.message
 
 
 def test_again_without_target_names_an_example_with_a_target() -> None:
     result = parse_command("!route again")
     assert isinstance(result, CommandError)
-    assert "`/route cloud again`" in result.message
+    assert "`!route cloud again`" in result.message  # the form no client intercepts
 
 
 # --- not commands ------------------------------------------------------------------------
@@ -388,13 +388,40 @@ NOT_COMMANDS = [
     "hello /route cloud",
     "route cloud",
     "/ route cloud",
-    "//route cloud",
+    "///route cloud",
+    "//!route cloud",
     "!!route cloud",
     "> /route cloud",
     "\n/route cloud",
     "please\n/route cloud",
     "/rout",
 ]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("//route cloud", RouteTo("cloud")),  # Element X sends the two slashes as typed
+        ("//ROUTE auto", ClearIntent("auto")),
+        ("//route cloud\nwhy?", RouteTo("cloud", question="why?")),
+        ("//route", ShowStatus()),
+    ],
+)
+def test_a_slash_prefix_is_also_read_with_two_slashes(body: str, expected: object) -> None:
+    assert parse_command(body) == expected
+    assert is_command(body)
+
+
+def test_two_slashes_are_read_only_for_a_slash_prefix() -> None:
+    assert parse_command("//route cloud", ("!route",)) is None
+
+
+def test_errors_teach_the_prefix_no_client_intercepts() -> None:
+    for prefixes in (("/route", "!route"), ("!route", "/route")):
+        result = parse_command("/route cloud why", prefixes)
+        assert isinstance(result, CommandError) and "`!route cloud`" in result.message
+    only_slash = parse_command("/route cloud why", ("/route",))
+    assert isinstance(only_slash, CommandError) and "`/route cloud`" in only_slash.message
 
 
 @pytest.mark.parametrize("body", NOT_COMMANDS)

@@ -194,8 +194,9 @@ async def test_routing_follows_the_room_for_every_call_of_the_turn_then_returns(
     await stack.dispatcher.settle()
     # The routed calls reach their intent; the ok calls without a route are not stored.
     assert stack.outcome_rows() == [(intent_id, CLOUD, "ok", None)] * 2
-    receipts = stack.query("SELECT key FROM effects WHERE key LIKE 'receipt:%'")
-    assert receipts and all(key.startswith(f"receipt:{intent_id}:") for (key,) in receipts)
+    # What served the turn is told by editing the command's confirmation (its account).
+    accounts = stack.query("SELECT key FROM effects WHERE key LIKE 'account:%'")
+    assert accounts and all(key.startswith(f"account:{intent_id}:") for (key,) in accounts)
 
 
 async def test_streaming_and_plain_answers_pass_through_byte_for_byte(stack: Stack) -> None:

@@ -16,7 +16,7 @@ from route_sidecar.core.turns import Turn
 from route_sidecar.matrix import MatrixBot
 from route_sidecar.metrics import Metrics
 
-from .test_service import ROOM, Clock, make_service, message
+from .test_service import RAW, ROOM, Clock, make_service, message
 
 
 class StandInIntent:
@@ -43,11 +43,14 @@ class OfflineBot(MatrixBot):
         return self.stand_in
 
 
+THREAD_RECEIPTS = {**RAW, "routing": {"receipts": "thread"}}
+
+
 async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
     tmp_path: Path,
 ) -> None:
     clock = Clock()
-    service = await make_service(tmp_path / "db.sqlite", clock)
+    service = await make_service(tmp_path / "db.sqlite", clock, THREAD_RECEIPTS)
     bot = OfflineBot(service.config, service.store, Metrics(), "test", clock=clock)
     bot.stand_in = StandInIntent()
     await service.on_message(message("!route cloud", "$cmd", clock.now))
@@ -75,4 +78,43 @@ async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
     edit = bot.stand_in.sent[receipts[-1]][1]
     assert edit["m.relates_to"]["rel_type"] == "m.replace"
     assert edit["m.relates_to"]["event_id"] == f"$sent{receipts[0] + 1}"
+    await service.store.close()
+
+
+async def test_an_account_replaced_while_being_sent_edits_the_confirmation_again(
+    tmp_path: Path,
+) -> None:
+    """The default: what served the turn edits the command's confirmation. An account
+    replaced while its edit was being sent is caught up by an edit of the confirmation
+    itself (never an edit of an edit)."""
+    clock = Clock()
+    service = await make_service(tmp_path / "db.sqlite", clock)
+    bot = OfflineBot(service.config, service.store, Metrics(), "test", clock=clock)
+    bot.stand_in = StandInIntent()
+    await service.on_message(message("!route cloud", "$cmd", clock.now))
+    clock.now += timedelta(seconds=1)
+    await service.on_message(message("why?", "$q", clock.now))
+    answer = await service.claim(Turn(room_id=ROOM, turn_id="$q", last_user_message="why?"))
+    assert answer.route is not None
+    intent_id = answer.route.intent_id
+    await bot.deliver_outbox()  # the confirmation, the ✅ and the account "answering now"
+    await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 900, None, "$q")
+
+    async def second_outcome(content: dict[str, Any]) -> None:
+        if "Answered by" in content.get("body", "") and bot.stand_in.during_send:
+            bot.stand_in.during_send = None
+            await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 700, None, "$q")
+
+    bot.stand_in.during_send = second_outcome
+    await bot.deliver_outbox()
+    clock.now += timedelta(seconds=1)
+    await bot.deliver_outbox()
+    sent = bot.stand_in.sent
+    confirmation = next(i for i, (_, c) in enumerate(sent) if "Routing the next turn" in c["body"])
+    edits = [c for _, c in sent if c.get("m.relates_to", {}).get("rel_type") == "m.replace"]
+    assert edits and all(
+        e["m.relates_to"]["event_id"] == f"$sent{confirmation + 1}" for e in edits
+    ), "every account edits the confirmation"
+    assert "2 call" in edits[-1]["m.new_content"]["body"], "the room ends on the latest account"
+    assert not any("m.thread" in str(c.get("m.relates_to")) for _, c in sent), "no thread post"
     await service.store.close()

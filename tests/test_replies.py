@@ -20,18 +20,22 @@ from route_sidecar.core.commands import (
 )
 from route_sidecar.core.history import Call, PastTurn
 from route_sidecar.core.intents import (
+    ANSWERING_WITHOUT_REPORT,
     ClaimedTurn,
     EndReason,
     Intent,
     Timing,
+    answering,
     cancel,
     claim,
     new_intent,
 )
 from route_sidecar.core.replies import (
+    ACCOUNT_TURNS,
     DETAIL_CHARS,
     EXCERPT_CHARS,
     Text,
+    account,
     cancelled,
     cleared,
     command_error,
@@ -131,13 +135,17 @@ def test_hostile_target_model_and_sender_never_appear_unescaped() -> None:
     texts = [
         confirmation(hostile, hostile, TIMING, "/route"),
         confirmation(intent_for(target=HOSTILE, question_hash="q"), None, TIMING, "/route"),
-        status(hostile, T0, TIMING, "/route"),
-        status(active, T0, TIMING, "/route"),
+        status(hostile, [], T0, TIMING, "/route"),
+        status(active, [[]], T0, TIMING, "/route"),
         cleared(hostile, cancel(active, T0 + timedelta(seconds=6), EndReason.CLEARED, TIMING), "/"),
-        cancelled(
-            cancel(active, T0 + timedelta(seconds=6), EndReason.SUPERSEDED, TIMING), T0, TIMING, "/"
+        account(
+            cancel(active, T0 + timedelta(seconds=6), EndReason.SUPERSEDED, TIMING),
+            [[Call(HOSTILE, "ok", 10)]],
+            T0,
+            TIMING,
+            "/",
         ),
-        cancelled(cancel(hostile, T0, EndReason.API, TIMING), T0, TIMING, HOSTILE),
+        cancelled(cancel(hostile, T0, EndReason.API, TIMING), HOSTILE),
         expired(hostile, TIMING),
         receipt(hostile, [HOSTILE, "other<b>"], ["ok", "error"], 1200),
         receipt(hostile, [HOSTILE], ["error"], None),
@@ -198,14 +206,14 @@ def served(scope: Scope, turns: int) -> Intent:
         (
             EndReason.SUPERSEDED,
             1,
-            "Route to cloud: used for 1 turn (the answer in progress finishes on cloud); "
-            "later turns follow the newer route.",
+            "Route to cloud (`ollama-cloud/glm-5.1`), the next 3 turns: used for 1 turn (the "
+            "answer in progress finishes on cloud); later turns follow the newer route.",
         ),
         (
             EndReason.CLEARED,
             2,
-            "Route to cloud: used for 2 turns (the answer in progress finishes on cloud); "
-            "later turns are routed automatically.",
+            "Route to cloud (`ollama-cloud/glm-5.1`), the next 3 turns: used for 2 turns (the "
+            "answer in progress finishes on cloud); later turns are routed automatically.",
         ),
     ],
 )
@@ -214,24 +222,85 @@ def test_an_ended_route_says_how_many_turns_it_served_never_replaced_once_used(
 ) -> None:
     intent = served(Scope.next_turns(3), turns)
     after = cancel(intent, T_CLOSE, reason, TIMING)
-    assert cancelled(after, T_CLOSE, TIMING, "!route").plain == expected
-    if turns:  # once the turn is over, the edit no longer speaks of an answer in progress
-        later = cancelled(after, T_CLOSE + TIMING.turn_idle * 2, TIMING, "!route").plain
-        assert "in progress" not in later and f"used for {turns} turn" in later
+    unreported: list[list[Call]] = [[] for _ in range(turns)]
+    text = account(after, unreported, T_CLOSE, TIMING, "!route", served=False).plain
+    assert text == expected
+    if turns:  # once no call is in flight, the edit no longer speaks of an answer in progress
+        later = account(after, unreported, T_CLOSE + timedelta(minutes=2), TIMING, "!route")
+        assert "in progress" not in later.plain and f"used for {turns} turn" in later.plain
 
 
-def test_auto_says_when_the_answer_in_progress_finishes_on_the_route() -> None:
+def test_an_answer_is_in_progress_only_while_a_call_of_its_turn_is_in_flight() -> None:
+    turn = served(Scope.once(), 1).bound_turns[0]  # claimed once, at T0 + 5 s
+    claimed = turn.last_claim_at
+    # A dispatcher that reports: in flight until the call is reported.
+    assert answering(turn, 0, claimed + timedelta(seconds=1), TIMING)
+    assert not answering(turn, 1, claimed + timedelta(seconds=1), TIMING)
+    again = turn.called(claimed + timedelta(seconds=2), TIMING)
+    assert again is not None and answering(again, 1, claimed + timedelta(seconds=3), TIMING)
+    # One that never reports: only moments after the latest claim.
+    assert not answering(turn, 0, claimed + ANSWERING_WITHOUT_REPORT, TIMING)
+    # Never once the turn has ended, reported or not.
+    assert not answering(again, 1, claimed + TIMING.turn_idle * 2, TIMING)
+
+
+def test_auto_says_the_answer_in_progress_finishes_only_while_one_is_in_flight() -> None:
     active = served(Scope.once(), 1)
     closed = cancel(active, T_CLOSE, EndReason.CLEARED, TIMING)
-    assert "The answer in progress finishes on cloud." in cleared(active, closed, "!").plain
+    text = cleared(active, closed, "!", in_flight=True).plain
+    assert "The answer in progress finishes on cloud." in text
+    assert "(in use until now)" in text
+    assert "in progress" not in cleared(active, closed, "!", in_flight=False).plain
     pending = intent_for()
     ended = cancel(pending, T_CLOSE, EndReason.CLEARED, TIMING)
-    assert "in progress" not in cleared(pending, ended, "!").plain
+    assert "in progress" not in cleared(pending, ended, "!", in_flight=True).plain
     assert "nothing was set" in cleared(None, None, "!").plain
 
 
+ANSWERED = [Call("ollama-cloud/glm-5.1", "ok", 20), Call("ollama-cloud/glm-5.1", "ok", 6)]
+
+
+def test_the_confirmation_becomes_the_routes_account_of_what_served() -> None:
+    one = served(Scope.once(), 1)
+    answering_now = account(one, [[]], T_CLOSE, TIMING, "!route").plain
+    assert answering_now.startswith("Route to cloud (`ollama-cloud/glm-5.1`), the next turn:")
+    assert "answering now" in answering_now
+    done = account(one, [ANSWERED], T_CLOSE, TIMING, "!route").plain
+    assert done == (
+        "Route to cloud (`ollama-cloud/glm-5.1`), the next turn: used for 1 turn; later turns "
+        "are routed automatically.\n"
+        "• Answered by cloud (`ollama-cloud/glm-5.1`): 2 call(s), 26 ms."
+    )
+    # In the thread-receipt mode the account leaves the served models to the receipts.
+    assert "Answered by" not in account(one, [ANSWERED], T_CLOSE, TIMING, "!", False).plain
+
+
+def test_the_account_of_several_turns_keeps_a_short_running_list() -> None:
+    three = served(Scope.next_turns(3), 2)
+    text = account(three, [ANSWERED, []], T_CLOSE + timedelta(minutes=2), TIMING, "!route")
+    lines = text.plain.split("\n")
+    assert lines[0].endswith("the next 3 turns: 2 of 3 turns used.")
+    assert lines[1].startswith("• Answered by cloud")
+    assert lines[2] == "• no outcome reported, so I cannot say which model answered."
+    assert "If no further turn uses it by" in text.plain and "`!route auto`" in text.plain
+    many = served(Scope.lasting(timedelta(hours=1)), 8)
+    text = account(many, [ANSWERED] * 8, T_CLOSE, TIMING, "!route")
+    assert text.plain.count("• Answered by") == ACCOUNT_TURNS
+    assert "• … 3 earlier turn(s)" in text.plain
+    assert "used for 8 turns so far, until 12:00:00 UTC." in text.plain
+
+
+def test_status_of_a_route_whose_turn_was_answered_says_so() -> None:
+    one = served(Scope.once(), 1)
+    text = status(one, [ANSWERED], T_CLOSE, TIMING, "!route").plain
+    assert "State: used for 1 turn; later turns are routed automatically." in text
+    assert "Ends at" not in text  # nothing left to cancel
+    text = status(one, [[]], T_CLOSE, TIMING, "!route").plain
+    assert "State: answering now." in text
+
+
 def test_status_without_intent_says_how_to_set_one() -> None:
-    text = status(None, T0, TIMING, "/route")
+    text = status(None, [], T0, TIMING, "/route")
     assert "`/route <target>`" in text.plain
 
 

@@ -45,9 +45,10 @@ class Clock:
         return self.now
 
 
-async def make_service(path: Path, clock: Clock) -> RouteService:
+async def make_service(path: Path, clock: Clock, raw: dict[str, Any] | None = None) -> RouteService:
     store = await Store.open(path)
-    service = RouteService(parse_config(RAW, {}), store, b"salt", Metrics(), clock=clock)
+    config = parse_config(raw or RAW, {})
+    service = RouteService(config, store, b"salt", Metrics(), clock=clock)
     await service.load()
     return service
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
-DEFAULT_PREFIXES = ("/route", "!route")
+# `!route` first: the form the bot teaches (SPEC "Chat commands"). Element Web opens an
+# "Unknown command" dialog for `/route`; `!route` gets through every client untouched.
+DEFAULT_PREFIXES = ("!route", "/route")
 
 CLEAR_WORDS = ("auto", "off", "cancel")
 AGAIN_WORDS = ("again", "retry")
@@ -135,12 +137,15 @@ def split_first_line(body: str) -> tuple[str, str | None]:
 
 
 def command_prefix(first_line: str, prefixes: tuple[str, ...]) -> str | None:
-    """The prefix the line starts with, case-insensitively, followed by a space or nothing."""
+    """The prefix the line starts with, as written there, case-insensitively, followed by
+    a space or nothing. A slash prefix may be written with two slashes (`//route`: Element
+    X sends it so, and Element Web's hint suggests it)."""
     lowered = first_line.lower()
     for prefix in prefixes:
-        p = prefix.lower()
-        if lowered.startswith(p) and (len(lowered) == len(p) or lowered[len(p)].isspace()):
-            return prefix
+        for written in (prefix, "/" + prefix) if prefix.startswith("/") else (prefix,):
+            p = written.lower()
+            if lowered.startswith(p) and (len(lowered) == len(p) or lowered[len(p)].isspace()):
+                return first_line[: len(p)]
     return None
 
 
@@ -183,7 +188,7 @@ def parse_command(
     prefix = command_prefix(first, prefixes)
     if prefix is None:
         return None
-    p = prefixes[0]
+    p = typable_prefix(prefixes)  # the one error messages teach
     words = first[len(prefix) :].split()
     if not words:
         return _no_question(ShowStatus(), question, p)

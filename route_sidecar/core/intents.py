@@ -179,6 +179,38 @@ def expires_at(intent: Intent, timing: Timing) -> datetime | None:
     return max(last_end, last_activity + timing.intent_ttl)
 
 
+# A turn whose dispatcher reports no outcome is taken to be answering for this long after
+# its latest claim: "claimed moments ago" (SPEC "Intents": the room is told an answer is in
+# progress only while a call of its turn is in flight).
+ANSWERING_WITHOUT_REPORT = timedelta(seconds=60)
+
+
+def answering(turn: BoundTurn, reported: int, now: datetime, timing: Timing) -> bool:
+    """Whether a call of the turn is in flight at `now`: claimed and not yet reported
+    (`reported`: the calls of the turn the dispatcher reported), or, where no report of
+    the turn came at all, claimed moments ago. Never once the turn has ended."""
+    if not turn.is_open(now, timing):
+        return False
+    if reported == 0:
+        return now < turn.last_claim_at + ANSWERING_WITHOUT_REPORT
+    return reported < turn.claims
+
+
+def answering_ends_at(
+    intent: Intent, reported: Sequence[int], now: datetime, timing: Timing
+) -> datetime | None:
+    """When what is said of the intent's turns may change with no event (a turn stops
+    answering as time passes: its quiet window or the turn itself ends); None: not so."""
+    ends = [
+        min(turn.ends_at(timing), turn.last_claim_at + ANSWERING_WITHOUT_REPORT)
+        if calls == 0
+        else turn.ends_at(timing)
+        for turn, calls in zip(intent.bound_turns, reported, strict=True)
+        if answering(turn, calls, now, timing)
+    ]
+    return min(ends) if ends else None
+
+
 def whole_second(moment: datetime) -> datetime:
     """`moment` to the whole second, as the lookup API gives times."""
     return moment.replace(microsecond=0)

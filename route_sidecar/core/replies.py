@@ -12,14 +12,15 @@ from typing import Any
 
 from ..config import Target
 from .commands import RouteTo, format_command, format_duration
-from .history import PastTurn
-from .intents import EndReason, Intent, IntentState, Timing, expires_at
+from .history import Call, PastTurn
+from .intents import EndReason, Intent, IntentState, Timing, answering, expires_at
 
 _CODE = re.compile(r"`([^`\n]+)`")
 _BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
 REACTION_CLAIMED = "✅"
 EXCERPT_CHARS = 80
 DETAIL_CHARS = 200
+ACCOUNT_TURNS = 5  # the turns a route's running account lists, the latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ def confirmation(intent: Intent, superseded: Intent | None, timing: Timing, pref
         )
     else:
         lines.append(f"`{prefix} auto` cancels it.")
-    lines.append("I will confirm here which model really answered.")
+    lines.append("I will say here which model really answered.")
     return render("\n".join(lines))
 
 
@@ -136,17 +137,24 @@ def expired(intent: Intent, timing: Timing) -> Text:
     )
 
 
-def cleared(previous: Intent | None, after: Intent | None, prefix: str) -> Text:
-    """The reply to `/route auto`: `previous` as it was, `after` as the command left it."""
+def cleared(
+    previous: Intent | None, after: Intent | None, prefix: str, in_flight: bool = False
+) -> Text:
+    """The reply to `/route auto`: `previous` as it was, `after` as the command left it;
+    `in_flight`: a call of its turn is being answered (`intents.answering`)."""
     if previous is None or after is None:
         return render(f"Automatic routing: nothing was set. `{prefix} help` lists the commands.")
     text = (
         f"Automatic routing again. The route to **{previous.target}** "
-        f"({previous.state.value} until now) is cancelled."
+        f"({_state_word(previous)} until now) is cancelled."
     )
-    if after.is_closed:
+    if after.is_closed and in_flight:
         text += f" The answer in progress finishes on {previous.target}."
     return render(text)
+
+
+def _state_word(intent: Intent) -> str:
+    return "in use" if intent.state is IntentState.ACTIVE else intent.state.value
 
 
 _CANCELLED_BY = {
@@ -157,37 +165,115 @@ _CANCELLED_BY = {
 }
 
 
-def cancelled(intent: Intent, now: datetime, timing: Timing, prefix: str) -> Text:
-    """The confirmation of an intent cancelled (or closed, its last turn still being
-    answered), edited to say what it really did: never "replaced" once a turn used it."""
+def cancelled(intent: Intent, prefix: str) -> Text:
+    """The confirmation of a route cancelled before any turn used it."""
     reason = intent.closed_by or intent.end_reason or EndReason.API
-    unused, later = (part.format(prefix=prefix) for part in _CANCELLED_BY[reason])
-    served = len(intent.bound_turns)
-    if not served:
-        return render(f"Route to **{intent.target}**: {unused}. Nothing was routed.")
-    text = f"Route to **{intent.target}**: used for {served} turn{'s' if served != 1 else ''}"
-    if any(turn.is_open(now, timing) for turn in intent.bound_turns):
-        text += f" (the answer in progress finishes on {intent.target})"
-    return render(f"{text}; {later}.")
+    unused, _ = (part.format(prefix=prefix) for part in _CANCELLED_BY[reason])
+    return render(f"Route to **{intent.target}**: {unused}. Nothing was routed.")
 
 
-def status(intent: Intent | None, now: datetime, timing: Timing, prefix: str) -> Text:
+def account(
+    intent: Intent,
+    reported: Sequence[Sequence[Call]],
+    now: datetime,
+    timing: Timing,
+    prefix: str,
+    served: bool = True,
+) -> Text:
+    """The command's confirmation as the route's running account, true as of `now`: what
+    it routed so far and what is true of it now, and (`served`) what the dispatcher
+    reported serving each turn. `reported`: each bound turn's reported calls."""
+    if not intent.bound_turns:
+        if intent.state is IntentState.EXPIRED:
+            return expired(intent, timing)
+        if not intent.state.is_live:
+            return cancelled(intent, prefix)
+        return confirmation(intent, None, timing, prefix)
+    what = "the answer to this question" if intent.is_prebound else intent.scope.describe()
+    lines = [
+        f"Route to **{intent.target}** (`{intent.model}`), {what}: "
+        f"{progress(intent, reported, now, timing, prefix)}"
+    ]
+    if served:
+        turns = list(zip(intent.bound_turns, reported, strict=True))
+        if len(turns) > ACCOUNT_TURNS:
+            lines.append(f"• … {len(turns) - ACCOUNT_TURNS} earlier turn(s)")
+        for turn, calls in turns[-ACCOUNT_TURNS:]:
+            if calls:
+                line = _receipt_markup(
+                    intent,
+                    [c.model for c in calls],
+                    [c.status for c in calls],
+                    _total_latency(calls),
+                )
+            elif answering(turn, 0, now, timing):
+                line = "answering now."
+            else:
+                line = "no outcome reported, so I cannot say which model answered."
+            lines.append(f"• {line}")
+    ends = expires_at(intent, timing)
+    if intent.state.is_live and not intent.is_closed and ends is not None:
+        capacity = intent.turn_capacity
+        if capacity is not None and len(intent.bound_turns) < capacity:
+            lines.append(f"If no further turn uses it by {_when(ends)}, it expires.")
+        if capacity is None or len(intent.bound_turns) < capacity:
+            lines.append(f"`{prefix} auto` cancels it.")
+    return render("\n".join(lines))
+
+
+def progress(
+    intent: Intent, reported: Sequence[Sequence[Call]], now: datetime, timing: Timing, prefix: str
+) -> str:
+    """Where a route that has taken turns stands, true as of `now` (never "in progress"
+    once no call of its turns is in flight)."""
+    used = len(intent.bound_turns)
+    turns = f"{used} turn{'s' if used != 1 else ''}"
+    in_flight = any(
+        answering(turn, len(calls), now, timing)
+        for turn, calls in zip(intent.bound_turns, reported, strict=True)
+    )
+    reason = intent.closed_by or intent.end_reason
+    if reason is not None and reason in _CANCELLED_BY:
+        _, later = (part.format(prefix=prefix) for part in _CANCELLED_BY[reason])
+        finishing = f" (the answer in progress finishes on {intent.target})" if in_flight else ""
+        return f"used for {turns}{finishing}; {later}."
+    if in_flight:
+        return f"answering now ({turns} so far)." if used > 1 else "answering now."
+    capacity = intent.turn_capacity
+    if intent.state is IntentState.DONE or (capacity is not None and used >= capacity):
+        return f"used for {turns}; later turns are routed automatically."
+    if capacity is not None:
+        return f"{used} of {capacity} turns used."
+    until = intent.until
+    return f"used for {turns} so far, until {_when(until)}." if until else f"used for {turns}."
+
+
+def status(
+    intent: Intent | None,
+    reported: Sequence[Sequence[Call]],
+    now: datetime,
+    timing: Timing,
+    prefix: str,
+) -> Text:
     if intent is None:
         return render(
             f"Automatic routing: no route is set in this room. "
             f"`{prefix} <target>` sets one; `{prefix} targets` lists them."
         )
     ends = expires_at(intent, timing)
-    state = {
-        IntentState.PENDING: "waiting for the agent's next turn",
-        IntentState.ACTIVE: f"in use ({len(intent.bound_turns)} turn(s) so far)",
-    }.get(intent.state, intent.state.value)
+    state = (
+        progress(intent, reported, now, timing, prefix)
+        if intent.bound_turns
+        else "waiting for the agent's next turn."
+    )
     lines = [
         f"Route to **{intent.target}** (`{intent.model}`), {intent.scope.describe()}, "
         f"set by {intent.sender}.",
-        f"State: {state}.",
+        f"State: {state}",
     ]
-    if ends is not None:
+    capacity = intent.turn_capacity
+    has_room = capacity is None or len(intent.bound_turns) < capacity
+    if ends is not None and has_room and not intent.is_closed:
         lines.append(f"Ends at {_when(ends)} at the latest. `{prefix} auto` cancels it.")
     return render("\n".join(lines))
 
@@ -209,26 +295,26 @@ def targets_list(targets: Sequence[Target], prefix: str, raw_allowed: bool) -> T
 def help_text(prefix: str, prefixes: Sequence[str]) -> Text:
     other = [p for p in prefixes if p != prefix]
     also = f" (`{other[0]}` works the same)" if other else ""
-    return render(
-        "\n".join(
-            [
-                f"**Route the agent's LLM calls from this room**{also}:",
-                f"`{prefix} <target>`: the agent's next turn uses that target",
-                f"`{prefix} <target>` + new line + question: that question is answered there",
-                f"`{prefix} <target> --turns N`: the next N turns",
-                f"`{prefix} <target> --for 30m`: every turn for a while (s, m, h)",
-                f"`{prefix} auto`: back to automatic routing (also `off`, `cancel`)",
-                f"`{prefix} status`: what is set now",
-                f"`{prefix} <target> again`: re-ask the room's last question there (also `retry`)",
-                f"`{prefix} targets`: the targets you may use",
-                f"`{prefix} history`: the last routed and failed turns",
-                f"`{prefix} leave`: the bot leaves this room (room admins: who may kick)",
-                f"`{prefix} help`: this text",
-                'In Element, `/route` opens an "Unknown command" dialog (choose '
-                '"Send as message"); `!route` always works.',
-            ]
+    lines = [
+        f"**Route the agent's LLM calls from this room**{also}:",
+        f"`{prefix} <target>`: the agent's next turn uses that target",
+        f"`{prefix} <target>` + new line + question: that question is answered there",
+        f"`{prefix} <target> --turns N`: the next N turns",
+        f"`{prefix} <target> --for 30m`: every turn for a while (s, m, h)",
+        f"`{prefix} auto`: back to automatic routing (also `off`, `cancel`)",
+        f"`{prefix} status`: what is set now",
+        f"`{prefix} <target> again`: re-ask the room's last question there (also `retry`)",
+        f"`{prefix} targets`: the targets you may use",
+        f"`{prefix} history`: the last routed and failed turns",
+        f"`{prefix} leave`: the bot leaves this room (room admins: who may kick)",
+        f"`{prefix} help`: this text",
+    ]
+    if any(p.startswith("/") for p in other):
+        lines.append(
+            f'In Element Web, a command starting with `/` opens an "Unknown command" dialog '
+            f'(choose "Send as message"); `{prefix}` never does.'
         )
-    )
+    return render("\n".join(lines))
 
 
 def leaving(previous: Intent | None) -> Text:
@@ -274,26 +360,37 @@ def receipt(
     intent: Intent, served_models: Sequence[str], statuses: Sequence[str], latency_ms: int | None
 ) -> Text:
     """One line per turn: what the dispatcher really served, never what was asked."""
+    return render(_receipt_markup(intent, served_models, statuses, latency_ms))
+
+
+def _receipt_markup(
+    intent: Intent, served_models: Sequence[str], statuses: Sequence[str], latency_ms: int | None
+) -> str:
     calls = len(served_models)
     distinct = sorted(set(served_models))
     errors = sum(1 for s in statuses if s != "ok")
     timing = f", {_latency(latency_ms)}" if latency_ms is not None else ""
     served = ", ".join(f"`{m}`" for m in distinct)
     if errors == calls:
-        return render(
+        return (
             f"⚠ The routed turn failed on **{intent.target}**: {calls} call(s), "
             f"all errors ({served}){timing}."
         )
     if distinct == [intent.model]:
-        lines = f"Answered by **{intent.target}** ({served}): {calls} call(s){timing}."
+        line = f"Answered by **{intent.target}** ({served}): {calls} call(s){timing}."
     else:
-        lines = (
+        line = (
             f"⚠ Asked for **{intent.target}** (`{intent.model}`) but the dispatcher served "
             f"{served}: {calls} call(s){timing}."
         )
     if errors:
-        lines += f" {errors} call(s) failed."
-    return render(lines)
+        line += f" {errors} call(s) failed."
+    return line
+
+
+def _total_latency(calls: Sequence[Call]) -> int | None:
+    latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
+    return sum(latencies) if latencies else None
 
 
 def reask_confirmation(
@@ -315,7 +412,7 @@ def reask_confirmation(
     if superseded is not None:
         lines.append(f"This replaces the earlier route to {superseded.target}.")
     lines.append(f"`{prefix} auto` cancels it.")
-    lines.append("I will confirm here which model really answered.")
+    lines.append("I will say here which model really answered.")
     return what + render("\n".join(lines))
 
 

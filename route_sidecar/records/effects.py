@@ -98,6 +98,17 @@ class EffectRecords(Rows):
         row = await self._one("SELECT event_id FROM effects WHERE key = ?", (key,))
         return row[0] if row else None
 
+    async def latest_effect(self, key_prefix: str) -> tuple[str, dict[str, Any], bool] | None:
+        """The newest effect whose key starts with `key_prefix`: (key, content, sent)."""
+        row = await self._one(
+            """SELECT key, content, event_id IS NOT NULL FROM effects
+               WHERE key >= ? AND key < ? ORDER BY id DESC LIMIT 1""",
+            (key_prefix, key_prefix + "\U0010ffff"),
+        )
+        if row is None:
+            return None
+        return row[0], json.loads(row[1]), bool(row[2])
+
     async def effect_exists(self, key: str) -> bool:
         return await self._one("SELECT 1 FROM effects WHERE key = ?", (key,)) is not None
 
