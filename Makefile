@@ -19,6 +19,10 @@ SYNAPSE_COMPAT_TESTS := tests/e2e/test_routing.py tests/e2e/test_encryption.py \
 # current one. Each gets its own venv, $(HERMES_VENVS)/<version>.
 HERMES_VERSIONS := 0.13.0 0.19.0
 HERMES_INSTALLED := $(foreach v,$(HERMES_VERSIONS),$(HERMES_VENVS)/$(v)/.installed)
+# The current version's Matrix gateway really runs in the tests
+# (tests/e2e/test_hermes_gateway.py): it needs the `matrix` extra (mautrix[encryption]),
+# which Hermes would otherwise try to install from the network when the gateway starts.
+HERMES_EXTRAS_0.19.0 := [matrix]
 HERMES_TESTS := tests/test_hermes_plugin.py tests/test_hermes_install.py
 LITELLM_VENV := .venv-litellm
 # The dispatcher's client as a dispatcher author installs it (integrations/client, not
@@ -145,7 +149,7 @@ $(HERMES_VENVS)/%/.installed: pyproject.toml
 	$(PYTHON) -m venv $(HERMES_VENVS)/$*
 	$(HERMES_VENVS)/$*/bin/pip install --quiet --upgrade pip
 	$(HERMES_VENVS)/$*/bin/pip install --quiet $(call constrained,hermes-$*) -e '.[test]' \
-		'hermes-agent==$*'
+		'hermes-agent$(HERMES_EXTRAS_$*)==$*'
 	touch $@
 
 # The side-car itself is there for the tests (they start one); the hook imports only the

@@ -39,8 +39,15 @@ class MatrixUser:
             raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
         return response.json()
 
-    async def create_room(self, invite: list[str], name: str = "route test") -> str:
-        body = {"preset": "private_chat", "name": name, "invite": invite}
+    async def create_room(
+        self, invite: list[str], name: str | None = "route test", is_direct: bool = False
+    ) -> str:
+        """A private room; `is_direct` (and no name) as Element starts a DM."""
+        body: dict[str, Any] = {"preset": "private_chat", "invite": invite}
+        if name is not None:
+            body["name"] = name
+        if is_direct:
+            body["is_direct"] = True
         return str((await self.request("POST", "/createRoom", body))["room_id"])
 
     async def join(self, room_id: str) -> None:

@@ -189,3 +189,11 @@ def run_readme_block(
     )
     assert done.returncode == 0, f"{marker}: {done.stdout}\n{done.stderr}"
     return done
+
+
+def install_plugin(home: Path, hermes_bin: Path) -> None:
+    """The linked-folder steps of integrations/hermes/README.md, under a throwaway
+    HERMES_HOME, with the CLI in `hermes_bin` (a Hermes version's `bin/`)."""
+    run_readme_block("route-sidecar: install as a linked folder", hermes_bin, home)
+    assert (home / "plugins" / "route-sidecar").resolve() == PLUGIN_DIR
+    run_readme_block("route-sidecar: enable", hermes_bin, home)

@@ -40,7 +40,7 @@ from gateway.config import Platform
 from gateway.platforms.base import MessageEvent, MessageType
 from gateway.session import SessionSource
 
-from .hermes_support import PLUGIN_DIR, run_readme_block
+from .hermes_support import PLUGIN_DIR, install_plugin, run_readme_block
 
 PLUGIN = "route-sidecar"
 HOOK = "pre_gateway_dispatch"
@@ -67,14 +67,6 @@ class Clock:
 
 
 HERMES_BIN = Path(sys.executable).parent  # this Hermes version's `hermes` command
-
-
-def install_plugin(home: Path) -> None:
-    """The linked-folder steps of integrations/hermes/README.md, under a throwaway
-    HERMES_HOME, with this Hermes version's own CLI."""
-    run_readme_block("route-sidecar: install as a linked folder", HERMES_BIN, home)
-    assert (home / "plugins" / PLUGIN).resolve() == PLUGIN_DIR
-    run_readme_block("route-sidecar: enable", HERMES_BIN, home)
 
 
 def load_plugins(mp: pytest.MonkeyPatch, clock: Clock | None = None) -> dict[str, Any]:
@@ -106,7 +98,7 @@ def hermes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         mp.setenv("HERMES_HOME", str(home))
         for name in (*ENV, "HERMES_SAFE_MODE", "HERMES_ENABLE_PROJECT_PLUGINS"):
             mp.delenv(name, raising=False)
-        install_plugin(home)
+        install_plugin(home, HERMES_BIN)
         entry = load_plugins(mp)
         assert entry["enabled"], entry["error"]
         assert entry["hooks"] == 1

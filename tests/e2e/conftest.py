@@ -19,7 +19,7 @@ from .harness import (
     MatrixUser,
     Sidecar,
     joined,
-    local_synapse,
+    register,
     synapse_and_sidecar,
     synapse_python,
 )
@@ -46,14 +46,9 @@ def hs_url(stack: tuple[object, Sidecar]) -> str:
     return str(stack[0].base_url)  # type: ignore[attr-defined]
 
 
-def _user(hs_url: str, name: str) -> MatrixUser:
-    data = local_synapse.register_user(hs_url, name, f"pw-{name}-secret")
-    return MatrixUser(hs_url, data["user_id"], data["access_token"])
-
-
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def users(hs_url: str) -> AsyncIterator[dict[str, MatrixUser]]:
-    made = {name: _user(hs_url, name) for name in ("alice", "bob", "carol", "mallory", "agent")}
+    made = {name: register(hs_url, name) for name in ("alice", "bob", "carol", "mallory", "agent")}
     yield made
     for user in made.values():
         await user.close()

@@ -50,6 +50,7 @@ __all__ = [  # with what the tests take from demo.matrix_user and local_synapse 
     "local_synapse",
     "reactions_on",
     "receipts_in",
+    "register",
     "synapse_and_sidecar",
     "synapse_python",
 ]
@@ -255,6 +256,12 @@ def synapse_and_sidecar(
     finally:
         sidecar.stop()
         local_synapse.stop(hs.data_dir)
+
+
+def register(hs_url: str, name: str) -> MatrixUser:
+    """A new user of the tests' Synapse, signed in (password `pw-<name>-secret`)."""
+    data = local_synapse.register_user(hs_url, name, f"pw-{name}-secret")
+    return MatrixUser(hs_url, data["user_id"], data["access_token"])
 
 
 class LookupClient:
