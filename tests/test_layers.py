@@ -49,6 +49,7 @@ DATA_PACKAGES = {"migrations"}
 # import is a decision, not an accident).
 CORE_STDLIB = {
     "__future__",
+    "base64",  # MSC4391's state key
     "collections",
     "dataclasses",
     "datetime",
