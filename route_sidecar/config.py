@@ -111,6 +111,9 @@ class RoutingConfig:
     # How long an `again` waits for an agent to take its question before the bot says
     # none did (an agent without the plugin never sees it).
     again_wait: timedelta = timedelta(seconds=60)
+    # Describe the command for clients that read MSC4391, and take their structured
+    # invocations as commands.
+    describe_command: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,7 @@ def parse_config(
         ),
         failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
         again_wait=reader.duration("routing.again_wait", timedelta(seconds=60)),
+        describe_command=reader.boolean("routing.describe_command", True),
     )
     permissions = reader.permissions("permissions")
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
@@ -314,6 +318,7 @@ _KNOWN = {
         "raw_models",
         "failure_grace",
         "again_wait",
+        "describe_command",
     },
     "permissions": None,
     "rooms": None,
