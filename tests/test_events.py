@@ -15,6 +15,7 @@ from route_sidecar.core.events import (
     EncryptedMessage,
     Invite,
     Membership,
+    PowerLevels,
     Redaction,
     RoomMessage,
     parse_event,
@@ -419,3 +420,10 @@ def test_a_malformed_invocation_block_is_no_invocation(block: Any) -> None:
     content = {**MESSAGE["content"], "org.matrix.msc4391.command": block}
     message = parse_event({**MESSAGE, "content": content})
     assert isinstance(message, RoomMessage) and message.invocation is None
+
+
+def test_a_power_levels_change_is_kept_as_such() -> None:
+    """MSC4391: the bot re-checks whether it may describe its command there."""
+    raw = {**MESSAGE, "type": "m.room.power_levels", "state_key": "", "content": {}}
+    assert parse_event(raw) == PowerLevels(ROOM)
+    assert parse_event({**raw, "state_key": "x"}) is None

@@ -29,6 +29,7 @@ SHELLS = {
     "client",
     "crypto",
     "crypto_db",
+    "descriptions",
     "faults",
     "healthcheck",
     "listeners",

@@ -60,13 +60,21 @@ class Redaction:
 
 
 @dataclass(frozen=True, slots=True)
+class PowerLevels:
+    """The room's power levels changed: the bot may now describe its command there
+    (MSC4391), or no longer."""
+
+    room_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class EncryptedMessage:
     room_id: str
     event_id: str
     sender: str
 
 
-RoomEvent = RoomMessage | Invite | Membership | Redaction | EncryptedMessage
+RoomEvent = RoomMessage | Invite | Membership | Redaction | EncryptedMessage | PowerLevels
 
 
 class Undecryptable(Exception):
@@ -110,6 +118,8 @@ def parse_event(raw: Any) -> RoomEvent | None:
         if member and membership in MEMBERSHIPS:
             return Membership(room_id, member, membership)
         return None
+    if event_type == "m.room.power_levels":
+        return PowerLevels(room_id) if raw.get("state_key") == "" else None
     if event_type == "m.room.redaction":
         redacts = _str(raw, "redacts") or _str(content, "redacts")
         return Redaction(room_id, redacts, sender) if redacts else None
