@@ -134,7 +134,9 @@ async def create_room(owner: MatrixUser, power_levels: dict[str, Any]) -> str:
         "invite": [BOT],
         "power_level_content_override": power_levels,
     }
-    return str((await owner.request("POST", "/createRoom", body))["room_id"])
+    room_id = str((await owner.request("POST", "/createRoom", body))["room_id"])
+    await owner.wait_for(room_id, joined(BOT), what="the bot to join")
+    return room_id
 
 
 async def description_in(user: MatrixUser, room_id: str) -> dict[str, Any] | None:
@@ -170,6 +172,14 @@ async def wait_log(sidecar: Sidecar, done: Any, timeout: float = 20.0) -> None:
     raise AssertionError("timed out waiting for the side-car's log")
 
 
+async def published(user: MatrixUser, room_id: str) -> dict[str, Any]:
+    """The description once the bot has published it, checked against the MSC."""
+    content = await wait_description(user, room_id, lambda c: c is not None)
+    assert content is not None
+    assert_valid_description(content)
+    return content
+
+
 async def described_events(user: MatrixUser, room_id: str) -> list[dict[str, Any]]:
     """Every description event the room's timeline holds (each one sent)."""
     return [
@@ -198,10 +208,7 @@ async def test_the_description_is_published_with_the_msc_state_key_and_schema(
 ) -> None:
     alice = users["alice"]
     room = await create_room(alice, {"users": {BOT: 50}})
-    await alice.wait_for(room, joined(BOT), what="the bot to join")
-    content = await wait_description(alice, room, lambda c: c is not None)
-    assert content is not None
-    assert_valid_description(content)
+    content = await published(alice, room)
     assert content["command"] == "route"
     assert choices(content) == [
         "cloud",
@@ -225,15 +232,12 @@ async def test_the_description_follows_a_power_level_given_after_the_bot_joined(
 ) -> None:
     alice = users["alice"]
     room = await create_room(alice, {"users": {}})
-    await alice.wait_for(room, joined(BOT), what="the bot to join")
     assert await description_in(alice, room) is None  # level 0: it may not
     levels_path = f"/rooms/{quote(room)}/state/m.room.power_levels"
     levels = await alice.request("GET", levels_path)
     levels["users"][BOT] = 50
     await alice.request("PUT", levels_path, levels)
-    content = await wait_description(alice, room, lambda c: c is not None)
-    assert content is not None
-    assert_valid_description(content)
+    await published(alice, room)
 
 
 async def test_the_description_is_kept_current_across_restarts_and_removed_on_leave(
@@ -241,8 +245,7 @@ async def test_the_description_is_kept_current_across_restarts_and_removed_on_le
 ) -> None:
     alice = users["alice"]
     room = await create_room(alice, {"users": {BOT: 50}})
-    await alice.wait_for(room, joined(BOT), what="the bot to join")
-    await wait_description(alice, room, lambda c: c is not None)
+    await published(alice, room)
     config = json.loads(json.dumps(sidecar.config))
     more = json.loads(json.dumps(config))
     more["targets"]["huge"] = {"model": "ollama-cloud/huge-2t"}
@@ -319,7 +322,6 @@ async def test_a_room_where_the_bot_may_not_send_state_works_as_today(
             "events": {DESCRIPTION_EVENT: 100},
         },
     )
-    await alice.wait_for(room, joined(BOT), what="the bot to join")
     command = await alice.say(room, "!route cloud")
     reply = await alice.wait_reply(room, command)
     assert "cloud" in reply["content"]["body"]
