@@ -166,6 +166,8 @@ def test_the_bot_may_describe_only_with_the_power_level_for_state_events() -> No
         ({"target": "status"}, ShowStatus()),
         ({}, ShowStatus()),
         (None, ShowStatus()),
+        ({"target": "", "for": "", "turns": None}, ShowStatus()),  # fields left empty
+        ({"target": "cloud", "for": ""}, RouteTo("cloud")),
     ],
 )
 def test_an_invocation_is_the_command_its_arguments_spell(arguments: Any, expected: Any) -> None:
@@ -197,7 +199,6 @@ def test_an_invocation_and_the_typed_command_give_the_same_answer() -> None:
         "cloud",
         42,
         {"target": 5},
-        {"target": ""},
         {"target": "cloud --turns 9"},  # one argument cannot smuggle words in
         {"target": "cloud\nWhat is 2+2?"},
         {"target": ["cloud"]},

@@ -141,6 +141,8 @@ def command_text(arguments: Any, prefix: str) -> str | CommandError:
         return CommandError(
             f"`{name}` is not an argument of `{p}`: use {', '.join(known)}. Type `{p} help`."
         )
+    # An empty value is an argument not given (a form's untouched field).
+    arguments = {key: value for key, value in arguments.items() if value not in (None, "")}
     words = [p]
     target = arguments.get(TARGET)
     if target is not None:
