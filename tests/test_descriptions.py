@@ -17,17 +17,10 @@ from route_sidecar.config import parse_config
 from route_sidecar.core.describe import DESCRIPTION_EVENT, state_key
 from route_sidecar.descriptions import CommandDescriptions
 
-ROOM = "!room:test"
+from .test_service import RAW, ROOM
+
 BOT = "@route:test"
 KEY = state_key("route", BOT)
-RAW: dict[str, Any] = {
-    "homeserver": {"address": "http://127.0.0.1:1", "domain": "test"},
-    "appservice": {"address": "http://127.0.0.1:2", "as_token": "a" * 20, "hs_token": "h" * 20},
-    "api": {"tokens": ["t" * 20]},
-    "database": "sqlite:///unused.db",
-    "targets": {"cloud": {"model": "ollama-cloud/glm-5.1"}},
-    "permissions": {"*": 0},
-}
 
 
 class Homeserver:
