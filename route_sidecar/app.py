@@ -166,6 +166,7 @@ async def _register(
     rooms = await bot.joined_rooms()
     if rooms is not None:
         await service.on_joined_rooms(rooms, listed_at)
+        await bot.descriptions.publish_all(rooms)  # made current: the targets may have changed
     delay = 1.0
     while crypto is not None and not stop.is_set():
         try:

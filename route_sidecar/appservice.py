@@ -26,6 +26,7 @@ from .core.events import (
     EncryptedMessage,
     Invite,
     Membership,
+    PowerLevels,
     Redaction,
     RoomMessage,
     Undecryptable,
@@ -336,6 +337,7 @@ class AppserviceShell:
                 if self.service.accepts_invite(event):
                     if await self.bot.join(event.room_id):
                         await self.service.on_bot_membership(event.room_id, joined=True)
+                        await self.bot.descriptions.publish(event.room_id)
                         if self.crypto is not None:
                             await self.crypto.joined(event.room_id)
                 else:
@@ -345,6 +347,10 @@ class AppserviceShell:
                 await self.service.on_bot_membership(
                     event.room_id, joined=event.membership == "join"
                 )
+                if event.membership == "join":  # joined however it was (checked, not resent)
+                    await self.bot.descriptions.publish(event.room_id)
+            case PowerLevels():  # the bot may have been given the level to describe
+                await self.bot.descriptions.publish(event.room_id)
             case _:
                 return
 

@@ -114,6 +114,9 @@ class RoutingConfig:
     # Where the room is told what served each routed turn: by editing the command's
     # confirmation (`confirmation`), or by a receipt in the turn's thread (`thread`).
     receipts: str = "confirmation"
+    # Describe the command for clients that read MSC4391, and take their structured
+    # invocations as commands.
+    describe_command: bool = True
 
 
 RECEIPT_PLACES = ("confirmation", "thread")
@@ -222,6 +225,7 @@ def parse_config(
         failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
         again_wait=reader.duration("routing.again_wait", timedelta(seconds=60)),
         receipts=reader.choice("routing.receipts", RECEIPT_PLACES, "confirmation"),
+        describe_command=reader.boolean("routing.describe_command", True),
     )
     permissions = reader.permissions("permissions")
     rooms = frozenset(reader.string_list("rooms", prefix="!"))
@@ -322,6 +326,7 @@ _KNOWN = {
         "failure_grace",
         "again_wait",
         "receipts",
+        "describe_command",
     },
     "permissions": None,
     "rooms": None,

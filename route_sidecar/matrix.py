@@ -24,6 +24,7 @@ from mautrix.types import EventType, RoomID, UserID
 from . import outbox
 from .config import Config
 from .core import policy, replies
+from .descriptions import CommandDescriptions
 from .faults import crash_point
 from .metrics import Metrics
 from .store import Store
@@ -68,6 +69,7 @@ class MatrixBot:
         self.session: ClientSession | None = None
         self.api: AppServiceAPI | None = None
         self.registered = asyncio.Event()
+        self.descriptions = CommandDescriptions(config, lambda: self.intent)
 
     async def start(self) -> None:
         self.session = ClientSession()
@@ -153,6 +155,7 @@ class MatrixBot:
         return policy.room_power(user_id, state if isinstance(state, list) else [])
 
     async def leave(self, room_id: str, reason: str) -> None:
+        await self.descriptions.withdraw(room_id)
         try:
             await self.intent.leave_room(RoomID(room_id), reason=reason)
             log.info("room left room=%s", room_id)
@@ -193,6 +196,7 @@ class MatrixBot:
             event_type = effect.event_type
             try:
                 if is_leave:  # `/route leave`, after its reply
+                    await self.descriptions.withdraw(effect.room_id)
                     await self.intent.leave_room(RoomID(effect.room_id), reason=ASKED_TO_LEAVE)
                     event_id = LEFT_ROOM
                 else:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
 from . import outbox
-from .core import commands, history, intents, policy, replies
+from .core import commands, describe, history, intents, policy, replies
 from .core.events import EncryptedMessage, Invite, Redaction, RoomMessage
 from .core.intents import EndReason, Intent
 from .core.questions import LastQuestions, Question
@@ -116,8 +116,14 @@ class RoomEvents:
         if not policy.listens_to(message.sender, message.msgtype, message.is_edit, config):
             return None
         prefixes = config.routing.prefixes
-        parsed = commands.parse_command(message.body, prefixes)
-        asked = commands.asked_question(message.body, prefixes, message.msgtype)
+        parsed = self._parse(message)
+        # A structured invocation (MSC4391) is a command whatever its body says.
+        structured = config.routing.describe_command and describe.is_invocation_for(
+            message.invocation, prefixes, config.bot_user_id
+        )
+        asked = (
+            None if structured else commands.asked_question(message.body, prefixes, message.msgtype)
+        )
         if asked is not None:
             self.questions.remember(
                 message.room_id,
@@ -145,6 +151,18 @@ class RoomEvents:
             other_hashes=self._hashes(message.body) if stands_for is not None else (),
         )
         return parsed, record, reask
+
+    def _parse(self, message: RoomMessage) -> Parsed | None:
+        """The command a message is: its MSC4391 invocation when it mentions the bot (the
+        arguments win over the body), else its body's; None when it is none."""
+        config = self.state.config
+        return describe.parse_message(
+            message.body,
+            message.invocation,
+            config.routing.prefixes,
+            config.bot_user_id,
+            structured=config.routing.describe_command,
+        )
 
     def _edit_seen(self, message: RoomMessage) -> SeenMessage:
         """An edit, seen as a new message of its sender (agents answer an edit as a new
@@ -374,7 +392,7 @@ class RoomEvents:
         if not (
             policy.room_allowed(message.room_id, config)
             and policy.listens_to(message.sender, message.msgtype, message.is_edit, config)
-            and commands.parse_command(message.body, config.routing.prefixes) is not None
+            and self._parse(message) is not None
         ):
             return
         content = replies.notice_content(

@@ -792,3 +792,17 @@ def test_history_retention_is_a_documented_duration_of_30_days_by_default() -> N
     # Shorter than a day would forget what the rate limit and redelivery checks read.
     too_short = error_of(set_path(example(), ("limits", "history_retention"), "23h"))
     assert too_short.key == "limits.history_retention" and "24h" in str(too_short)
+
+
+def test_describe_command_is_on_by_default_and_a_boolean() -> None:
+    """MSC4391: the command is described (and structured invocations taken) unless
+    `routing.describe_command: false`."""
+    assert parse_config(example(), {}).routing.describe_command is True
+    without = example()
+    del without["routing"]["describe_command"]
+    assert parse_config(without, {}).routing.describe_command is True
+    off = set_path(example(), ("routing", "describe_command"), False)
+    assert parse_config(off, {}).routing.describe_command is False
+    error = error_of(set_path(example(), ("routing", "describe_command"), "yes"))
+    assert error.key == "routing.describe_command" and "true or false" in str(error)
+    assert "\n" not in str(error)

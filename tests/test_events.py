@@ -15,6 +15,7 @@ from route_sidecar.core.events import (
     EncryptedMessage,
     Invite,
     Membership,
+    PowerLevels,
     Redaction,
     RoomMessage,
     parse_event,
@@ -395,3 +396,34 @@ def test_ids_and_bodies_that_no_utf8_store_can_hold_are_made_safe() -> None:
     assert event.thread_root is None  # an unusable id counts as absent
     event.body.encode("utf-8")  # no lone surrogate left
     assert parse_event({**raw, "event_id": "$\udfff"}) is None
+
+
+def test_an_msc4391_invocation_is_kept_with_the_users_it_mentions() -> None:
+    content = {
+        "msgtype": "m.text",
+        "body": "/route@route:example.org cloud",
+        "m.mentions": {"user_ids": ["@route:example.org", 7]},
+        "org.matrix.msc4391.command": {"command": "route", "arguments": {"target": "cloud"}},
+    }
+    message = parse_event({**MESSAGE, "content": content})
+    assert isinstance(message, RoomMessage) and message.invocation is not None
+    assert message.invocation.command == "route"
+    assert message.invocation.arguments == {"target": "cloud"}
+    assert message.invocation.mentions == ("@route:example.org",)
+    hash(message)  # arguments are any JSON; the message stays a value
+
+
+@pytest.mark.parametrize(
+    "block", [None, "route", [], {}, {"command": 5}, {"command": ""}, {"arguments": {}}]
+)
+def test_a_malformed_invocation_block_is_no_invocation(block: Any) -> None:
+    content = {**MESSAGE["content"], "org.matrix.msc4391.command": block}
+    message = parse_event({**MESSAGE, "content": content})
+    assert isinstance(message, RoomMessage) and message.invocation is None
+
+
+def test_a_power_levels_change_is_kept_as_such() -> None:
+    """MSC4391: the bot re-checks whether it may describe its command there."""
+    raw = {**MESSAGE, "type": "m.room.power_levels", "state_key": "", "content": {}}
+    assert parse_event(raw) == PowerLevels(ROOM)
+    assert parse_event({**raw, "state_key": "x"}) is None

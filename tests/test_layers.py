@@ -29,6 +29,7 @@ SHELLS = {
     "client",
     "crypto",
     "crypto_db",
+    "descriptions",
     "faults",
     "healthcheck",
     "listeners",
@@ -49,6 +50,7 @@ DATA_PACKAGES = {"migrations"}
 # import is a decision, not an accident).
 CORE_STDLIB = {
     "__future__",
+    "base64",  # MSC4391's state key
     "collections",
     "dataclasses",
     "datetime",

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from route_sidecar.config import parse_config
 from route_sidecar.core import intents as core
+from route_sidecar.core.describe import Invocation
 from route_sidecar.core.events import RoomMessage
 from route_sidecar.core.intents import ClaimAnswer, ClaimResult, Route, Timing
 from route_sidecar.core.turns import Turn
@@ -334,4 +336,37 @@ async def test_old_records_are_pruned_and_nothing_live_or_owed_is(
     # Left: the new command, its intent and reply, and the old replies never sent (owed).
     assert after == {"transactions": 0, "commands": 1, "outcomes": 0, "effects": 3, "intents": 1}
     assert service.live.current(ROOM) is not None
+    await service.store.close()
+
+
+async def test_an_msc4391_invocation_that_mentions_the_bot_is_a_command(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Its arguments win over the body (gomuks writes `/route@bot cloud`, which the text
+    parser does not read); malformed ones get an error reply and record nothing."""
+    service = await make_service(tmp_path / "db.sqlite", clock)
+    bot = service.config.bot_user_id
+    body = f"/route{bot} cloud"
+    structured = replace(
+        message(body, "$structured", clock.now),
+        invocation=Invocation("route", {"target": "cloud", "turns": 2}, (bot,)),
+    )
+    await service.on_message(structured)
+    intent = service.live.current(ROOM)
+    assert intent is not None and intent.target == "cloud" and intent.scope.turns == 2
+    hostile = replace(
+        message(body, "$hostile", clock.now),
+        invocation=Invocation("route", {"target": "cloud --turns 9"}, (bot,)),
+    )
+    await service.on_message(hostile)
+    assert service.live.current(ROOM) == intent  # nothing recorded
+    replies = {key: content["body"] for key, _, content in await outbox(service)}
+    assert "must be one word" in replies["reply:$hostile"]
+    unmentioned = replace(
+        message(body, "$unmentioned", clock.now),
+        invocation=Invocation("route", {"target": "auto"}, ()),
+    )
+    await service.on_message(unmentioned)  # the body is read: not a command, no reply
+    assert "reply:$unmentioned" not in {key for key, _, _ in await outbox(service)}
+    assert service.live.current(ROOM) == intent
     await service.store.close()

@@ -15,12 +15,16 @@ from enum import StrEnum
 # "Unknown command" dialog for `/route`; `!route` gets through every client untouched.
 DEFAULT_PREFIXES = ("!route", "/route")
 
+# The grammar: `<prefix> [<target> | <named word> | <clear word>] [--turns N | --for D]
+# [again]`, with a question on the next lines. These names are what the command's
+# MSC4391 description (core/describe.py) is derived from.
+NAMED_WORDS = ("status", "targets", "history", "help", "leave")  # each takes no argument
 CLEAR_WORDS = ("auto", "off", "cancel")
 AGAIN_WORDS = ("again", "retry")
+TURNS_OPTION = "--turns"  # a whole number of turns
+FOR_OPTION = "--for"  # a duration: 30s, 10m, 2h, 1h30m
 # Words that can never name a target: the config refuses them as target names or aliases.
-RESERVED_WORDS = frozenset(
-    {"status", "help", "targets", "history", "leave", *CLEAR_WORDS, *AGAIN_WORDS}
-)
+RESERVED_WORDS = frozenset({*NAMED_WORDS, *CLEAR_WORDS, *AGAIN_WORDS})
 RAW_MODEL_PREFIX = "model:"
 # Messages that can be a question: a caption or a file name is not one.
 QUESTION_MSGTYPES = ("m.text",)
@@ -194,7 +198,7 @@ def parse_command(
         return _no_question(ShowStatus(), question, p)
     word = words[0].lower()
     rest = words[1:]
-    if word in ("status", "help", "targets", "history", "leave", *CLEAR_WORDS):
+    if word in (*NAMED_WORDS, *CLEAR_WORDS):
         if rest:
             return CommandError(f"`{p} {word}` takes no arguments. Type `{p} help` for usage.")
         named: dict[str, Command] = {
@@ -229,7 +233,7 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
         model_id = raw_target[len(RAW_MODEL_PREFIX) :]
         if not _MODEL_ID.fullmatch(model_id):
             return CommandError(
-                f"`{_quote(raw_target)}` is not a model id. Write `{p} model:<id>` "
+                f"`{quote_text(raw_target)}` is not a model id. Write `{p} model:<id>` "
                 "with letters, digits and `._:/@+-` only."
             )
         target = RAW_MODEL_PREFIX + model_id
@@ -237,7 +241,7 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
         target = raw_target.lower()
         if not _TARGET.fullmatch(target):
             return CommandError(
-                f"`{_quote(raw_target)}` is not a target name. Type `{p} targets` to list them."
+                f"`{quote_text(raw_target)}` is not a target name. Type `{p} targets` to list them."
             )
     scope = Scope.once()
     again = False
@@ -246,7 +250,7 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
         word = words[i]
         lowered = word.lower()
         name, eq, inline_value = lowered.partition("=")
-        if name in ("--turns", "--for"):
+        if name in (TURNS_OPTION, FOR_OPTION):
             if scope.kind is not ScopeKind.ONCE:
                 return CommandError(
                     f"Give one of `--turns N` or `--for D`, once. "
@@ -269,11 +273,12 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
             continue
         if word.startswith("--"):
             return CommandError(
-                f"Unknown option `{_quote(word)}`: use `--turns N` or `--for D` (30s, 10m, 2h), "
+                f"Unknown option `{quote_text(word)}`: "
+                "use `--turns N` or `--for D` (30s, 10m, 2h), "
                 f"for example `{p} {target} --for 30m`."
             )
         return CommandError(
-            f"Unexpected `{_quote(word)}`. Put your question on the next line "
+            f"Unexpected `{quote_text(word)}`. Put your question on the next line "
             f"(Shift+Enter): `{p} {target}` then the question."
         )
     if again and question is not None:
@@ -290,7 +295,7 @@ def _parse_route(words: list[str], question: str | None, p: str) -> RouteTo | Co
 
 
 def _parse_scope(name: str, value: str | None, target: str, p: str) -> Scope | CommandError:
-    if name == "--turns":
+    if name == TURNS_OPTION:
         if value is None or not value.isascii() or not value.isdigit():
             return CommandError(
                 f"`--turns` needs a whole number, for example `{p} {target} --turns 3`."
@@ -356,7 +361,7 @@ def format_command(command: Command, prefix: str = DEFAULT_PREFIXES[0]) -> str:
     raise TypeError(f"not a command: {command!r}")
 
 
-def _quote(text: str, limit: int = 40) -> str:
+def quote_text(text: str, limit: int = 40) -> str:
     """User text echoed in a reply: short, and unable to break out of a code span."""
     cleaned = "".join(ch for ch in text if ch.isprintable()).replace("`", "'")
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

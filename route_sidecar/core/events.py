@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .describe import INVOCATION_KEY, Invocation
+
 MAX_BODY_CHARS = 65_536
 MAX_ID_CHARS = 255
+MAX_MENTIONS = 50  # user ids read from `m.mentions`
 MEMBERSHIPS = ("join", "leave", "ban")  # the changes that put a user in a room or out of it
 
 
@@ -28,6 +31,8 @@ class RoomMessage:
     sent_at: datetime
     # An edit's new text (`m.new_content`); `body` is then its `* ` fallback.
     new_body: str | None = None
+    # An MSC4391 structured invocation (`org.matrix.msc4391.command`) the message carries.
+    invocation: Invocation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +60,21 @@ class Redaction:
 
 
 @dataclass(frozen=True, slots=True)
+class PowerLevels:
+    """The room's power levels changed: the bot may now describe its command there
+    (MSC4391), or no longer."""
+
+    room_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class EncryptedMessage:
     room_id: str
     event_id: str
     sender: str
 
 
-RoomEvent = RoomMessage | Invite | Membership | Redaction | EncryptedMessage
+RoomEvent = RoomMessage | Invite | Membership | Redaction | EncryptedMessage | PowerLevels
 
 
 class Undecryptable(Exception):
@@ -105,6 +118,8 @@ def parse_event(raw: Any) -> RoomEvent | None:
         if member and membership in MEMBERSHIPS:
             return Membership(room_id, member, membership)
         return None
+    if event_type == "m.room.power_levels":
+        return PowerLevels(room_id) if raw.get("state_key") == "" else None
     if event_type == "m.room.redaction":
         redacts = _str(raw, "redacts") or _str(content, "redacts")
         return Redaction(room_id, redacts, sender) if redacts else None
@@ -139,6 +154,23 @@ def parse_event(raw: Any) -> RoomEvent | None:
         is_edit=is_edit,
         sent_at=sent_at,
         new_body=_clean(new_body) if isinstance(new_body, str) else None,
+        invocation=_invocation(content),
+    )
+
+
+def _invocation(content: Mapping[str, Any]) -> Invocation | None:
+    """The message's structured invocation, its arguments as they came; None without one."""
+    block = content.get(INVOCATION_KEY)
+    if not isinstance(block, Mapping):
+        return None
+    command = _str(block, "command")
+    if command is None:
+        return None
+    mentions = content.get("m.mentions")
+    user_ids = mentions.get("user_ids") if isinstance(mentions, Mapping) else None
+    named = user_ids[:MAX_MENTIONS] if isinstance(user_ids, list) else []
+    return Invocation(
+        command, block.get("arguments"), tuple(u for u in named if isinstance(u, str))
     )
 
 

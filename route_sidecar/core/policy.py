@@ -40,6 +40,23 @@ def _level(value: Any, default: int) -> int:
 def room_power(user_id: str, state: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
     """The user's power level in a room and the level needed to kick, read from the
     room's state events as the homeserver returns them (`GET /rooms/{id}/state`)."""
+    level, levels = _power(user_id, state)
+    return level, _level(levels.get("kick"), 50)
+
+
+def may_send_state(user_id: str, state: Sequence[Mapping[str, Any]], event_type: str) -> bool:
+    """Whether the user's power level lets it send a state event of this type (the
+    room's `events` level for the type, else `state_default`), read from the room's state."""
+    level, levels = _power(user_id, state)
+    events = levels.get("events")
+    by_type: Mapping[str, Any] = events if isinstance(events, Mapping) else {}
+    # With no power_levels event at all, anyone may send state (the spec's defaults).
+    default = _level(levels.get("state_default"), 50) if levels else 0
+    return level >= _level(by_type.get(event_type), default)
+
+
+def _power(user_id: str, state: Sequence[Mapping[str, Any]]) -> tuple[int, Mapping[str, Any]]:
+    """The user's power level and the room's power_levels content."""
     create: Mapping[str, Any] = {}
     levels: Mapping[str, Any] = {}
     for event in state:
@@ -48,17 +65,17 @@ def room_power(user_id: str, state: Sequence[Mapping[str, Any]]) -> tuple[int, i
         if event.get("type") == "m.room.create":
             create = event
         elif event.get("type") == "m.room.power_levels":
-            levels = event.get("content") or {}
+            found = event.get("content")
+            levels = found if isinstance(found, Mapping) else {}
     content = create.get("content") or {}
     if str(content.get("room_version", "1")) not in _CREATORS_NOT_PRIVILEGED:
         additional = content.get("additional_creators")
         creators = {create.get("sender"), *(additional if isinstance(additional, list) else ())}
         if user_id in creators:
-            return CREATOR_POWER, _level(levels.get("kick"), 50)
+            return CREATOR_POWER, levels
     users_field = levels.get("users")
     users: Mapping[str, Any] = users_field if isinstance(users_field, Mapping) else {}
-    level = _level(users.get(user_id), _level(levels.get("users_default"), 0))
-    return level, _level(levels.get("kick"), 50)
+    return _level(users.get(user_id), _level(levels.get("users_default"), 0)), levels
 
 
 def may_ask_to_leave(power_level: int, kick_level: int) -> bool:
