@@ -97,6 +97,24 @@ class MatrixUser:
             await asyncio.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what} in {room_id}")
 
+    async def wait_shown(
+        self,
+        room_id: str,
+        event_id: str,
+        predicate: Callable[[str], bool],
+        timeout: float = 15.0,
+        what: str = "the bot's notice to read so",
+    ) -> str:
+        """The text a bot notice shows once it satisfies `predicate` (as edited)."""
+        deadline = time.monotonic() + timeout
+        shown = None
+        while time.monotonic() < deadline:
+            shown = shown_text(await self.events(room_id), event_id)
+            if shown is not None and predicate(shown):
+                return shown
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} in {room_id}; it reads {shown!r}")
+
     async def bot_replies(self, room_id: str, event_id: str) -> list[dict[str, Any]]:
         return [e for e in await self.events(room_id) if is_bot_reply_to(e, event_id)]
 
@@ -132,6 +150,17 @@ def edits_of(events: list[dict[str, Any]], event_id: str, bot: str = BOT) -> lis
         and e.get("content", {}).get("m.relates_to", {}).get("rel_type") == "m.replace"
         and e["content"]["m.relates_to"].get("event_id") == event_id
     ]
+
+
+def shown_text(events: list[dict[str, Any]], event_id: str, bot: str = BOT) -> str | None:
+    """What a notice of the bot reads now: its latest edit's text, else its own; None
+    when it is not among `events`."""
+    edits = edits_of(events, event_id, bot)
+    if edits:
+        latest = max(edits, key=lambda e: e.get("origin_server_ts", 0))
+        return str(latest["content"]["m.new_content"]["body"])
+    original = next((e for e in events if e.get("event_id") == event_id), None)
+    return str(original["content"]["body"]) if original is not None else None
 
 
 def reactions_on(events: list[dict[str, Any]], event_id: str, bot: str = BOT) -> list[str]:

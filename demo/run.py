@@ -29,7 +29,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from demo.agent import StandInAgent
-from demo.matrix_user import BOT, MatrixUser, edits_of, in_thread, joined
+from demo.matrix_user import BOT, MatrixUser, in_thread, joined, shown_text
 from demo.upstream import ModelStack, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,8 +118,9 @@ async def conversation(
 ) -> list[str]:
     """The scripted user. Steps 1-3: a question, `!route cloud`, a question (answered on
     cloud), a question (back to local). Step 4: the local model fails a question, the bot
-    suggests `!route cloud again`, the user types it, and cloud answers the question."""
-    routed_turns: list[str] = []
+    suggests `!route cloud again`, the user types it, and cloud answers the question.
+    Returns the bot's confirmations of the two routes (each edited to say what served)."""
+    confirmations: list[str] = []
 
     async def ask(text: str) -> str:
         show("alice", text)
@@ -133,11 +134,12 @@ async def conversation(
         event_id = await alice.say(room, text)
         reply = await alice.wait_reply(room, event_id)
         show("route", reply["content"]["body"])
+        confirmations.append(reply["event_id"])
         return event_id
 
     await ask("Why did the deploy fail?")
     await command("!route cloud")
-    routed_turns.append(await ask("Why did the deploy fail, really?"))
+    await ask("Why did the deploy fail, really?")
     await ask("Thanks. And how do I roll back?")
 
     print("\n  (the local model now fails one question)\n")
@@ -153,21 +155,20 @@ async def conversation(
     event_id = await command(suggested)
     answer = await alice.wait_for(room, in_thread(event_id, agent_id), 30, "the answer")
     show("agent", answer["content"]["body"])
-    routed_turns.append(event_id)
     models.local.fail_on = None
-    return routed_turns
+    return confirmations
 
 
-async def receipts(alice: MatrixUser, room: str, turns: list[str]) -> list[str]:
-    """The bot's receipt for each routed turn, as it finally reads (after edits)."""
+async def final_confirmations(alice: MatrixUser, room: str, confirmations: list[str]) -> list[str]:
+    """What each route's confirmation reads in the end: edited, beside the command, to
+    say which model really served its turn (the agent's thread is left to the agent)."""
     shown = []
-    for turn in turns:
-        receipt = await alice.wait_for(room, in_thread(turn, BOT), what="the receipt")
-        await asyncio.sleep(0.5)  # a later outcome of the turn edits it in place
-        edits = edits_of(await alice.events(room), receipt["event_id"])
-        shown.append(
-            edits[0]["content"]["m.new_content"]["body"] if edits else receipt["content"]["body"]
+    for confirmation in confirmations:
+        text = await alice.wait_shown(
+            room, confirmation, lambda t: "Answered by" in t, 30, "what served the turn"
         )
+        await asyncio.sleep(0.5)  # a later outcome of the turn edits it again
+        shown.append(shown_text(await alice.events(room), confirmation) or text)
     return shown
 
 
@@ -275,8 +276,8 @@ async def demo(servers: Servers, keep: bool) -> None:
             f"\nSynapse, side-car, dispatcher, agent up in {ready - started:.1f} s. Room {room}:\n"
         )
         routed = await conversation(alice, agent.user_id, room, models)
-        shown = await receipts(alice, room, routed)
-        print("\nreceipts the bot posted:")
+        shown = await final_confirmations(alice, room, routed)
+        print("\nthe bot's confirmations, as they read in the end:")
         for text in shown:
             print(f"  {text}")
         print("\ndispatcher log (one line per LLM call; each turn makes two):")

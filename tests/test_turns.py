@@ -365,6 +365,21 @@ def test_a_stamped_message_is_placed_by_its_event_id_never_by_an_earlier_same_te
     assert place_turn(key, repeated, "$unseen") == Placement(arrived_at=None, is_command=False)
 
 
+def test_a_stamped_command_joined_with_the_question_after_it_is_placed_by_that_question() -> None:
+    """Hermes joins a session's messages sent within 0.6 s into one, named by the first:
+    `!route cloud` then at once the question reach the agent as the multi-line form, which
+    the plugin rewrites to the question. The turn is the question's, after the command."""
+    joined = [
+        seen("$earlier", 0, "the question"),
+        seen("$cmd", 5, "!route cloud", is_command=True),
+        seen("$question", 5, "the question"),
+    ]
+    key = TurnKey("$cmd", message_hash(SALT, "[Alice] the question"))
+    assert place_turn(key, joined, "$cmd") == Placement.of(joined[2])
+    alone = TurnKey("$cmd", message_hash(SALT, "[Alice] !route cloud"))  # answered as it is
+    assert place_turn(alone, joined, "$cmd").is_command
+
+
 # --- normalise_message and message_hash --------------------------------------------------
 
 SAME_MESSAGE = [

@@ -333,7 +333,9 @@ def place_turn(
 
     `seen` holds the candidates: messages whose event id or thread is the turn id, and
     messages whose hash is the turn's. With `event_id` (the agent stamped its message's
-    event id), the message with that event id is the turn's, or none is. Otherwise the text hash
+    event id), the message with that event id is the turn's, or none is; unless it is a
+    single-line command, which the agent sent on joined with the messages after it.
+    Otherwise the text hash
     decides first (inside a thread the turn id is shared by every message); when it
     matches nothing (the agent changed the text in a way normalising does not undo), the
     turn is taken to be the latest message of the turn id's event or thread.
@@ -342,7 +344,14 @@ def place_turn(
         return Placement(arrived_at=None, is_command=False)
     if event_id is not None:  # an earlier message with the same text is another turn
         itself = [m for m in seen if m.event_id == event_id]
-        return Placement.of(itself[0]) if itself else Placement(arrived_at=None, is_command=False)
+        if not itself:
+            return Placement(arrived_at=None, is_command=False)
+        if not itself[0].is_command:
+            return Placement.of(itself[0])
+        # A single-line command named as the message: the agent joined it with the
+        # messages after it (Hermes batches a session's messages sent within 0.6 s), and
+        # answers their text: placed by that text, among the messages from it on.
+        seen = [m for m in seen if m.sent_at >= itself[0].sent_at]
     by_hash = [m for m in seen if key.message_hash and m.message_hash == key.message_hash]
     if key.turn_id:
         in_turn = [m for m in by_hash if key.turn_id in (m.event_id, m.thread_id)]

@@ -27,6 +27,7 @@ from demo.matrix_user import (
     is_bot_reply_to,
     joined,
     reactions_on,
+    shown_text,
 )
 from route_sidecar import faults
 
@@ -51,6 +52,7 @@ __all__ = [  # with what the tests take from demo.matrix_user and local_synapse 
     "reactions_on",
     "receipts_in",
     "register",
+    "shown_text",
     "synapse_and_sidecar",
     "synapse_python",
 ]

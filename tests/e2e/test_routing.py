@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from .conftest import open_room
-from .harness import BOT, LookupClient, MatrixUser, edits_of, hermes_request, reactions_on
+from .harness import (
+    BOT,
+    LookupClient,
+    MatrixUser,
+    edits_of,
+    hermes_request,
+    reactions_on,
+    receipts_in,
+    shown_text,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 CLOUD = "ollama-cloud/glm-5.1"
@@ -61,12 +70,14 @@ async def test_route_cloud_confirms_and_binds_exactly_the_next_turn(
     assert len(await alice.bot_replies(room, command)) == 1
 
 
-async def test_outcome_posts_one_receipt_per_turn_with_the_served_model(
+async def test_what_served_a_turn_edits_the_confirmation_and_leaves_the_thread_alone(
     users: dict[str, MatrixUser], room: str, lookup: LookupClient
 ) -> None:
+    """SPEC "POST /v1/intents/{intent_id}/outcome": by default the command's confirmation
+    says what served each routed turn; the agent's answer thread gets nothing."""
     alice = users["alice"]
     command = await alice.say(room, "!route cloud")
-    await alice.wait_reply(room, command)
+    confirmation = (await alice.wait_reply(room, command))["event_id"]
     question = await alice.say(room, "Summarise the incident")
     claim = await turn_claim(lookup, room, question, "Summarise the incident")
     assert claim["override"] is True
@@ -75,34 +86,85 @@ async def test_outcome_posts_one_receipt_per_turn_with_the_served_model(
             claim["intent_id"], model=CLOUD, status="ok", latency_ms=latency
         )
         assert response.status_code == 204
-    receipt = await alice.wait_for(
-        room,
-        lambda e: (
-            e.get("sender") == BOT
-            and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-            and e["content"]["m.relates_to"].get("event_id") == question
-        ),
-        what="the receipt in the turn's thread",
+    shown = await alice.wait_shown(
+        room, confirmation, lambda text: "2 call" in text, what="the confirmation's account"
     )
+    assert f"Answered by cloud (`{CLOUD}`): 2 call(s), 2.0 s." in shown
+    assert "later turns are routed automatically" in shown and "answering" not in shown
+    await asyncio.sleep(1.0)  # let a notice in the thread (there must be none) arrive
+    assert receipts_in(await alice.events(room), question) == []
 
-    def counts_both_calls(event: dict[str, Any]) -> bool:
-        if event is receipt or event.get("event_id") == receipt["event_id"]:
-            return "2 call" in event["content"]["body"]
-        edits = edits_of([event], receipt["event_id"])
-        return any("2 call" in e["content"]["m.new_content"]["body"] for e in edits)
 
-    # The second outcome updates the receipt in place (the first may be sent before it).
-    shown = await alice.wait_for(room, counts_both_calls, what="the receipt counting 2 calls")
-    assert CLOUD in shown["content"]["body"]
-    await asyncio.sleep(1.0)  # let a second receipt (there must be none) arrive
-    receipts = [
-        e
-        for e in await alice.events(room)
-        if e.get("sender") == BOT
-        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-        and "m.new_content" not in e["content"]
-    ]
-    assert len(receipts) == 1
+async def answered_route(
+    alice: MatrixUser, room: str, lookup: LookupClient, question_text: str
+) -> tuple[str, str]:
+    """`!route cloud`, a question, the dispatcher's claim and its report: the answer is
+    done. (The confirmation's event id, the question's.)"""
+    command = await alice.say(room, "!route cloud")
+    confirmation = (await alice.wait_reply(room, command))["event_id"]
+    question = await alice.say(room, question_text)
+    claim = await turn_claim(lookup, room, question, question_text)
+    assert claim["override"] is True
+    await lookup.outcome(claim["intent_id"], model=CLOUD, status="ok", latency_ms=900)
+    await alice.wait_shown(room, confirmation, lambda text: "Answered by" in text)
+    return confirmation, question
+
+
+async def final_text(alice: MatrixUser, room: str, event_id: str) -> str:
+    await asyncio.sleep(1.5)  # any later edit (there must be none that says otherwise)
+    shown = shown_text(await alice.events(room), event_id)
+    assert shown is not None
+    return shown
+
+
+async def test_after_an_answered_turn_a_newer_route_never_says_an_answer_is_in_progress(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    """SPEC "Intents": what the room reads stays true; the answer was done long before."""
+    alice = users["alice"]
+    older, _ = await answered_route(alice, room, lookup, "first question 61c2")
+    newer_command = await alice.say(room, "!route local")
+    newer = (await alice.wait_reply(room, newer_command))["content"]["body"]
+    assert "replaces" not in newer  # its turn was served: nothing was replaced
+    text = await final_text(alice, room, older)
+    assert "in progress" not in text and "answering" not in text
+    assert "Answered by cloud" in text
+    status_command = await alice.say(room, "!route status")
+    status = (await alice.wait_reply(room, status_command))["content"]["body"]
+    assert "Route to local" in status and "waiting for the agent's next turn" in status
+
+
+async def test_after_an_answered_turn_auto_says_no_answer_is_in_progress(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    alice = users["alice"]
+    confirmation, _ = await answered_route(alice, room, lookup, "second question 61c2")
+    status_command = await alice.say(room, "!route status")
+    status = (await alice.wait_reply(room, status_command))["content"]["body"]
+    assert "State: used for 1 turn; later turns are routed automatically." in status
+    auto = await alice.say(room, "!route auto")
+    reply = (await alice.wait_reply(room, auto))["content"]["body"]
+    assert "in progress" not in reply
+    text = await final_text(alice, room, confirmation)
+    assert "in progress" not in text and "Answered by cloud" in text
+
+
+async def test_an_answer_in_flight_is_said_to_finish_and_the_edit_is_redone_when_it_has(
+    users: dict[str, MatrixUser], room: str, lookup: LookupClient
+) -> None:
+    """A newer route while a call of the turn is in flight: the older confirmation says
+    the answer finishes on its route, then, once the call is reported, no longer does."""
+    alice = users["alice"]
+    command = await alice.say(room, "!route cloud")
+    confirmation = (await alice.wait_reply(room, command))["event_id"]
+    question = await alice.say(room, "a long question 61c2")
+    claim = await turn_claim(lookup, room, question, "a long question 61c2")
+    newer = await alice.say(room, "!route local")
+    await alice.wait_reply(room, newer)
+    await alice.wait_shown(room, confirmation, lambda t: "answer in progress finishes" in t)
+    await lookup.outcome(claim["intent_id"], model=CLOUD, status="ok", latency_ms=900)
+    shown = await alice.wait_shown(room, confirmation, lambda t: "Answered by cloud" in t)
+    assert "in progress" not in shown and "later turns follow the newer route" in shown
 
 
 async def test_multi_line_form_binds_its_own_message_only(
