@@ -14,7 +14,14 @@ import pytest
 from demo.upstream import ModelStack, last_user_text
 
 from .conftest import Chain, open_room
-from .harness import LookupClient, MatrixUser, Sidecar, agent_answer_in, receipts_in
+from .harness import (
+    LookupClient,
+    MatrixUser,
+    Sidecar,
+    agent_answer_in,
+    receipts_in,
+    shown_text,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -86,7 +93,10 @@ async def test_a_failed_turn_gets_one_suggestion_and_again_answers_it_on_cloud(
     await asyncio.sleep(3)  # past the grace and an outbox round: no second suggestion
     events = await alice.events(room, limit=200)
     assert len(suggestions(events, question)) == 1
-    assert len(receipts_in(events, command)) == 1  # the receipt of the re-asked turn
+    # What served the re-asked turn is told by editing the `again` reply, not in the thread.
+    assert receipts_in(events, command) == []
+    account = shown_text(events, reply["event_id"])
+    assert account is not None and f"Answered by cloud (`{ModelStack.CLOUD}`)" in account
     # History: the re-asked turn (routed, served by cloud) above the failed one.
     shown = await alice.say(room, "!route history")
     lines = (await alice.wait_reply(room, shown))["content"]["body"].splitlines()
