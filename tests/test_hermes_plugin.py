@@ -16,7 +16,6 @@ instead of skipping.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import itertools
 import os
 import shutil
@@ -40,7 +39,7 @@ from gateway.config import Platform
 from gateway.platforms.base import MessageEvent, MessageType
 from gateway.session import SessionSource
 
-from .hermes_support import PLUGIN_DIR, install_plugin, run_readme_block
+from .hermes_support import PLUGIN_DIR, install_plugin, run_readme_block, stamping_hermes
 
 PLUGIN = "route-sidecar"
 HOOK = "pre_gateway_dispatch"
@@ -488,8 +487,7 @@ def test_a_copied_plugin_with_dangling_links_uses_an_installed_side_car_or_says_
 
 # --- Hermes 0.17 and later: every main-loop call says where it comes from ------------------
 
-HERMES_VERSION = tuple(int(part) for part in importlib.metadata.version("hermes-agent").split("."))
-STAMPING_HERMES = HERMES_VERSION >= (0, 17)  # `llm_request` middleware came in 0.17.0
+STAMPING_HERMES = stamping_hermes()  # `llm_request` middleware came in 0.17.0
 SESSION = {
     "platform": "matrix",
     "chat_id": ROOM,

@@ -22,7 +22,9 @@ uses it); the hook is a thin wrapper around one instance.
 
 From Hermes 0.17 the plugin also stamps every call of the agent's main loop with the
 Matrix room, the message's event id, the thread and the sender (`stamp.py`), so the
-side-car places each call exactly.
+side-car places each call exactly; and, given the side-car's URL and a token
+(`ROUTE_SIDECAR_URL`, `ROUTE_SIDECAR_TOKEN`), asks the side-car itself and sets the
+request's model (`route.py`), so routing needs no change to the endpoint Hermes calls.
 
 Prefixes come from `ROUTE_SIDECAR_PREFIXES` (comma-separated, default
 `/route,!route`) and must match the side-car's `routing.prefixes`; how long a
@@ -85,7 +87,7 @@ def _load_side_car_module(name: str) -> ModuleType:
 
 commands = _load_side_car_module("commands")
 questions = _load_side_car_module("questions")
-from . import stamp  # noqa: E402  (after the side-car's modules: it needs none of them)
+from . import route, stamp  # noqa: E402  (after the side-car's modules: they need none)
 
 
 def utcnow() -> datetime:
@@ -220,8 +222,11 @@ def register(ctx: Any) -> None:
     """Entry point called by Hermes's plugin loader."""
     prefixes = prefixes_from_env()
     ttl = question_ttl_from_env()
+    side_car = route.settings_from_env(os.environ)
     ctx.register_hook("pre_gateway_dispatch", make_hook(RouteFilter(prefixes, ttl)))
-    if stamp.register_stamp(ctx):
+    if route.register_asker(ctx, side_car) is not None:  # it stamps the calls too
+        pass
+    elif stamp.register_stamp(ctx):
         logger.info("route-sidecar: stamping each LLM call with its Matrix room and message")
     else:
         logger.info(
