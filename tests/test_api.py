@@ -943,8 +943,8 @@ async def test_a_call_claimed_and_reported_twice_by_its_call_id_counts_once(
     """The agent plugin and the dispatcher behind it both ask for one call and both
     report it: one binding, one claim counted, one outcome row."""
     question = await api.say(ROOM, "Why did the deploy fail?", ago=0, event_id="$question")
-    stamp = {"room_id": ROOM, "event_id": question, "call_id": "c0ffee" * 5}
-    request = {
+    stamp: dict[str, str] = {"room_id": ROOM, "event_id": question, "call_id": "c0ffee" * 5}
+    request: dict[str, Any] = {
         "messages": [{"role": "user", "content": "Why did the deploy fail?"}],
         "matrix_context": stamp,
     }

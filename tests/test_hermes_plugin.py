@@ -591,3 +591,37 @@ def test_the_stamp_is_registered_exactly_where_hermes_offers_the_middleware() ->
     else:  # Hermes 0.13 to 0.16: today's behaviour, the hook alone
         assert names == [] and not hasattr(hermes_plugins.PluginContext, "register_middleware")
     assert has_hook()
+
+
+# --- MSC4391: a structured invocation (gomuks) ---------------------------------------------
+
+
+def invocation(arguments: dict[str, Any], body: str = "/route@route:example.org cloud") -> Any:
+    content = {
+        "msgtype": "m.text",
+        "body": body,
+        "m.mentions": {"user_ids": ["@route:example.org"]},
+        "org.matrix.msc4391.command": {"command": "route", "arguments": arguments},
+    }
+    return dispatch(body, content=content)
+
+
+def test_a_structured_invocation_is_a_command_its_arguments_winning_over_its_body() -> None:
+    assert_skipped(invocation({"target": "cloud"}))
+    assert_skipped(invocation({"target": "status"}, body="/route@route:example.org"))
+    assert_skipped(invocation({"target": 7}))  # unreadable: the side-car says what is wrong
+
+
+def test_a_structured_again_is_rewritten_to_the_rooms_last_question() -> None:
+    assert dispatch(QUESTION) == []
+    assert invocation({"target": "cloud", "again": True}) == reasks(QUESTION)
+
+
+def test_another_commands_invocation_is_left_alone() -> None:
+    body = "/ban@draupnir:example.org @mallory:example.org"
+    content: dict[str, Any] = {
+        "msgtype": "m.text",
+        "body": body,
+        "org.matrix.msc4391.command": {"command": "ban", "arguments": {"user": "@m:x"}},
+    }
+    assert dispatch(body, content=content) == []

@@ -87,6 +87,7 @@ def _load_side_car_module(name: str) -> ModuleType:
 
 commands = _load_side_car_module("commands")
 questions = _load_side_car_module("questions")
+describe = _load_side_car_module("describe")
 from . import route, stamp  # noqa: E402  (after the side-car's modules: they need none)
 
 
@@ -199,15 +200,32 @@ def _side_car_reads(event: Any) -> bool:
     return content.get("msgtype") != "m.notice" and not is_edit
 
 
+def _invoked_text(content: Any, prefixes: tuple[str, ...]) -> str | None:
+    """The command text a structured invocation (MSC4391, as gomuks sends one) stands for:
+    its arguments win over the body (`/route@bot:server cloud`), as for the side-car.
+    An invocation with unreadable arguments stands for the bare command (dropped: the
+    side-car's reply says what is wrong). None: not an invocation of this command."""
+    if not isinstance(content, Mapping):
+        return None
+    invocation = content.get(describe.INVOCATION_KEY)
+    if not isinstance(invocation, Mapping):
+        return None
+    if invocation.get("command") != describe.command_name(prefixes):
+        return None
+    text = describe.command_text(invocation.get("arguments"), prefixes[0])
+    return text if isinstance(text, str) else prefixes[0]
+
+
 def make_hook(route_filter: RouteFilter) -> Callable[..., Action | None]:
     def pre_gateway_dispatch(event: Any = None, **_: Any) -> Action | None:
         # Hermes also passes gateway=, session_store= and telemetry_schema_version=.
         room_id = str(getattr(getattr(event, "source", None), "chat_id", None) or "")
         content = getattr(event, "raw_message", None)
         msgtype = content.get("msgtype", "m.text") if isinstance(content, Mapping) else "m.text"
+        invoked = _invoked_text(content, route_filter.prefixes)
         action = route_filter.action(
             room_id,
-            getattr(event, "text", None),
+            invoked if invoked is not None else getattr(event, "text", None),
             side_car_reads=_side_car_reads(event),
             msgtype=msgtype,
         )
