@@ -23,7 +23,7 @@ HERMES_INSTALLED := $(foreach v,$(HERMES_VERSIONS),$(HERMES_VENVS)/$(v)/.install
 # (tests/e2e/test_hermes_gateway.py): it needs the `matrix` extra (mautrix[encryption]),
 # which Hermes would otherwise try to install from the network when the gateway starts.
 HERMES_EXTRAS_0.19.0 := [matrix]
-HERMES_TESTS := tests/test_hermes_plugin.py tests/test_hermes_install.py
+HERMES_TESTS := tests/test_hermes_plugin.py tests/test_hermes_install.py tests/test_hermes_route.py
 LITELLM_VENV := .venv-litellm
 # The dispatcher's client as a dispatcher author installs it (integrations/client, not
 # editable, httpx alone): tests/test_client_install.py checks what it brought and claims

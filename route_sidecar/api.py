@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
@@ -103,6 +103,7 @@ class OutcomeRequest:
     latency_ms: int | None
     detail: str | None
     turn_id: str | None
+    call_id: str | None = None  # the agent's id of the call: a second report of it is ignored
 
 
 def _optional_str(body: dict[str, Any], field: str, limit: int, prefix: str = "") -> str | None:
@@ -184,8 +185,14 @@ def parse_outcome(body: dict[str, Any]) -> OutcomeRequest:
         raise bad_request("latency_ms", "must be a whole number of milliseconds >= 0")
     detail = _optional_str(body, "detail", MAX_DETAIL_LENGTH)
     turn_id = _optional_str(body, "turn_id", MAX_ID_LENGTH)
+    call_id = _optional_str(body, "call_id", MAX_ID_LENGTH)
     return OutcomeRequest(
-        model=model, status=status, latency_ms=latency, detail=detail, turn_id=turn_id
+        model=model,
+        status=status,
+        latency_ms=latency,
+        detail=detail,
+        turn_id=turn_id,
+        call_id=call_id,
     )
 
 
@@ -399,6 +406,7 @@ class LookupApi:
             parsed.latency_ms,
             parsed.detail,
             parsed.turn_id,
+            parsed.call_id,
         )
         if not found:
             raise ApiError(404, "not_found", f"no intent with id {intent_id[:64]!r}")
@@ -408,6 +416,8 @@ class LookupApi:
         body = await self._json_body(request)
         outcome = parse_outcome(body)  # the outcome's fields first: `model` is required
         turn = parse_turn(body, self.config.api.max_body_bytes)
+        if outcome.call_id is not None:
+            turn = replace(turn, call_id=outcome.call_id)
         await self.service.record_turn_outcome(
             turn, outcome.model, outcome.status, outcome.latency_ms, outcome.detail
         )

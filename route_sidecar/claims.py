@@ -8,6 +8,7 @@ view of a room's intent (`GET`/`DELETE /v1/rooms/{id}/intent`) is here too.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import replace
 
 from . import outbox
@@ -22,12 +23,31 @@ log = logging.getLogger("route_sidecar.service")
 CLAIM_WAIT_SECONDS = 0.5  # the longest a claim waits for its turn's message to arrive
 
 
+CALLS_KEPT = 4096  # answers by the agent's call id, for a second party asking of the call
+
+
 class Claims:
     def __init__(self, state: RouteState) -> None:
         self.state = state
+        self.calls: OrderedDict[str, ClaimAnswer] = OrderedDict()
 
     async def claim(self, turn: Turn) -> ClaimAnswer:
-        """The routing decision for one LLM call; binds a pending intent to its turn."""
+        """The routing decision for one LLM call; binds a pending intent to its turn. A
+        call the agent named (`call_id`) that was claimed already (the agent plugin asked,
+        then the dispatcher it calls asks too) gets the same answer, counted once."""
+        if turn.call_id is None:
+            return await self._decide(turn)
+        known = self.calls.get(turn.call_id)
+        if known is not None:
+            log.debug("claim repeated call=%s", turn.call_id)
+            return known
+        answer = await self._decide(turn)
+        self.calls[turn.call_id] = answer
+        while len(self.calls) > CALLS_KEPT:
+            self.calls.popitem(last=False)
+        return answer
+
+    async def _decide(self, turn: Turn) -> ClaimAnswer:
         state = self.state
         awaited = state.arrivals.awaited(turn)
         if awaited is not None:

@@ -165,9 +165,12 @@ class RouteClient:
         latency_ms: int | None = None,
         detail: str | None = None,
         turn_id: str | None = None,
+        call_id: str | None = None,
     ) -> bool:
-        """Report what was really served for a routed call. Never raises; False on failure."""
-        body = _outcome_body(model, status, latency_ms, detail)
+        """Report what was really served for a routed call. Never raises; False on failure.
+        `call_id`: the agent's id of the call (its `matrix_context`), so that the call
+        counts once when the agent plugin reports it too."""
+        body = _outcome_body(model, status, latency_ms, detail, call_id)
         if turn_id is not None:
             body["turn_id"] = turn_id
         return await self._report(f"/v1/intents/{quote(intent_id, safe='')}/outcome", body)
@@ -183,10 +186,12 @@ class RouteClient:
         request: Mapping[str, Any] | None = None,
         latency_ms: int | None = None,
         detail: str | None = None,
+        call_id: str | None = None,
     ) -> bool:
         """Report what served a call that had no override (`POST /v1/outcome`): the turn
-        is given, or read from `request` here (only its turn fields are sent). Never
-        raises; False on failure or when nothing identifies the turn."""
+        is given, or read from `request` here (only its turn fields are sent, and the
+        agent's call id). Never raises; False on failure or when nothing identifies the
+        turn."""
         found = extract_turn(request) if request is not None else Turn()
         turn = {
             "room_id": room_id or found.room_id,
@@ -197,7 +202,7 @@ class RouteClient:
         }
         if turn["room_id"] is None and turn["last_user_message"] is None:
             return False  # no room and no message: the side-car could not place it
-        body = _outcome_body(model, status, latency_ms, detail)
+        body = _outcome_body(model, status, latency_ms, detail, call_id or found.call_id)
         body.update({key: value for key, value in turn.items() if value is not None})
         return await self._report("/v1/outcome", body)
 
@@ -211,10 +216,13 @@ class RouteClient:
         last_user_message: str | None = None,
         latency_ms: int | None = None,
         detail: str | None = None,
+        call_id: str | None = None,
     ) -> bool:
         """Report one call's result, routed or not: the intent's outcome for an
         override, `POST /v1/outcome` otherwise (the turn from the decision, then from
-        `last_user_message` or `request`). Never raises; False on failure."""
+        `last_user_message` or `request`). The agent's call id is given, or read from
+        `request`'s `matrix_context`. Never raises; False on failure."""
+        call_id = call_id or (extract_turn(request).call_id if request is not None else None)
         if decision.override and decision.intent_id:
             return await self.outcome(
                 decision.intent_id,
@@ -223,6 +231,7 @@ class RouteClient:
                 latency_ms=latency_ms,
                 detail=detail,
                 turn_id=decision.turn_id,
+                call_id=call_id,
             )
         return await self.turn_outcome(
             model=model,
@@ -233,6 +242,7 @@ class RouteClient:
             request=request,
             latency_ms=latency_ms,
             detail=detail,
+            call_id=call_id,
         )
 
     async def _report(self, path: str, body: dict[str, Any]) -> bool:
@@ -263,11 +273,13 @@ class RouteClient:
 
 
 def _outcome_body(
-    model: str, status: str, latency_ms: int | None, detail: str | None
+    model: str, status: str, latency_ms: int | None, detail: str | None, call_id: str | None
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "status": status}
     if latency_ms is not None:
         body["latency_ms"] = latency_ms
     if detail is not None:
         body["detail"] = detail
+    if call_id is not None:
+        body["call_id"] = call_id
     return body

@@ -8,6 +8,7 @@ quiet.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from datetime import datetime
 
 from . import outbox
@@ -20,6 +21,7 @@ from .state import RouteState
 from .store import Tx
 
 log = logging.getLogger("route_sidecar.service")
+REPORTS_KEPT = 4096  # call ids of calls reported, for a second party's report of the same
 
 
 class Outcomes:
@@ -28,6 +30,9 @@ class Outcomes:
         # Failure suggestions of recent failed turns (outbox key → last error), so a
         # later successful call of the turn can withdraw one not yet sent.
         self.failures: dict[str, datetime] = {}
+        # Calls reported already, by the agent's call id: the agent plugin and the
+        # dispatcher it calls may both report one call; it counts once.
+        self.reported: OrderedDict[str, None] = OrderedDict()
 
     async def load(self) -> None:
         """The suggestions still held back (a restart during a turn's grace)."""
@@ -43,15 +48,19 @@ class Outcomes:
         latency_ms: int | None,
         detail: str | None,
         turn_id: str | None,
+        call_id: str | None = None,
     ) -> bool:
-        """Store what the dispatcher served for a routed call and post or update the
-        turn's receipt. False: no such intent."""
+        """Store what the dispatcher served for a routed call and tell the room. False:
+        no such intent. A call reported already (its call id) is acknowledged, not
+        counted again."""
         state = self.state
         now = state.clock()
         async with state.lock, state.writing() as tx:
             intent = await tx.intent(intent_id)
             if intent is None:
                 return False
+            if not self._first_report(call_id):
+                return True
             position = _outcome_turn(intent, turn_id)
             key = intent.bound_turns[position].key if position is not None else None
             ref = key.ref if key is not None else f"intent:{intent.id}:{position}"
@@ -108,6 +117,8 @@ class Outcomes:
         """What the dispatcher served for a call without an override. Only what the retry
         suggestion and `/route history` need is kept: failed calls, and the calls of a
         turn that had failed."""
+        if not self._first_report(turn.call_id):
+            return
         if status == "ok" and not self.failures:
             return  # the common case, answered before any hashing
         state = self.state
@@ -142,6 +153,18 @@ class Outcomes:
             )
         state.metrics.outcomes.labels(status).inc()
         log.info("outcome recorded room=%s intent=- turn=%s status=%s", room_id, key, status)
+
+    def _first_report(self, call_id: str | None) -> bool:
+        """Whether this is the first report of the call (always, without a call id)."""
+        if call_id is None:
+            return True
+        if call_id in self.reported:
+            log.debug("outcome repeated call=%s", call_id)
+            return False
+        self.reported[call_id] = None
+        while len(self.reported) > REPORTS_KEPT:
+            self.reported.popitem(last=False)
+        return True
 
     def forget_quiet_failures(self, now: datetime) -> None:
         """Failed turns quiet for longer than a suggestion's grace and a turn's idle time:

@@ -155,9 +155,10 @@ class RouteService:
         latency_ms: int | None,
         detail: str | None,
         turn_id: str | None,
+        call_id: str | None = None,
     ) -> bool:
         return await self.outcomes.record_outcome(
-            intent_id, model, status, latency_ms, detail, turn_id
+            intent_id, model, status, latency_ms, detail, turn_id, call_id
         )
 
     async def record_turn_outcome(

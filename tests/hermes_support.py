@@ -9,6 +9,7 @@ never against a hand-written imitation of it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -197,3 +198,9 @@ def install_plugin(home: Path, hermes_bin: Path) -> None:
     run_readme_block("route-sidecar: install as a linked folder", hermes_bin, home)
     assert (home / "plugins" / "route-sidecar").resolve() == PLUGIN_DIR
     run_readme_block("route-sidecar: enable", hermes_bin, home)
+
+
+def stamping_hermes() -> bool:
+    """Whether the Hermes installed here has the `llm_request` middleware (0.17.0 on)."""
+    installed = importlib.metadata.version("hermes-agent")
+    return tuple(int(part) for part in installed.split(".")[:2]) >= (0, 17)

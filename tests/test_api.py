@@ -935,3 +935,29 @@ async def test_a_text_seen_in_two_rooms_is_answered_ambiguous_room_and_counted(
     )
     lines = (await api.client.get("/metrics")).text.splitlines()
     assert 'route_sidecar_claims_total{result="ambiguous_room"} 1.0' in lines
+
+
+async def test_a_call_claimed_and_reported_twice_by_its_call_id_counts_once(
+    api: Api, pending: str
+) -> None:
+    """The agent plugin and the dispatcher behind it both ask for one call and both
+    report it: one binding, one claim counted, one outcome row."""
+    question = await api.say(ROOM, "Why did the deploy fail?", ago=0, event_id="$question")
+    stamp: dict[str, str] = {"room_id": ROOM, "event_id": question, "call_id": "c0ffee" * 5}
+    request: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Why did the deploy fail?"}],
+        "matrix_context": stamp,
+    }
+    first, second = [(await api.claim({"request": request})).json() for _ in range(2)]
+    assert first == second and first["reason"] == "bound"
+    for _ in range(2):
+        reported = await api.client.post(
+            outcome_path(pending),
+            json={"model": "ollama-cloud/glm-5.1", "status": "ok", "call_id": stamp["call_id"]},
+            headers=AUTH,
+        )
+        assert reported.status_code == 204
+    assert [row["intent_id"] for row in api.rows("outcomes")] == [pending]
+    other_call = {**request, "matrix_context": {**stamp, "call_id": "c2"}}
+    another = (await api.claim({"request": other_call})).json()
+    assert another["reason"] == "continued"  # a second call of the same turn

@@ -16,7 +16,6 @@ instead of skipping.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import itertools
 import os
 import shutil
@@ -40,7 +39,7 @@ from gateway.config import Platform
 from gateway.platforms.base import MessageEvent, MessageType
 from gateway.session import SessionSource
 
-from .hermes_support import PLUGIN_DIR, install_plugin, run_readme_block
+from .hermes_support import PLUGIN_DIR, install_plugin, run_readme_block, stamping_hermes
 
 PLUGIN = "route-sidecar"
 HOOK = "pre_gateway_dispatch"
@@ -488,8 +487,7 @@ def test_a_copied_plugin_with_dangling_links_uses_an_installed_side_car_or_says_
 
 # --- Hermes 0.17 and later: every main-loop call says where it comes from ------------------
 
-HERMES_VERSION = tuple(int(part) for part in importlib.metadata.version("hermes-agent").split("."))
-STAMPING_HERMES = HERMES_VERSION >= (0, 17)  # `llm_request` middleware came in 0.17.0
+STAMPING_HERMES = stamping_hermes()  # `llm_request` middleware came in 0.17.0
 SESSION = {
     "platform": "matrix",
     "chat_id": ROOM,
@@ -593,3 +591,37 @@ def test_the_stamp_is_registered_exactly_where_hermes_offers_the_middleware() ->
     else:  # Hermes 0.13 to 0.16: today's behaviour, the hook alone
         assert names == [] and not hasattr(hermes_plugins.PluginContext, "register_middleware")
     assert has_hook()
+
+
+# --- MSC4391: a structured invocation (gomuks) ---------------------------------------------
+
+
+def invocation(arguments: dict[str, Any], body: str = "/route@route:example.org cloud") -> Any:
+    content = {
+        "msgtype": "m.text",
+        "body": body,
+        "m.mentions": {"user_ids": ["@route:example.org"]},
+        "org.matrix.msc4391.command": {"command": "route", "arguments": arguments},
+    }
+    return dispatch(body, content=content)
+
+
+def test_a_structured_invocation_is_a_command_its_arguments_winning_over_its_body() -> None:
+    assert_skipped(invocation({"target": "cloud"}))
+    assert_skipped(invocation({"target": "status"}, body="/route@route:example.org"))
+    assert_skipped(invocation({"target": 7}))  # unreadable: the side-car says what is wrong
+
+
+def test_a_structured_again_is_rewritten_to_the_rooms_last_question() -> None:
+    assert dispatch(QUESTION) == []
+    assert invocation({"target": "cloud", "again": True}) == reasks(QUESTION)
+
+
+def test_another_commands_invocation_is_left_alone() -> None:
+    body = "/ban@draupnir:example.org @mallory:example.org"
+    content: dict[str, Any] = {
+        "msgtype": "m.text",
+        "body": body,
+        "org.matrix.msc4391.command": {"command": "ban", "arguments": {"user": "@m:x"}},
+    }
+    assert dispatch(body, content=content) == []

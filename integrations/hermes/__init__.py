@@ -22,7 +22,9 @@ uses it); the hook is a thin wrapper around one instance.
 
 From Hermes 0.17 the plugin also stamps every call of the agent's main loop with the
 Matrix room, the message's event id, the thread and the sender (`stamp.py`), so the
-side-car places each call exactly.
+side-car places each call exactly; and, given the side-car's URL and a token
+(`ROUTE_SIDECAR_URL`, `ROUTE_SIDECAR_TOKEN`), asks the side-car itself and sets the
+request's model (`route.py`), so routing needs no change to the endpoint Hermes calls.
 
 Prefixes come from `ROUTE_SIDECAR_PREFIXES` (comma-separated, default
 `/route,!route`) and must match the side-car's `routing.prefixes`; how long a
@@ -85,7 +87,8 @@ def _load_side_car_module(name: str) -> ModuleType:
 
 commands = _load_side_car_module("commands")
 questions = _load_side_car_module("questions")
-from . import stamp  # noqa: E402  (after the side-car's modules: it needs none of them)
+describe = _load_side_car_module("describe")
+from . import route, stamp  # noqa: E402  (after the side-car's modules: they need none)
 
 
 def utcnow() -> datetime:
@@ -197,15 +200,32 @@ def _side_car_reads(event: Any) -> bool:
     return content.get("msgtype") != "m.notice" and not is_edit
 
 
+def _invoked_text(content: Any, prefixes: tuple[str, ...]) -> str | None:
+    """The command text a structured invocation (MSC4391, as gomuks sends one) stands for:
+    its arguments win over the body (`/route@bot:server cloud`), as for the side-car.
+    An invocation with unreadable arguments stands for the bare command (dropped: the
+    side-car's reply says what is wrong). None: not an invocation of this command."""
+    if not isinstance(content, Mapping):
+        return None
+    invocation = content.get(describe.INVOCATION_KEY)
+    if not isinstance(invocation, Mapping):
+        return None
+    if invocation.get("command") != describe.command_name(prefixes):
+        return None
+    text = describe.command_text(invocation.get("arguments"), prefixes[0])
+    return text if isinstance(text, str) else prefixes[0]
+
+
 def make_hook(route_filter: RouteFilter) -> Callable[..., Action | None]:
     def pre_gateway_dispatch(event: Any = None, **_: Any) -> Action | None:
         # Hermes also passes gateway=, session_store= and telemetry_schema_version=.
         room_id = str(getattr(getattr(event, "source", None), "chat_id", None) or "")
         content = getattr(event, "raw_message", None)
         msgtype = content.get("msgtype", "m.text") if isinstance(content, Mapping) else "m.text"
+        invoked = _invoked_text(content, route_filter.prefixes)
         action = route_filter.action(
             room_id,
-            getattr(event, "text", None),
+            invoked if invoked is not None else getattr(event, "text", None),
             side_car_reads=_side_car_reads(event),
             msgtype=msgtype,
         )
@@ -220,8 +240,11 @@ def register(ctx: Any) -> None:
     """Entry point called by Hermes's plugin loader."""
     prefixes = prefixes_from_env()
     ttl = question_ttl_from_env()
+    side_car = route.settings_from_env(os.environ)
     ctx.register_hook("pre_gateway_dispatch", make_hook(RouteFilter(prefixes, ttl)))
-    if stamp.register_stamp(ctx):
+    if route.register_asker(ctx, side_car) is not None:  # it stamps the calls too
+        pass
+    elif stamp.register_stamp(ctx):
         logger.info("route-sidecar: stamping each LLM call with its Matrix room and message")
     else:
         logger.info(

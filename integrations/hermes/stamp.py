@@ -73,15 +73,25 @@ def make_middleware(read_session: ReadSession) -> Callable[..., dict[str, Any] |
     return stamp_llm_request
 
 
-def register_stamp(ctx: Any) -> bool:
-    """Register the middleware where Hermes offers it (the capability, not a version
-    string); False on Hermes 0.13 to 0.16, which keep the behaviour they had."""
-    register = getattr(ctx, "register_middleware", None)
-    if register is None:
-        return False
+def session_reader(ctx: Any) -> ReadSession | None:
+    """Hermes's session context reader, where Hermes offers request middleware (the
+    capability, not a version string); None on Hermes 0.13 to 0.16."""
+    if getattr(ctx, "register_middleware", None) is None:
+        return None
     try:
         from gateway.session_context import get_session_env
     except ImportError:
+        return None
+    reader: ReadSession = get_session_env
+    return reader
+
+
+def register_stamp(ctx: Any) -> bool:
+    """Register the middleware where Hermes offers it; False on Hermes 0.13 to 0.16,
+    which keep the behaviour they had. (Hermes gives every `llm_request` middleware the
+    same request and keeps the last one's: a plugin registers one, which does all.)"""
+    read_session = session_reader(ctx)
+    if read_session is None:
         return False
-    register(MIDDLEWARE, make_middleware(get_session_env))
+    ctx.register_middleware(MIDDLEWARE, make_middleware(read_session))
     return True

@@ -75,6 +75,7 @@ class ClaimedCall(NamedTuple):
     decision: Decision  # without its metadata, which the report does not send
     last_user_message: str | None
     model_group: str | None  # the group the call was sent to
+    call_id: str | None = None  # the agent's id of the call, from its matrix_context
 
 
 class RouteHook(CustomLogger):
@@ -165,7 +166,9 @@ class RouteHook(CustomLogger):
             turn_id=decision.turn_id or turn.turn_id,
             metadata={},
         )
-        self._remember(call_id, ClaimedCall(decision, turn.last_user_message, model_group))
+        self._remember(
+            call_id, ClaimedCall(decision, turn.last_user_message, model_group, turn.call_id)
+        )
         if decision.override and decision.intent_id:
             log.info(
                 "route override call=%s intent=%s target=%s requested=%s model_group=%s",
@@ -219,6 +222,7 @@ class RouteHook(CustomLogger):
                 model=served.model,
                 status=status,
                 last_user_message=call.last_user_message,
+                call_id=call.call_id,
                 latency_ms=_latency_ms(start_time, end_time, kwargs),
                 detail=served.detail(kwargs.get("exception") if status == "error" else None),
             )

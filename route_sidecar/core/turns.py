@@ -45,8 +45,8 @@ _QUOTE_LINE = re.compile(
 SYSTEM_ROLES = ("system", "developer")
 MAX_ID_LENGTH = 255
 # The request field where an agent plugin says where the call comes from (the Hermes
-# plugin, from Hermes 0.17): `{"room_id", "event_id", "thread_id", "sender"}`. A dispatcher
-# strips it before the request goes upstream (SPEC "The turn key").
+# plugin, from Hermes 0.17): `{"room_id", "event_id", "thread_id", "sender", "call_id"}`.
+# A dispatcher strips it before the request goes upstream (SPEC "The turn key").
 CONTEXT_FIELD = "matrix_context"
 
 
@@ -62,6 +62,10 @@ class Turn:
     # turn's message is the one with this event id, and the asker is its sender.
     event_id: str | None = None
     sender: str | None = None
+    # The agent's id for this one LLM call (`matrix_context.call_id`): a claim or a report
+    # of the same call from a second party (the agent plugin and a dispatcher both asking)
+    # is answered as the first and counted once.
+    call_id: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -158,15 +162,16 @@ def read_context(value: Any) -> Turn | None:
         turn_id=_id_or_none(value.get("thread_id"), "$") or event_id,
         event_id=event_id,
         sender=_id_or_none(value.get("sender"), "@"),
+        call_id=_id_or_none(value.get("call_id"), ""),
     )
 
 
 def _id_or_none(value: Any, sigil: str) -> str | None:
-    """A Matrix id of the given sigil (`$` event, `@` user), no blanks, at most 255."""
+    """An id starting with `sigil` (`$` event, `@` user, "" any), no blanks, at most 255."""
     if (
         isinstance(value, str)
         and value.startswith(sigil)
-        and 1 < len(value) <= MAX_ID_LENGTH
+        and len(sigil) < len(value) <= MAX_ID_LENGTH
         and not any(c.isspace() for c in value)
     ):
         return value
@@ -211,6 +216,7 @@ def merge_turn(given: Turn, extracted: Turn) -> Turn:
             else None
         ),
         sender=extracted.sender,
+        call_id=extracted.call_id,
     )
 
 

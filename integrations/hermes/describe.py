@@ -1,0 +1,1 @@
+../../route_sidecar/core/describe.py
