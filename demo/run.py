@@ -279,7 +279,7 @@ async def demo(servers: Servers, keep: bool) -> None:
         shown = await final_confirmations(alice, room, routed)
         print("\nthe bot's confirmations, as they read in the end:")
         for text in shown:
-            print(f"  {text}")
+            show("route", text)
         print("\ndispatcher log (one line per LLM call; each turn makes two):")
         for line in dispatcher_log.lines:
             print(f"  {line}")
