@@ -304,6 +304,11 @@ def test_status_without_intent_says_how_to_set_one() -> None:
     assert "`/route <target>`" in text.plain
 
 
+def test_an_unused_for_route_expires_at_its_end_and_says_so() -> None:
+    text = expired(intent_for(scope=Scope.lasting(timedelta(hours=2))), TIMING).plain
+    assert "before 13:00:00 UTC" in text and "15m" not in text
+
+
 def test_expired_strikes_the_route_through() -> None:
     text = expired(intent_for(), TIMING)
     assert text.html.startswith("<del>Route to cloud</del>")

@@ -127,10 +127,13 @@ def confirmation(intent: Intent, superseded: Intent | None, timing: Timing, pref
 
 
 def expired(intent: Intent, timing: Timing) -> Text:
-    tail = (
-        f" expired unused: no turn of the agent claimed it within "
-        f"{format_duration(timing.intent_ttl)}. Nothing was routed."
+    # A `--for` route waits until its time is up; any other, `intent_ttl`.
+    within = (
+        f"before {_when(intent.until)}"
+        if intent.until is not None
+        else f"within {format_duration(timing.intent_ttl)}"
     )
+    tail = f" expired unused: no turn of the agent claimed it {within}. Nothing was routed."
     return Text(
         plain=f"Route to {intent.target}{tail}",
         html=f"<del>Route to {html.escape(intent.target)}</del>{html.escape(tail)}",
