@@ -8,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Iterable
 
-from .core.turns import SeenMessage, Turn, TurnKey
+from .core.turns import SeenMessage, Turn, TurnKey, message_hash
 
 ARRIVALS_KEPT = 200_000  # event ids and thread roots remembered for claims to wait on
 # Event ids and message hashes whose sender is remembered, for a claim's metadata to name
@@ -77,17 +77,18 @@ class Arrivals:
     def remembers_askers(self) -> bool:
         return bool(self._askers)
 
-    def asker(self, room_id: str, key: TurnKey | None) -> str | None:
+    def asker(self, room_id: str, turn: Turn, salt: bytes) -> str | None:
         """The sender of the turn's message in this room, when it is among the messages
         remembered: by its text's hash first (inside a thread the turn id is shared), then
-        by the turn id as an event id."""
-        if key is None:
-            return None
-        for lookup in (key.message_hash, key.turn_id):
-            found = self._askers.get(lookup) if lookup is not None else None
+        by the turn id as an event id. (Every claim asks: no turn key is built for it.)"""
+        askers = self._askers
+        if turn.last_user_message is not None:
+            hashed = message_hash(salt, turn.last_user_message)
+            found = askers.get(hashed) if hashed is not None else None
             if found is not None and found[0] == room_id:
                 return found[1]
-        return None
+        found = askers.get(turn.turn_id) if turn.turn_id is not None else None
+        return found[1] if found is not None and found[0] == room_id else None
 
     def room_of(self, key: TurnKey | None) -> str | None:
         """The one room where the turn's text was seen among the messages remembered;

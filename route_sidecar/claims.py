@@ -35,19 +35,23 @@ class Claims:
         """The routing decision for one LLM call; binds a pending intent to its turn. A
         call the agent named (`call_id`) that was claimed already (the agent plugin asked,
         then the dispatcher it calls asks too) gets the same answer, counted once."""
-        if turn.call_id is None:
-            return await self._decide(turn)
-        known = self.calls.get(turn.call_id)
+        if turn.call_id is not None:
+            return await self._claim_named(turn, turn.call_id)
+        return await self.decide(turn)
+
+    async def _claim_named(self, turn: Turn, call_id: str) -> ClaimAnswer:
+        known = self.calls.get(call_id)
         if known is not None:
-            log.debug("claim repeated call=%s", turn.call_id)
+            log.debug("claim repeated call=%s", call_id)
             return known
-        answer = await self._decide(turn)
-        self.calls[turn.call_id] = answer
+        answer = await self.decide(turn)
+        self.calls[call_id] = answer
         while len(self.calls) > CALLS_KEPT:
             self.calls.popitem(last=False)
         return answer
 
-    async def _decide(self, turn: Turn) -> ClaimAnswer:
+    async def decide(self, turn: Turn) -> ClaimAnswer:
+        """`claim` for a call the agent did not name (the API calls it directly: no wrapper)."""
         state = self.state
         awaited = state.arrivals.awaited(turn)
         if awaited is not None:
@@ -150,7 +154,7 @@ class Claims:
         state = self.state
         if not state.arrivals.remembers_askers:  # no message seen yet: nothing to hash
             return None
-        return state.arrivals.asker(room_id, derive_turn_key(turn, state.salt))
+        return state.arrivals.asker(room_id, turn, state.salt)
 
     def _unrouted(self, room_id: str | None, turn: Turn) -> ClaimAnswer:
         return ClaimAnswer(
