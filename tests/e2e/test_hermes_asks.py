@@ -327,7 +327,7 @@ async def test_the_side_car_stopped_mid_conversation_costs_only_the_route(world:
         ]
         assert sum("answer from local" in text for text in said) == 2, said
         assert not [t for t in said if any(w in t.lower() for w in SOUNDS_WRONG)], said
-        assert NOT_ANSWERING in world.gateway.log_path.read_text()
+        assert world.gateway.log_path.read_text().count(NOT_ANSWERING) == 1  # said once
     finally:
         world.sidecar.start()
     # Synapse sends the side-car what it missed on its own backoff: once it has, a route
