@@ -10,7 +10,8 @@ callgrind), 3 flat in scale, 4 a 200 KB OpenAI body, 5 appservice ingest, 6 the
 side-car's own time from a command's arrival to its reply's send, through Synapse, 7
 memory, 8 start-up, 9 the reference dispatcher's latency with and without the side-car,
 10 claims during a flood of 64 KB messages, 11 the database's size over days of traffic
-with pruning.
+with pruning, 12 what the Hermes plugin's claim adds to each LLM call (in Hermes 0.19's
+venv).
 
 HTTP load comes from wrk (one thread); with 2+ cores the servers run pinned to CPU 0
 and wrk to CPU 1. Not a test: targets missed are reported, not raised; the exit status
@@ -35,6 +36,7 @@ from .claims import ClaimsPlan, claims_figures
 from .dispatcher import dispatcher_figures
 from .flood import flood_figures
 from .growth import growth_figures
+from .hermes import hermes_figures
 from .http import Wrk
 from .ingest import ingest_figures
 from .instructions import instruction_figures
@@ -54,6 +56,7 @@ FIGURES = (
     "matrix",
     "dispatcher",
     "growth",
+    "hermes",
 )
 NEEDS_MAIN_SIDECAR = {"claims", "memory", "ingest", "flood"}
 
@@ -77,6 +80,7 @@ class Plan:
     growth_turns: int
     instruction_claims: int
     instruction_rounds: int
+    hermes_calls: int
 
 
 FULL = Plan(
@@ -97,6 +101,7 @@ FULL = Plan(
     growth_turns=100,
     instruction_claims=3000,
     instruction_rounds=3,
+    hermes_calls=2000,
 )
 QUICK = Plan(
     quick=True,
@@ -116,6 +121,7 @@ QUICK = Plan(
     growth_turns=5,
     instruction_claims=300,
     instruction_rounds=1,
+    hermes_calls=200,
 )
 SKIPPED_WHEN_QUICK = {"matrix", "dispatcher", "instructions"}
 
@@ -277,6 +283,8 @@ class Bench:
             )
         if "growth" in figures:
             self.figure("growth", lambda: growth_figures(plan.growth_days, plan.growth_turns))
+        if "hermes" in figures:
+            self.figure("hermes", lambda: hermes_figures(self.work, plan.hermes_calls, self.pin))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,22 +2,25 @@
 from its own venv (`.venv-hermes/0.19.0`, with Hermes's `matrix` extra: `make setup`)
 against the tests' Synapse: the route-sidecar plugin installed and enabled as
 integrations/hermes/README.md says, its model provider (`custom`) pointed at the reference
-dispatcher.
+dispatcher or straight at the fake models (demo/upstream.py's `ModelServer`), the plugin
+asking the side-car itself when given its URL and token (`plugin_asks`).
 
-Offline: no tools on Matrix, no Tirith (its binary is fetched from GitHub at start), no
-lazy installs (Hermes would fetch a missing Matrix dependency from PyPI when the gateway
-starts), the context length given (no probe of the model's metadata), no proxy for its
-loopback traffic. What the dispatcher is asked, and what the side-car answers, is
-recorded by wrapping the dispatcher's `RouteClient.claim` (`record_claims`): the
-dispatcher itself is unchanged.
+Offline: no tools on Matrix but those asked for (`todo` works offline), no Tirith (its
+binary is fetched from GitHub at start), no lazy installs (Hermes would fetch a missing
+Matrix dependency from PyPI when the gateway starts), the context length given (no probe
+of the model's metadata), no proxy for its loopback traffic. What the dispatcher is asked,
+and what the side-car answers, is recorded by wrapping the dispatcher's
+`RouteClient.claim` (`record_claims`): the dispatcher itself is unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ from route_sidecar_client import Decision
 from demo.upstream import FakeUpstream, ModelStack
 
 from ..hermes_support import HERMES_VENVS, install_plugin, run_in_hermes
-from .agent_support import AgentProcess, agent_python, unavailable
+from .agent_support import AgentProcess, agent_python, joined_by_bot_and, unavailable
+from .harness import API_TOKEN, BOT, MatrixUser, Sidecar
 
 VERSION = "0.19.0"
 CONNECTED = "Matrix: initial sync complete"  # the adapter's log line once it syncs
@@ -60,18 +64,19 @@ def hermes_bin() -> Path:
     return bin_dir
 
 
-def hermes_home(home: Path, bin_dir: Path, dispatcher_url: str) -> Path:
-    """A fresh HERMES_HOME: config.yaml with the dispatcher as the `custom` provider and
-    no tools on Matrix, then the plugin installed and enabled with Hermes's own CLI."""
+def hermes_home(home: Path, bin_dir: Path, base_url: str, toolsets: Sequence[str] = ()) -> Path:
+    """A fresh HERMES_HOME: config.yaml with `base_url` (the dispatcher's or the model
+    server's `/v1`) as the `custom` provider and only `toolsets` on Matrix, then the
+    plugin installed and enabled with Hermes's own CLI."""
     config = {
         "model": {
             "provider": "custom",
             "default": ModelStack.LOCAL,
-            "base_url": f"{dispatcher_url}/v1",
-            "api_key": "any-non-empty-string",  # the reference dispatcher does not check it
+            "base_url": base_url,
+            "api_key": "any-non-empty-string",  # neither the dispatcher nor the fakes check it
             "context_length": 65536,
         },
-        "platform_toolsets": {"matrix": []},
+        "platform_toolsets": {"matrix": list(toolsets)},
         # Tirith (the command scanner) downloads its binary from GitHub at start.
         "security": {"tirith_enabled": False},
     }
@@ -81,11 +86,24 @@ def hermes_home(home: Path, bin_dir: Path, dispatcher_url: str) -> Path:
     return home
 
 
+def plugin_asks(sidecar: Sidecar) -> dict[str, str]:
+    """Hermes's environment for the plugin to ask the side-car itself (route.py)."""
+    return {"ROUTE_SIDECAR_URL": sidecar.api_url, "ROUTE_SIDECAR_TOKEN": API_TOKEN}
+
+
 def start_hermes_gateway(
-    bin_dir: Path, home: Path, *, homeserver: str, user_id: str, token: str, allowed_user: str
+    bin_dir: Path,
+    home: Path,
+    *,
+    homeserver: str,
+    user_id: str,
+    token: str,
+    allowed_user: str,
+    env: Mapping[str, str] | None = None,
 ) -> AgentProcess:
     """`hermes gateway run` as a Matrix bot answering `allowed_user` in every room it is
-    invited to, without a mention; returns once it has synced."""
+    invited to, without a mention (`env`: more of its environment); returns once it has
+    synced."""
     gateway = AgentProcess(
         "Hermes's gateway",
         [str(bin_dir / "hermes"), "gateway", "run", "-v"],
@@ -104,6 +122,7 @@ def start_hermes_gateway(
             "MATRIX_E2EE_MODE": "off",
             "MATRIX_ALLOWED_USERS": allowed_user,
             "MATRIX_REQUIRE_MENTION": "false",
+            **(env or {}),
         },
     )
     try:
@@ -112,6 +131,32 @@ def start_hermes_gateway(
         gateway.stop()
         raise
     return gateway
+
+
+@asynccontextmanager
+async def running_gateway(
+    bin_dir: Path,
+    home: Path,
+    hs_url: str,
+    hermes: MatrixUser,
+    alice: MatrixUser,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[AgentProcess]:
+    """`start_hermes_gateway` as `hermes`, answering `alice`; stopped at the end."""
+    gateway = await asyncio.to_thread(
+        start_hermes_gateway,
+        bin_dir,
+        home,
+        homeserver=hs_url,
+        user_id=hermes.user_id,
+        token=hermes.token,
+        allowed_user=alice.user_id,
+        env=env,
+    )
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 def wait_dropped(gateway: AgentProcess, room_id: str, timeout: float = 20.0) -> None:
@@ -126,6 +171,23 @@ def wait_dropped(gateway: AgentProcess, room_id: str, timeout: float = 20.0) -> 
                 return
         time.sleep(0.1)
     raise AssertionError(f"Hermes did not drop the command in {room_id}:\n{gateway.log_tail()}")
+
+
+async def new_room(alice: MatrixUser, hermes_id: str) -> str:
+    """A room of Alice's with the side-car and Hermes in it (Hermes auto-threads there)."""
+    room_id = await alice.create_room(invite=[BOT, hermes_id])
+    return await joined_by_bot_and(alice, room_id, hermes_id)
+
+
+async def route(alice: MatrixUser, gateway: AgentProcess, room_id: str, target: str) -> str:
+    """`!route <target>`: the side-car confirms it; Hermes's plugin drops it (nothing
+    reaches the model). Alice then asks, as a person does, once both have handled it.
+    Returns the confirmation's event id (edited into the route's account)."""
+    command = await alice.say(room_id, f"!route {target}")
+    reply = await alice.wait_reply(room_id, command)
+    assert target in reply["content"]["body"], reply["content"]["body"]
+    await asyncio.to_thread(wait_dropped, gateway, room_id)
+    return str(reply["event_id"])
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,8 @@ import pytest_asyncio
 
 from demo.upstream import ModelStack
 
-from .agent_support import (
-    AgentProcess,
-    joined_by_bot_and,
-    reply_of,
-    served_by,
-    synapse_for_agents,
-)
+from . import hermes_gateway_support as support
+from .agent_support import AgentProcess, reply_of, served_by, synapse_for_agents
 from .harness import API_TOKEN, BOT, MatrixUser, Sidecar, joined, register
 from .hermes_gateway_support import (
     CONTEXT_FIELD,
@@ -43,8 +38,6 @@ from .hermes_gateway_support import (
     hermes_bin,
     hermes_home,
     record_claims,
-    start_hermes_gateway,
-    wait_dropped,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -82,21 +75,12 @@ async def world(
     alice, hermes = register(hs_url, "alice"), register(hs_url, "hermes")
     models = await ModelStack().start(sidecar.api_url, API_TOKEN)
     claims = record_claims(models)
-    home = hermes_home(tmp_path_factory.mktemp("hermes-home"), bin_dir, models.dispatcher_url)
+    home = hermes_home(
+        tmp_path_factory.mktemp("hermes-home"), bin_dir, f"{models.dispatcher_url}/v1"
+    )
     try:
-        gateway = await asyncio.to_thread(
-            start_hermes_gateway,
-            bin_dir,
-            home,
-            homeserver=hs_url,
-            user_id=hermes.user_id,
-            token=hermes.token,
-            allowed_user=alice.user_id,
-        )
-        try:
+        async with support.running_gateway(bin_dir, home, hs_url, hermes, alice) as gateway:
             yield World(alice, hermes, models, claims, gateway)
-        finally:
-            gateway.stop()
     finally:
         await models.stop()
         await alice.close()
@@ -104,9 +88,7 @@ async def world(
 
 
 async def new_room(world: World) -> str:
-    """A room of Alice's with the side-car and Hermes in it (Hermes auto-threads there)."""
-    room_id = await world.alice.create_room(invite=[BOT, HERMES])
-    return await joined_by_bot_and(world.alice, room_id, HERMES)
+    return await support.new_room(world.alice, HERMES)
 
 
 async def new_dm(world: World) -> str:
@@ -167,12 +149,7 @@ async def answered(world: World, room_id: str, event_id: str, before: int) -> An
 
 
 async def route(world: World, room_id: str, target: str) -> None:
-    """`!route <target>`: the side-car confirms it; Hermes's plugin drops it (nothing
-    reaches the model). Alice then asks, as a person does, once both have handled it."""
-    command = await world.alice.say(room_id, f"!route {target}")
-    reply = await world.alice.wait_reply(room_id, command)
-    assert target in reply["content"]["body"], reply["content"]["body"]
-    await asyncio.to_thread(wait_dropped, world.gateway, room_id)
+    await support.route(world.alice, world.gateway, room_id, target)
 
 
 def assert_placed(world: World, asked: Answered, model: str, thread: str | None) -> None:
