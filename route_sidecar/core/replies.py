@@ -383,7 +383,7 @@ def _receipt_markup(
         line = f"Answered by **{intent.target}** ({served}): {calls} call(s){timing}."
     else:
         line = (
-            f"⚠ Asked for **{intent.target}** (`{intent.model}`) but the dispatcher served "
+            f"⚠ Asked for **{intent.target}** (`{intent.model}`) but what answered was "
             f"{served}: {calls} call(s){timing}."
         )
     if errors:
