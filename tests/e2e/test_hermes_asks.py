@@ -161,7 +161,7 @@ async def account(world: World, room_id: str, confirmation: str, calls: int) -> 
 def assert_account(shown: str, calls: int) -> None:
     """One turn, on cloud, its calls named by what the server answered with."""
     assert "used for 1 turn;" in shown, shown
-    assert f"served `{CLOUD_ANSWERS}`: {calls} call(s)" in shown, shown
+    assert f"what answered was `{CLOUD_ANSWERS}`: {calls} call(s)" in shown, shown
     assert shown.count("call(s)") == 1, shown
 
 
