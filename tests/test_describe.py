@@ -217,7 +217,7 @@ def test_an_invocation_and_the_typed_command_give_the_same_answer() -> None:
 def test_malformed_arguments_are_an_error_saying_what_to_send(arguments: Any) -> None:
     parsed = command_of(invoked(arguments), DEFAULT_PREFIXES)
     assert isinstance(parsed, CommandError)
-    assert "/route" in parsed.message
+    assert "!route" in parsed.message  # the form the bot teaches
     assert parsed.message.count("`") % 2 == 0  # user text cannot break out of a code span
 
 
