@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,7 @@ def parse_config(
         ),
         failure_grace=reader.duration("routing.failure_grace", timedelta(seconds=15)),
         again_wait=reader.duration("routing.again_wait", timedelta(seconds=60)),
-        receipts=reader.choice("routing.receipts", RECEIPT_PLACES, "confirmation"),
+        receipts=reader.choice("routing.receipts", RECEIPT_PLACES, RECEIPT_PLACES[0]),
         describe_command=reader.boolean("routing.describe_command", True),
     )
     permissions = reader.permissions("permissions")
@@ -316,18 +316,8 @@ _KNOWN = {
     "api": {"listen", "tokens", "max_body_bytes"},
     "database": None,
     "targets": None,
-    "routing": {
-        "prefixes",
-        "intent_ttl",
-        "turn_idle",
-        "max_turns",
-        "max_duration",
-        "raw_models",
-        "failure_grace",
-        "again_wait",
-        "receipts",
-        "describe_command",
-    },
+    # Every field of RoutingConfig is a key of its section, named alike.
+    "routing": {routing_field.name for routing_field in fields(RoutingConfig)},
     "permissions": None,
     "rooms": None,
     "agents": None,
