@@ -99,10 +99,10 @@ class RouteService:
             state.arrivals.set_rooms(*await tx.rooms_by_membership())
         await self.outcomes.load()
         # What their confirmations say of turns being answered is checked at the next sweep.
+        now = state.clock()
         for intent in state.live.values():
-            if any(turn.is_open(state.clock(), state.timing) for turn in intent.bound_turns):
-                state.rechecks[intent.id] = state.clock()
-                state.recheck_rooms[intent.id] = intent.room_id
+            if any(turn.is_open(now, state.timing) for turn in intent.bound_turns):
+                state.rechecks[intent.id] = (intent.room_id, now)
         log.info("live intents loaded count=%d", len(state.live))
 
     # ---- room events (route_sidecar/room_events.py) --------------------------------------------

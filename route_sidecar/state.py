@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 from . import outbox
 from .arrivals import Arrivals
@@ -47,10 +48,10 @@ class RouteState:
         self.arrivals = Arrivals()
         self.outbox = Outbox()
         self.lock = asyncio.Lock()  # one writer of intents at a time: claims are exclusive
-        # Intents whose confirmation says a turn is being answered, and when that may stop
-        # being true with no event (the sweep edits it then: `recheck_accounts`).
-        self.rechecks: dict[str, datetime] = {}
-        self.recheck_rooms: dict[str, str] = {}  # intent id → its room, for the same
+        # Intents whose confirmation says a turn is being answered: intent id → (its room,
+        # when that may stop being true with no event). The sweep edits it then
+        # (`recheck_accounts`).
+        self.rechecks: dict[str, tuple[str, datetime]] = {}
 
     async def reload_live(self) -> None:
         async with self.store.atomic(durable=False) as tx:
@@ -124,38 +125,36 @@ class RouteState:
         served = self.config.routing.receipts == "confirmation"
         text = replies.account(intent, reported, now, self.timing, self.prefix, served)
         content = replies.edit_content(text, None)
+        await self._edit_confirmation(tx, intent, content, now)
+        recheck = intents.answering_ends_at(intent, [len(r) for r in reported], now, self.timing)
+        if recheck is None:
+            self.rechecks.pop(intent.id, None)
+        else:
+            self.rechecks[intent.id] = (intent.room_id, recheck)
+
+    async def _edit_confirmation(
+        self, tx: Tx, intent: Intent, content: dict[str, Any], now: datetime
+    ) -> None:
+        """Queue an edit of the confirmation showing `content`, unless the latest one
+        shows it already; an edit not sent yet is replaced instead."""
         latest = await tx.latest_effect(outbox.account_prefix(intent.id))
         number = 1
         if latest is not None:
             key, stored, sent = latest
-            if stored == content:
-                number = 0
-            elif not sent and await tx.replace_unsent_effect(key, content):
-                number = 0
-            else:
-                number = outbox.account_number(key) + 1
-        if number:
-            await tx.add_effect(
-                outbox.account(intent.id, number, intent.command_event_id, intent.room_id, content),
-                now,
-            )
-        recheck = intents.answering_ends_at(intent, [len(r) for r in reported], now, self.timing)
-        if recheck is None:
-            self.rechecks.pop(intent.id, None)
-            self.recheck_rooms.pop(intent.id, None)
-        else:
-            self.rechecks[intent.id] = recheck
-            self.recheck_rooms[intent.id] = intent.room_id
+            if stored == content or (not sent and await tx.replace_unsent_effect(key, content)):
+                return
+            number = outbox.account_number(key) + 1
+        edit = outbox.account(intent.id, number, intent.command_event_id, intent.room_id, content)
+        await tx.add_effect(edit, now)
 
     async def recheck_accounts(self, now: datetime) -> None:
         """Confirmations that said a turn was being answered, once that may be untrue
         (SPEC "Intents": an edit that a later event makes untrue is redone)."""
-        due = [intent_id for intent_id, at in self.rechecks.items() if at <= now]
+        due = [(i, room_id) for i, (room_id, at) in self.rechecks.items() if at <= now]
         if not due:
             return
         async with self.lock, self.store.atomic() as tx:
-            for intent_id in due:
-                room_id = self.recheck_rooms.get(intent_id, "")
+            for intent_id, room_id in due:
                 intent = self.live.intent(room_id, intent_id) or await tx.intent(intent_id)
                 if intent is None:
                     self.rechecks.pop(intent_id, None)
