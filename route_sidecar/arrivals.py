@@ -8,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Iterable
 
-from .core.turns import SeenMessage, Turn, TurnKey, message_hash
+from .core.turns import SeenMessage, Turn, message_hash
 
 ARRIVALS_KEPT = 200_000  # event ids and thread roots remembered for claims to wait on
 # Event ids and message hashes whose sender is remembered, for a claim's metadata to name
@@ -90,10 +90,13 @@ class Arrivals:
         found = askers.get(turn.turn_id) if turn.turn_id is not None else None
         return found[1] if found is not None and found[0] == room_id else None
 
-    def room_of(self, key: TurnKey | None) -> str | None:
+    def room_of(self, turn: Turn, salt: bytes) -> str | None:
         """The one room where the turn's text was seen among the messages remembered;
         None when it was seen in none or in several."""
-        found = self._askers.get(key.message_hash) if key and key.message_hash else None
+        if not self._askers or turn.last_user_message is None:
+            return None
+        hashed = message_hash(salt, turn.last_user_message)
+        found = self._askers.get(hashed) if hashed is not None else None
         return found[0] or None if found is not None else None
 
     def awaited(self, turn: Turn) -> str | None:

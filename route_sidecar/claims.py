@@ -67,7 +67,7 @@ class Claims:
             # A room id naming no room the bot is in counts as absent (state.known_room).
             room_id = None
         if room_id is None and not live:  # nothing is set anywhere: placed from memory
-            return self._unrouted(state.arrivals.room_of(derive_turn_key(turn, state.salt)), turn)
+            return self._unrouted(state.arrivals.room_of(turn, state.salt), turn)
         key = derive_turn_key(turn, state.salt)
         if room_id is None and key is not None and key.message_hash is not None:
             async with state.store.atomic(durable=False) as tx:

@@ -28,7 +28,7 @@ class EffectKind(StrEnum):
     REPLY = "reply"  # the answer to a command
     REACT = "react"  # ✅ on a command when its route takes its first turn
     RECEIPT = "receipt"  # what served a routed turn, edited as more calls land
-    ENDED = "ended"  # the edit of a confirmation when its intent ended (before 0.3)
+    ENDED = "ended"  # an edit of a confirmation queued by versions before the account
     ACCOUNT = "account"  # an edit of a confirmation: the route's account as it changes
     UNPICKED = "unpicked"  # the edit of an `again` reply that no turn took
     SUGGEST = "suggest"  # the retry suggestion after a failed turn
@@ -121,16 +121,6 @@ def receipt(intent_id: str, position: int | None, room_id: str, content: dict[st
 def receipt_edit(receipt: str, calls: int, room_id: str, content: dict[str, Any]) -> Effect:
     """The edit of a sent receipt, once more calls of its turn have landed."""
     return Effect(f"{receipt}:edit:{calls}", room_id, ROOM_MESSAGE, content, edits=receipt)
-
-
-def ended(intent_id: str, command_event_id: str, room_id: str, content: dict[str, Any]) -> Effect:
-    return Effect(
-        f"{EffectKind.ENDED}:{intent_id}",
-        room_id,
-        ROOM_MESSAGE,
-        content,
-        edits=reply_key(command_event_id),
-    )
 
 
 def account_prefix(intent_id: str) -> str:

@@ -31,7 +31,7 @@ def pending(key: str, content: dict[str, str] | None = None) -> PendingEffect:
         (outbox.receipt("i1", 0, "!r", CONTENT), "receipt:i1:0", "receipt"),
         (outbox.receipt("i1", None, "!r", CONTENT), "receipt:i1:None", "receipt"),
         (outbox.receipt_edit("receipt:i1:0", 2, "!r", C), "receipt:i1:0:edit:2", "receipt"),
-        (outbox.ended("i1", "$c", "!r", CONTENT), "ended:i1", "ended"),
+        (outbox.account("i1", 2, "$c", "!r", CONTENT), "account:i1:2", "account"),
         (outbox.unpicked("i1", "$c", "!r", CONTENT), "unpicked:i1", "unpicked"),
         (outbox.suggestion("!r", "t:$q", CONTENT), "suggest:!r:t:$q", "suggest"),
         (outbox.undecryptable("!r", "@a:x", 7, C), "undecryptable:!r:@a:x:7", "undecryptable"),
@@ -46,8 +46,13 @@ def test_each_key_has_the_form_earlier_versions_stored(
     assert pending(key).kind == kind
 
 
+def test_a_confirmations_edit_queued_by_an_earlier_version_is_still_known() -> None:
+    assert pending("ended:i1").kind == outbox.EffectKind.ENDED  # before the account edits
+    assert outbox.account_number("account:i1:2:late-edit") == 2
+
+
 def test_edits_name_the_event_they_edit() -> None:
-    assert outbox.ended("i1", "$c", "!r", CONTENT).edits == "reply:$c"
+    assert outbox.account("i1", 2, "$c", "!r", CONTENT).edits == "reply:$c"
     assert outbox.unpicked("i1", "$c", "!r", CONTENT).edits == "reply:$c"
     assert outbox.receipt_edit("receipt:i1:0", 2, "!r", CONTENT).edits == "receipt:i1:0"
     late = outbox.late_edit(pending("receipt:i1:0"), CONTENT)

@@ -311,7 +311,7 @@ def test_an_agents_stamp_places_the_call_before_its_prompt_lines_and_user_field(
         event_id="$msg",
         sender="@bob:x",
     )
-    assert turn.exact
+    assert turn.event_id is not None  # placed by the stamp
 
 
 def test_a_stamp_outside_a_thread_makes_the_message_its_own_turn() -> None:
@@ -350,9 +350,9 @@ def test_a_stamps_ill_shaped_sender_or_thread_is_left_out() -> None:
 def test_given_fields_that_disagree_with_the_stamp_make_the_turn_inexact() -> None:
     extracted = extract_turn({**body(user("q")), "matrix_context": STAMP})
     assert merge_turn(Turn(), extracted) == extracted
-    assert merge_turn(Turn(room_id="!stamped:x"), extracted).exact
-    assert not merge_turn(Turn(room_id="!given:x"), extracted).exact
-    assert not merge_turn(Turn(turn_id="$given"), extracted).exact
+    assert merge_turn(Turn(room_id="!stamped:x"), extracted).event_id == "$msg"
+    assert merge_turn(Turn(room_id="!given:x"), extracted).event_id is None
+    assert merge_turn(Turn(turn_id="$given"), extracted).event_id is None
 
 
 def test_a_stamped_message_is_placed_by_its_event_id_never_by_an_earlier_same_text() -> None:

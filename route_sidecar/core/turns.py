@@ -67,11 +67,6 @@ class Turn:
     # is answered as the first and counted once.
     call_id: str | None = None
 
-    @property
-    def exact(self) -> bool:
-        """The agent said which room and which message the call answers."""
-        return self.event_id is not None
-
 
 @dataclass(frozen=True, slots=True)
 class TurnKey:
