@@ -83,13 +83,7 @@ class Outcomes:
                 await state.show_account(tx, live, now)
             else:
                 calls = await tx.turn_outcomes(intent.id, position)
-                latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
-                text = replies.receipt(
-                    intent,
-                    [c.model for c in calls],
-                    [c.status for c in calls],
-                    sum(latencies) if latencies else None,
-                )
+                text = replies.turn_receipt(intent, calls)
                 await self._post_receipt(tx, intent, position, len(calls), text, now)
             await self._follow_failure(
                 tx, intent.room_id, key, ref, placed, model, status, detail, intent, now

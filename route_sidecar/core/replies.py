@@ -203,12 +203,7 @@ def account(
             lines.append(f"• … {len(turns) - ACCOUNT_TURNS} earlier turn(s)")
         for turn, calls in turns[-ACCOUNT_TURNS:]:
             if calls:
-                line = _receipt_markup(
-                    intent,
-                    [c.model for c in calls],
-                    [c.status for c in calls],
-                    _total_latency(calls),
-                )
+                line = _calls_markup(intent, calls)
             elif answering(turn, 0, now, timing):
                 line = "answering now."
             else:
@@ -391,9 +386,19 @@ def _receipt_markup(
     return line
 
 
-def _total_latency(calls: Sequence[Call]) -> int | None:
+def turn_receipt(intent: Intent, calls: Sequence[Call]) -> Text:
+    """`receipt` for the calls of one turn as the dispatcher reported them."""
+    return render(_calls_markup(intent, calls))
+
+
+def _calls_markup(intent: Intent, calls: Sequence[Call]) -> str:
     latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
-    return sum(latencies) if latencies else None
+    return _receipt_markup(
+        intent,
+        [c.model for c in calls],
+        [c.status for c in calls],
+        sum(latencies) if latencies else None,
+    )
 
 
 def reask_confirmation(
