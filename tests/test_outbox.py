@@ -15,6 +15,7 @@ from mautrix.types import EventID
 from route_sidecar.core.turns import Turn
 from route_sidecar.matrix import MatrixBot
 from route_sidecar.metrics import Metrics
+from route_sidecar.service import RouteService
 
 from .test_service import RAW, ROOM, Clock, make_service, message
 
@@ -46,11 +47,13 @@ class OfflineBot(MatrixBot):
 THREAD_RECEIPTS = {**RAW, "routing": {"receipts": "thread"}}
 
 
-async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
-    tmp_path: Path,
-) -> None:
+async def second_outcome_while_sending(
+    tmp_path: Path, raw: dict[str, Any] | None = None
+) -> tuple[RouteService, OfflineBot]:
+    """A routed turn's first outcome is shown (sent), and its second lands while that is
+    being sent; then the outbox is delivered until the room has caught up."""
     clock = Clock()
-    service = await make_service(tmp_path / "db.sqlite", clock, THREAD_RECEIPTS)
+    service = await make_service(tmp_path / "db.sqlite", clock, raw)
     bot = OfflineBot(service.config, service.store, Metrics(), "test", clock=clock)
     bot.stand_in = StandInIntent()
     await service.on_message(message("!route cloud", "$cmd", clock.now))
@@ -59,7 +62,7 @@ async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
     answer = await service.claim(Turn(room_id=ROOM, turn_id="$q", last_user_message="why?"))
     assert answer.route is not None
     intent_id = answer.route.intent_id
-    await bot.deliver_outbox()  # the confirmation and the ✅
+    await bot.deliver_outbox()  # the confirmation and the ✅ (and the account's first edit)
     await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 900, None, "$q")
 
     async def second_outcome(content: dict[str, Any]) -> None:
@@ -68,9 +71,16 @@ async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
             await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 700, None, "$q")
 
     bot.stand_in.during_send = second_outcome
-    await bot.deliver_outbox()  # the receipt (1 call) goes out while the 2nd call lands
+    await bot.deliver_outbox()  # what shows 1 call goes out while the 2nd call lands
     clock.now += timedelta(seconds=1)
     await bot.deliver_outbox()
+    return service, bot
+
+
+async def test_a_receipt_replaced_while_being_sent_is_edited_to_the_latest(
+    tmp_path: Path,
+) -> None:
+    service, bot = await second_outcome_while_sending(tmp_path, THREAD_RECEIPTS)
     bodies = [c.get("m.new_content", c).get("body", "") for _, c in bot.stand_in.sent]
     receipts = [i for i, body in enumerate(bodies) if "Answered by" in body]
     assert "1 call" in bodies[receipts[0]], bodies
@@ -87,28 +97,7 @@ async def test_an_account_replaced_while_being_sent_edits_the_confirmation_again
     """The default: what served the turn edits the command's confirmation. An account
     replaced while its edit was being sent is caught up by an edit of the confirmation
     itself (never an edit of an edit)."""
-    clock = Clock()
-    service = await make_service(tmp_path / "db.sqlite", clock)
-    bot = OfflineBot(service.config, service.store, Metrics(), "test", clock=clock)
-    bot.stand_in = StandInIntent()
-    await service.on_message(message("!route cloud", "$cmd", clock.now))
-    clock.now += timedelta(seconds=1)
-    await service.on_message(message("why?", "$q", clock.now))
-    answer = await service.claim(Turn(room_id=ROOM, turn_id="$q", last_user_message="why?"))
-    assert answer.route is not None
-    intent_id = answer.route.intent_id
-    await bot.deliver_outbox()  # the confirmation, the ✅ and the account "answering now"
-    await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 900, None, "$q")
-
-    async def second_outcome(content: dict[str, Any]) -> None:
-        if "Answered by" in content.get("body", "") and bot.stand_in.during_send:
-            bot.stand_in.during_send = None
-            await service.record_outcome(intent_id, "ollama-cloud/glm-5.1", "ok", 700, None, "$q")
-
-    bot.stand_in.during_send = second_outcome
-    await bot.deliver_outbox()
-    clock.now += timedelta(seconds=1)
-    await bot.deliver_outbox()
+    service, bot = await second_outcome_while_sending(tmp_path)
     sent = bot.stand_in.sent
     confirmation = next(i for i, (_, c) in enumerate(sent) if "Routing the next turn" in c["body"])
     edits = [c for _, c in sent if c.get("m.relates_to", {}).get("rel_type") == "m.replace"]
